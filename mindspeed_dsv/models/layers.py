@@ -1,0 +1,103 @@
+"""The modules our DeepSeek layer spec plugs into megatron's TransformerLayer, MLA and MoE.
+
+Each one is here because megatron-core 0.16.1 has no non-Transformer-Engine module that computes what
+DeepSeek-V3 computes: the local DotProductAttention rejects MLA's differing q/k and v head dims, and
+torch's RMSNorm multiplies by the weight before casting back (DeepSeek casts first) and refuses sequence
+parallelism.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+
+from mindspeed_dsv import ops
+
+
+class RMSNorm(torch.nn.Module):
+    """DeepSeek's RMSNorm with megatron's norm constructor signature."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6, **_unused):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        # Under sequence parallelism each TP rank sees a slice of the sequence, so the norm weight's grads
+        # are partial sums that megatron all-reduces across TP for params tagged this way.
+        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+
+    def forward(self, x):
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class CoreAttention(MegatronModule):
+    """softmax(q kᵀ · scale) v for MLA, via the ops layer. q/k: [s, b, h, d_qk], v: [s, b, h, d_v]."""
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        k_channels: int | None = None,
+        v_channels: int | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+        **_unused,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size > 1:
+            raise NotImplementedError("context parallelism is not supported by CoreAttention yet")
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise NotImplementedError("attention dropout is not supported (DeepSeek-V3 uses none)")
+        # megatron's Attention base builds this once with default channels before MLA rebuilds it with
+        # k_channels/v_channels and its YaRN softmax scale; the first instance is discarded.
+        if softmax_scale is None:
+            softmax_scale = (k_channels or config.kv_channels) ** -0.5
+        self.softmax_scale = softmax_scale
+        self.attn_mask_type = attn_mask_type
+
+    def forward(
+        self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
+        if attention_bias is not None:
+            raise NotImplementedError("attention_bias is not supported")
+        if packed_seq_params is not None:
+            # Packed sequences: attention stays inside each sample (block-diagonal, causal within).
+            attention_mask = _block_diagonal_mask(packed_seq_params.cu_seqlens_q, query.shape[0], query.device)
+        return ops.attention_torch(
+            query, key, value, softmax_scale=self.softmax_scale, causal=True, attention_mask=attention_mask
+        )
+
+
+class NoopTransformerLayer(MegatronModule):
+    """A placeholder layer (MindSpeed's --noop-layers): passes hidden states through, owns no weights.
+
+    It pads the layer count so that pipeline stages divide evenly (e.g. 61 real layers + 3 noop = 64).
+    """
+
+    def __init__(self, config, submodules=None, layer_number: int = 1, vp_stage=None, pg_collection=None, **_unused):
+        super().__init__(config=config)
+        from megatron.core import parallel_state
+        from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+        # Global 1-based number, as TransformerLayer computes it: megatron places the final norm after the
+        # layer numbered num_layers, which may be a noop layer.
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        self.layer_number = layer_number + get_transformer_layer_offset(config, vp_stage, pp_rank)
+
+    def forward(self, hidden_states, *args, context=None, **kwargs):
+        return hidden_states, context
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        return {}
+
+
+def _block_diagonal_mask(cu_seqlens: torch.Tensor, seq_len: int, device) -> torch.Tensor:
+    """True where attention is not allowed: across the boundaries given by cumulative lengths."""
+    segment = torch.zeros(seq_len, dtype=torch.long, device=device)
+    for boundary in cu_seqlens[1:-1].tolist():
+        segment[int(boundary):] += 1
+    return segment[:, None] != segment[None, :]

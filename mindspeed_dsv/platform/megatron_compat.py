@@ -1,0 +1,252 @@
+"""Documented compatibility shims that let megatron-core 0.16.1 run without Transformer Engine and off CUDA.
+
+This is the MindSpeed way of adapting Megatron: the engine's code stays as shipped and a short, named list of
+module attributes is replaced once at start-up. Each shim says why it exists, on which devices it applies, and
+has a test in tests/platform/ that fails when the shim is removed.
+
+- On cuda nothing CUDA-related is replaced; only the Transformer-Engine-absent shims apply.
+- On npu MindSpeed's adaptor (``mindspeed.megatron_adaptor``) and torch_npu's ``transfer_to_npu`` already route
+  ``torch.cuda`` to ``torch.npu``; we import them (lazily) and add only the TE-absent shims.
+- On cpu the modules below see a stand-in for ``torch`` whose ``cuda`` namespace and ``device="cuda"``
+  arguments resolve to the cpu. Nothing outside those modules is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import types
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .device import Platform, current_platform
+
+
+@dataclass(frozen=True)
+class Shim:
+    target: str  # "package.module:attribute"
+    why: str
+    devices: tuple[str, ...]
+    make: Callable[[], Any]  # builds the replacement value
+
+    def module_and_attr(self):
+        mod_name, attr = self.target.split(":")
+        return importlib.import_module(mod_name), attr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A torch stand-in for cpu: device="cuda" becomes cpu, torch.cuda.* becomes cpu equivalents.
+
+
+def _cpu_device(device):
+    if device is None:
+        return None
+    text = str(device)
+    return "cpu" if text.startswith("cuda") or isinstance(device, int) else device
+
+
+class _NullEvent:
+    def synchronize(self):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+
+class _NullStream:
+    """The cpu has one implicit stream: every Stream() is it, so 'am I on a side stream?' answers no."""
+
+    def wait_stream(self, other):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def record_event(self, event=None):
+        return _NullEvent()
+
+
+_THE_CPU_STREAM = _NullStream()
+
+
+class _CudaOnCpu(types.SimpleNamespace):
+    """What megatron calls under ``torch.cuda``, answered for the cpu."""
+
+    def current_device(self):
+        return "cpu"
+
+    def is_available(self):
+        return False
+
+    def Stream(self, *args, **kwargs):  # noqa: N802 (mirrors torch.cuda.Stream)
+        return _THE_CPU_STREAM
+
+    def current_stream(self, *args, **kwargs):
+        return _THE_CPU_STREAM
+
+    def stream(self, stream):
+        return contextlib.nullcontext()
+
+    def synchronize(self, *args, **kwargs):
+        pass
+
+    def get_rng_state(self, *args, **kwargs):
+        return torch.get_rng_state()
+
+    def set_rng_state(self, state, *args, **kwargs):
+        torch.set_rng_state(state)
+
+    def manual_seed(self, seed):
+        torch.manual_seed(seed)
+
+    @property
+    def random(self):
+        return self
+
+
+class _TorchOnCpu(types.ModuleType):
+    """Forwards everything to ``torch`` except the cuda-only spellings megatron uses."""
+
+    def __init__(self):
+        super().__init__("torch")
+        self.cuda = _CudaOnCpu()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def _with_cpu(fn):  # noqa: N805
+        def call(self, *args, device=None, **kwargs):
+            return getattr(torch, fn)(*args, device=_cpu_device(device), **kwargs)
+
+        return call
+
+    zeros = _with_cpu("zeros")
+    ones = _with_cpu("ones")
+    empty = _with_cpu("empty")
+    full = _with_cpu("full")
+    arange = _with_cpu("arange")
+    tensor = _with_cpu("tensor")
+
+
+_TORCH_ON_CPU = _TorchOnCpu()
+
+
+def _move_to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """megatron's maybe_move_tensor_to_cpu converts only `tensor.is_cuda` tensors, so on cpu (and npu, whose
+    tensors are not is_cuda) the all-to-all split sizes stay tensors and all_to_all_single rejects them."""
+    if torch.is_tensor(tensor):
+        tensor = tensor.to("cpu")
+        if as_numpy:
+            tensor = tensor.numpy()
+    return tensor
+
+
+def _cpu_rng_get(device="cuda", clone=False, graph_safe=False):
+    return torch.get_rng_state()
+
+
+def _cpu_rng_set(new_state, device=-1, graph_safe=False):
+    torch.set_rng_state(new_state)
+
+
+# Modules of megatron-core 0.16.1 that spell the device as CUDA in code we run (the reason for each). On cpu each
+# sees _TORCH_ON_CPU as its `torch`. tests/platform checks that every one still contains a CUDA-only spelling.
+CPU_TORCH_MODULES: dict[str, str] = {
+    "megatron.core.pipeline_parallel.schedules": "every schedule allocates total_num_tokens with device='cuda'",
+    "megatron.core.transformer.moe.token_dispatcher": "the alltoall dispatcher creates torch.cuda.Stream()",
+    "megatron.core.transformer.moe.router": "the router allocates expert_bias / tokens_per_expert on the cuda device",
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding": (
+        "YaRN rotary places inv_freq with torch.cuda.current_device() (MLA does not pass use_cpu_initialization)"
+    ),
+    "megatron.core.models.common.embeddings.rotary_pos_embedding": "plain rotary does the same as YaRN's",
+    "megatron.core.transformer.multi_token_prediction": "MTP allocates its loss tracker on the cuda device",
+    "megatron.core.tensor_parallel.random": "the RNG tracker saves and restores torch.cuda RNG states",
+}
+
+
+def _cpu_torch_shim(module: str, why: str) -> "Shim":
+    return Shim(f"{module}:torch", why, ("cpu",), lambda: _TORCH_ON_CPU)
+
+
+SHIMS: tuple[Shim, ...] = (
+    Shim(
+        "megatron.core.transformer.multi_latent_attention:HAVE_TE",
+        "0.16.1 checks isinstance(linear, TELinear) where TELinear is a MagicMock when TE is absent; "
+        "isinstance against a mock raises TypeError.",
+        ("cpu", "cuda", "npu"),
+        lambda: False,
+    ),
+    Shim(
+        "megatron.core.transformer.moe.moe_utils:te_general_gemm",
+        "0.16.1 references te_general_gemm in the fp32 router GEMM although its import failed without TE "
+        "(NameError); None selects the torch.mm path.",
+        ("cpu", "cuda", "npu"),
+        lambda: None,
+    ),
+    *(_cpu_torch_shim(m, why) for m, why in CPU_TORCH_MODULES.items()),
+    Shim(
+        "megatron.core.transformer.moe.token_dispatcher:maybe_move_tensor_to_cpu",
+        "the all-to-all split sizes must become host numbers; megatron converts only CUDA tensors.",
+        ("cpu", "npu"),
+        lambda: _move_to_host,
+    ),
+    Shim(
+        "megatron.core.tensor_parallel.random:_get_cuda_rng_state",
+        "the RNG tracker's fork() reads the CUDA generator; on cpu the default generator is the one in use.",
+        ("cpu",),
+        lambda: _cpu_rng_get,
+    ),
+    Shim(
+        "megatron.core.tensor_parallel.random:_set_cuda_rng_state",
+        "the RNG tracker's fork() writes the CUDA generator; on cpu the default generator is the one in use.",
+        ("cpu",),
+        lambda: _cpu_rng_set,
+    ),
+)
+
+_applied: dict[str, Any] = {}
+
+
+def _import_npu_adaptor():
+    """On NPU, torch_npu's transfer_to_npu maps torch.cuda to torch.npu, and MindSpeed's adaptor patches
+    Megatron for Ascend. Both are documented entry points; imported only here, only on npu."""
+    importlib.import_module("torch_npu")
+    importlib.import_module("torch_npu.contrib.transfer_to_npu")
+    try:
+        importlib.import_module("mindspeed.megatron_adaptor")
+    except ImportError:
+        # MindSpeed is optional: without it our own ops layer still reaches the fused NPU kernels.
+        pass
+
+
+def apply_megatron_compat(platform: Platform | None = None, skip: tuple[str, ...] = ()) -> list[str]:
+    """Apply the shims for this platform once; returns the targets replaced. `skip` is for tests."""
+    platform = platform or current_platform()
+    if platform.device_type == "npu" and "npu-adaptor" not in _applied:
+        _import_npu_adaptor()
+        _applied["npu-adaptor"] = True
+    done = []
+    for shim in SHIMS:
+        if platform.device_type not in shim.devices or shim.target in skip:
+            continue
+        if shim.target not in _applied:
+            module, attr = shim.module_and_attr()
+            _applied[shim.target] = getattr(module, attr, None)
+            setattr(module, attr, shim.make())
+        done.append(shim.target)
+    return done
+
+
+def undo_megatron_compat() -> None:
+    """Restore what apply_megatron_compat replaced (tests use this to prove each shim is needed)."""
+    for target, original in list(_applied.items()):
+        if target == "npu-adaptor":
+            continue
+        module, attr = Shim(target, "", (), lambda: None).module_and_attr()
+        if original is None and target.endswith(":te_general_gemm"):
+            delattr(module, attr)
+        else:
+            setattr(module, attr, original)
+        del _applied[target]
