@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.module import MegatronModule
 
-from mindspeed_dsv import ops
+from mindspeed_dsv.ops import get_ops
 
 
 class RMSNorm(torch.nn.Module):
@@ -26,7 +26,7 @@ class RMSNorm(torch.nn.Module):
         setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
 
     def forward(self, x):
-        return ops.rms_norm(x, self.weight, self.eps)
+        return get_ops().rms_norm(x, self.weight, self.eps)
 
 
 class CoreAttention(MegatronModule):
@@ -64,12 +64,16 @@ class CoreAttention(MegatronModule):
     ):
         if attention_bias is not None:
             raise NotImplementedError("attention_bias is not supported")
+        cu_seqlens = None
         if packed_seq_params is not None:
-            # Packed sequences: attention stays inside each sample (block-diagonal, causal within).
-            attention_mask = _block_diagonal_mask(packed_seq_params.cu_seqlens_q, query.shape[0], query.device)
-        return ops.attention_torch(
-            query, key, value, softmax_scale=self.softmax_scale, causal=True, attention_mask=attention_mask
+            # Packed sequences ('thd'): megatron hands q/k/v over as [t, h, d]; attention stays inside each
+            # sample given by the cumulative lengths.
+            cu_seqlens = packed_seq_params.cu_seqlens_q
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
+        out = get_ops().attention(
+            query, key, value, self.softmax_scale, causal=True, attention_mask=attention_mask, cu_seqlens=cu_seqlens
         )
+        return out.squeeze(1) if cu_seqlens is not None else out
 
 
 class NoopTransformerLayer(MegatronModule):
@@ -93,11 +97,3 @@ class NoopTransformerLayer(MegatronModule):
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         return {}
-
-
-def _block_diagonal_mask(cu_seqlens: torch.Tensor, seq_len: int, device) -> torch.Tensor:
-    """True where attention is not allowed: across the boundaries given by cumulative lengths."""
-    segment = torch.zeros(seq_len, dtype=torch.long, device=device)
-    for boundary in cu_seqlens[1:-1].tolist():
-        segment[int(boundary):] += 1
-    return segment[:, None] != segment[None, :]

@@ -34,9 +34,9 @@ class DeepSeekSpecProvider(LocalSpecProvider):
     def grouped_mlp_modules(self, moe_use_grouped_gemm: bool, moe_use_legacy_grouped_gemm: bool):
         if moe_use_grouped_gemm:
             # megatron's GroupedMLP needs the CUDA-only grouped_gemm package; ours runs on every device.
-            from .experts import GroupedExperts
+            from .experts import GroupedMLPExperts
 
-            return GroupedExperts, None
+            return GroupedMLPExperts, None
         return super().grouped_mlp_modules(False, False)
 
 

@@ -79,6 +79,9 @@ class Platform:
     def memory_allocated(self) -> int:
         return int(self._module().memory_allocated()) if self.is_accelerator else 0
 
+    def device_name(self) -> str:
+        return self._module().get_device_name() if self.is_accelerator else "cpu"
+
     def stream(self):
         """A side stream, or None where the device has no streams (cpu)."""
         return self._module().Stream() if self.is_accelerator else None

@@ -32,8 +32,13 @@ class Shim:
     make: Callable[[], Any]  # builds the replacement value
 
     def module_and_attr(self):
-        mod_name, attr = self.target.split(":")
-        return importlib.import_module(mod_name), attr
+        """The object that owns the attribute (a module, or a class inside it) and the attribute's name."""
+        mod_name, path = self.target.split(":")
+        owner = importlib.import_module(mod_name)
+        *outer, attr = path.split(".")
+        for name in outer:
+            owner = getattr(owner, name)
+        return owner, attr
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -143,6 +148,42 @@ def _move_to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
     return tensor
 
 
+def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron's version asserts grad.type() == 'torch.cuda.FloatTensor'; the arithmetic is the same."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+@contextlib.contextmanager
+def _tensor_cuda_is_identity():
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+def _embedding_setup_on_cpu():
+    """With pipeline stages and MTP (or tied embeddings) the last stage keeps a copy of the word embeddings that
+    setup_embeddings_and_output_layer syncs from the first stage after `weight.data = weight.data.cuda()`.
+    On cpu that call is made an identity for the duration of the setup only."""
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    original = LanguageModule.setup_embeddings_and_output_layer
+
+    def setup_embeddings_and_output_layer(self):
+        with _tensor_cuda_is_identity():
+            return original(self)
+
+    return setup_embeddings_and_output_layer
+
+
 def _cpu_rng_get(device="cuda", clone=False, graph_safe=False):
     return torch.get_rng_state()
 
@@ -163,6 +204,14 @@ CPU_TORCH_MODULES: dict[str, str] = {
     "megatron.core.models.common.embeddings.rotary_pos_embedding": "plain rotary does the same as YaRN's",
     "megatron.core.transformer.multi_token_prediction": "MTP allocates its loss tracker on the cuda device",
     "megatron.core.tensor_parallel.random": "the RNG tracker saves and restores torch.cuda RNG states",
+    "megatron.core.distributed.param_and_grad_buffer": "DDP's grad buffers are allocated on torch.cuda.current_device()",
+    "megatron.core.distributed.distributed_data_parallel": "DDP makes a torch.cuda.Stream() for communication",
+    "megatron.core.optimizer.optimizer": "the optimizers keep found_inf / scale tensors with device='cuda'",
+    "megatron.core.optimizer.clip_grads": "the grad-norm reduction allocates with device='cuda'",
+    "megatron.core.tensor_parallel.mappings": "TP/SP all-gather and reduce-scatter outputs are allocated on the cuda device",
+    "megatron.core.tensor_parallel.layers": "the sequence-parallel backward all-gathers into a buffer on the cuda device",
+    "megatron.core.pipeline_parallel.p2p_communication": "pipeline receive buffers are allocated on the cuda device",
+    "megatron.core.utils": "the local (no-Apex) multi-tensor l2 norm returns its result with device='cuda'",
 }
 
 
@@ -191,6 +240,18 @@ SHIMS: tuple[Shim, ...] = (
         "the all-to-all split sizes must become host numbers; megatron converts only CUDA tensors.",
         ("cpu", "npu"),
         lambda: _move_to_host,
+    ),
+    Shim(
+        "megatron.core.models.common.language_module.language_module:LanguageModule.setup_embeddings_and_output_layer",
+        "the pipeline embedding sync moves the shared weight with weight.data.cuda().",
+        ("cpu",),
+        _embedding_setup_on_cpu,
+    ),
+    Shim(
+        "megatron.core.optimizer.optimizer:clip_grad_by_total_norm_fp32",
+        "gradient clipping asserts param.grad.type() == 'torch.cuda.FloatTensor'.",
+        ("cpu",),
+        lambda: _clip_grad_by_total_norm,
     ),
     Shim(
         "megatron.core.tensor_parallel.random:_get_cuda_rng_state",

@@ -1,0 +1,211 @@
+"""Command line of ckpt_convert. Flag names follow MindSpeed-LLM's convert_ckpt_deepseek3*.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from mindspeed_dsv.layout import LayoutError, ParallelLayout, add_layout_args
+
+LAYOUT_DESTS = {  # argparse dest (with prefix) -> ParallelLayout field
+    "{p}tensor_parallel_size": "tp", "{p}pipeline_parallel_size": "pp", "{p}expert_parallel_size": "ep",
+    "num_layers_per_virtual_pipeline_stage": "vpp", "num_layer_list": "num_layer_list", "noop_layers": "noop_layers",
+    "num_layers": "num_layers", "mtp_num_layers": "mtp_num_layers", "first_k_dense_replace": "first_k_dense_replace",
+    "num_experts": "num_experts",
+}
+
+DTYPE_HELP = ("Data type of the written Megatron weights: fp32, bf16 or fp16. Default: keep the source dtype "
+              "(FP8 sources are dequantized to bf16). The router expert bias always stays float32 when cast. "
+              "Should match training's --bf16/--fp16 (training casts on load otherwise).")
+
+
+def _common_target(p: argparse.ArgumentParser) -> None:
+    add_layout_args(p, prefix="target-")
+    p.add_argument("--mla-mm-split", action="store_true",
+                   help="Store MLA's two up-projections as four (linear_qk_nope, linear_qk_rope, linear_kv_nope, "
+                        "linear_v), MindSpeed's --mla-mm-split. Default off. Must match training.")
+    p.add_argument("--params-dtype", choices=["fp32", "bf16", "fp16"], default=None, help=DTYPE_HELP)
+    p.add_argument("--bf16", action="store_true", help="Same as --params-dtype bf16.")
+    p.add_argument("--fp16", action="store_true", help="Same as --params-dtype fp16.")
+    p.add_argument("--workers", type=int, default=1,
+                   help="Processes writing rank files in parallel; peak memory grows with it. Default 1.")
+    p.add_argument("--no-progress", action="store_true", help="No progress bar.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m ckpt_convert",
+                                  description="DeepSeek-V3 checkpoint conversion between HF and Megatron-Core.")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("hf2mcore", help="HF safetensors -> Megatron-Core rank files for a target layout",
+                       description="Read a HF DeepSeek-V3 directory (BF16/FP32, or FP8 with 128x128 block scales, "
+                                   "dequantized on the fly) and write Megatron-Core rank files for the target layout.")
+    p.add_argument("--load-dir", required=True, help="HF directory: config.json + safetensors (+ index).")
+    p.add_argument("--save-dir", required=True, help="Output Megatron checkpoint directory.")
+    p.add_argument("--model-type-hf", default="deepseek3", choices=["deepseek3"],
+                   help="HF model family; only deepseek3 (DeepseekV3ForCausalLM). Default deepseek3.")
+    p.add_argument("--qlora-nf4", action="store_true",
+                   help="Quantize base weights to NF4 for QLoRA training. Not supported by this converter yet: "
+                        "convert without it and let training quantize on load.")
+    _common_target(p)
+
+    p = sub.add_parser("reshard", help="Megatron-Core layout -> another layout, without going through HF",
+                       description="Rewrite a checkpoint written by hf2mcore/training for another layout. The "
+                                   "source layout comes from its layout.json; the flags give the target.")
+    p.add_argument("--load-dir", required=True, help="Source Megatron checkpoint (with layout.json).")
+    p.add_argument("--save-dir", required=True, help="Output Megatron checkpoint directory.")
+    _common_target(p)
+
+    p = sub.add_parser("mcore2hf", help="Megatron-Core -> HF safetensors (optionally merging LoRA / PEFT export)",
+                       description="Write HF safetensors shards + index + config.json (+ tokenizer files). The "
+                                   "layout is read from --load-dir/layout.json; layout flags, when given, must agree.")
+    p.add_argument("--load-dir", required=True, help="Megatron checkpoint (base, base+LoRA, or LoRA-only with "
+                                                     "--save-lora-to-hf).")
+    p.add_argument("--save-dir", required=True, help="Output HF directory.")
+    g = add_layout_args(p, prefix="source-")
+    p.set_defaults(**{a.dest: None for a in g._group_actions})
+    p.add_argument("--mla-mm-split", action="store_true", default=None,
+                   help="Assert the checkpoint was written with --mla-mm-split (recorded in convert.json).")
+    p.add_argument("--lora-load", default=None,
+                   help="Adapter-only checkpoint (same rank layout) to merge into the base weights. Without it, "
+                        "LoRA keys found in --load-dir itself are merged.")
+    p.add_argument("--lora-r", type=int, default=None, help="LoRA rank, as in training.")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha, as in training (scale alpha/r).")
+    p.add_argument("--lora-target-modules", nargs="+", default=None,
+                   help="Megatron module names LoRA was applied to (linear_q_up_proj linear_proj linear_fc1 ...); "
+                        "with --save-lora-to-hf, only these are exported.")
+    p.add_argument("--save-lora-to-hf", action="store_true",
+                   help="--load-dir holds only LoRA weights: write a PEFT adapter (adapter_config.json + "
+                        "adapter_model.safetensors) instead of merged weights. Not with --moe-grouped-gemm.")
+    p.add_argument("--save-fp8", action="store_true",
+                   help="Write linear weights as FP8 e4m3 with 128x128 weight_scale_inv blocks (official format).")
+    p.add_argument("--tokenizer-dir", default=None,
+                   help="Copy tokenizer files from here if the checkpoint has none. Default: the recorded HF source.")
+    p.add_argument("--workers", type=int, default=1, help="Processes writing HF shards in parallel. Default 1.")
+    p.add_argument("--no-progress", action="store_true", help="No progress bar.")
+
+    p = sub.add_parser("verify", help="Compare logits of the HF model and of the Megatron checkpoint",
+                       description="Load --hf-dir with transformers and --mcore-dir with our model on the same token "
+                                   "ids; print max/mean abs and relative logit difference; exit 1 over --tolerance. "
+                                   "Multi-rank layouts: run under torchrun with WORLD_SIZE = TP*PP*EP-compatible "
+                                   "ranks, or pass --spawn to start the ranks locally.")
+    p.add_argument("--hf-dir", required=True)
+    p.add_argument("--mcore-dir", required=True)
+    p.add_argument("--tokens-file", required=True, help="JSON list of lists of token ids (equal lengths).")
+    p.add_argument("--tolerance", type=float, default=1e-3, help="Max abs logit difference allowed. Default 1e-3.")
+    p.add_argument("--save-logits", default=None, help="torch.save the Megatron logits (float32 [b, s, vocab]).")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="Compute dtype. Default fp32.")
+    p.add_argument("--spawn", action="store_true", help="Start the world_size ranks as local gloo processes.")
+    return top
+
+
+def _dtype(ns) -> str | None:
+    if ns.bf16:
+        return "bf16"
+    if ns.fp16:
+        return "fp16"
+    return ns.params_dtype
+
+
+def target_layout(ns, cfg: dict) -> ParallelLayout:
+    layout = ParallelLayout.from_args(ns, prefix="target").with_model_defaults(cfg)
+    layout.validate_against(cfg)
+    k = cfg.get("first_k_dense_replace")
+    if k is not None and layout.first_k_dense_replace != k:
+        raise LayoutError(f"--first-k-dense-replace {layout.first_k_dense_replace} differs from "
+                          f"first_k_dense_replace {k} of config.json (dense layers cannot become MoE layers)")
+    if layout.num_experts is not None and layout.ep > layout.num_experts:
+        raise LayoutError(f"--target-expert-parallel-size {layout.ep} exceeds the {layout.num_experts} experts")
+    return layout
+
+
+def cmd_hf2mcore(ns) -> int:
+    from ckpt_convert import hf_io
+    from ckpt_convert.hf2mcore import write_mcore
+
+    if ns.qlora_nf4:
+        raise SystemExit("error: --qlora-nf4 is not supported by this converter yet; convert the BF16 base "
+                         "without it (QLoRA training quantizes on load)")
+    cfg = hf_io.read_config(ns.load_dir)
+    nextn = int(cfg.get("num_nextn_predict_layers") or 0)
+    if ns.mtp_num_layers is None and nextn:
+        reader = hf_io.HFReader(ns.load_dir)
+        if f"model.layers.{cfg['num_hidden_layers']}.eh_proj.weight" not in reader:
+            print(f"note: config.json has num_nextn_predict_layers {nextn} but {ns.load_dir} holds no MTP weights "
+                  f"(model.layers.{cfg['num_hidden_layers']}.*); converting without MTP (--mtp-num-layers 0)",
+                  file=sys.stderr)
+            ns.mtp_num_layers = 0
+    layout = target_layout(ns, cfg)
+    spec = {"kind": "hf", "dir": ns.load_dir}
+    stats = write_mcore(spec, cfg, layout, ns.save_dir, _dtype(ns), ns.mla_mm_split, ns.workers,
+                        record={"source_dir": os.path.abspath(ns.load_dir), "command": "hf2mcore"},
+                        side_files_from=ns.load_dir, progress=not ns.no_progress)
+    print(json.dumps({"save_dir": ns.save_dir, **stats}))
+    return 0
+
+
+def cmd_reshard(ns) -> int:
+    from ckpt_convert import hf_io
+    from ckpt_convert.hf2mcore import write_mcore
+    from ckpt_convert.mcore_io import read_record
+
+    src = ParallelLayout.load(ns.load_dir)
+    cfg = hf_io.read_config(ns.load_dir)
+    rec = read_record(ns.load_dir)
+    layout = target_layout(ns, cfg)
+    if os.path.abspath(ns.load_dir) == os.path.abspath(ns.save_dir):
+        raise SystemExit("error: --save-dir must differ from --load-dir")
+    spec = {"kind": "mcore", "dir": ns.load_dir, "layout": src.to_dict(), "cfg": cfg,
+            "mla_mm_split": bool(rec.get("mla_mm_split", False))}
+    record = {"source_dir": rec.get("source_dir"), "command": "reshard", "resharded_from": os.path.abspath(ns.load_dir)}
+    stats = write_mcore(spec, cfg, layout, ns.save_dir, _dtype(ns), ns.mla_mm_split, ns.workers, record=record,
+                        side_files_from=ns.load_dir, progress=not ns.no_progress)
+    print(json.dumps({"save_dir": ns.save_dir, **stats}))
+    return 0
+
+
+def cmd_mcore2hf(ns) -> int:
+    from ckpt_convert import hf_io, mcore2hf
+    from ckpt_convert.mcore_io import McoreReader, read_record
+
+    given = {}
+    for dest, field in LAYOUT_DESTS.items():
+        given[field] = getattr(ns, dest.format(p="source_"), None)
+    given["moe_grouped_gemm"] = ns.moe_grouped_gemm or None
+    given["moe_tp_extend_ep"] = ns.moe_tp_extend_ep or None
+    given["dualpipev"] = True if ns.schedules_method == "dualpipev" else None
+    if ns.save_lora_to_hf:
+        if ns.lora_r is None or ns.lora_alpha is None:
+            raise SystemExit("error: --save-lora-to-hf needs --lora-r and --lora-alpha")
+        layout = ParallelLayout.load(ns.load_dir)
+        mcore2hf._check_flags(layout, given, ns.load_dir)
+        cfg = hf_io.read_config(ns.load_dir)
+        rec = read_record(ns.load_dir)
+        reader = McoreReader(ns.load_dir, layout, cfg, mla_mm_split=bool(rec.get("mla_mm_split", False)))
+        from ckpt_convert.lora import export_peft
+
+        stats = export_peft(reader, cfg, layout, ns.save_dir, ns.lora_r, ns.lora_alpha, ns.lora_target_modules,
+                            base_model=rec.get("source_dir"))
+    else:
+        stats = mcore2hf.convert(ns.load_dir, ns.save_dir, given, ns.lora_load, ns.lora_r, ns.lora_alpha,
+                                 ns.save_fp8, ns.workers, not ns.no_progress, ns.mla_mm_split, ns.tokenizer_dir)
+    print(json.dumps({"save_dir": ns.save_dir, **stats}))
+    return 0
+
+
+def cmd_verify(ns) -> int:
+    from ckpt_convert.verify import run_verify
+
+    return run_verify(ns)
+
+
+def main(argv=None) -> int:
+    ns = build_parser().parse_args(argv)
+    fn = {"hf2mcore": cmd_hf2mcore, "reshard": cmd_reshard, "mcore2hf": cmd_mcore2hf, "verify": cmd_verify}
+    try:
+        return fn[ns.command](ns)
+    except (ValueError, FileNotFoundError) as e:  # our errors are ValueErrors that name what is wrong
+        print(f"error: {e}", file=sys.stderr)
+        return 2

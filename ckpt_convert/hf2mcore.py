@@ -1,0 +1,175 @@
+"""Write Megatron-Core rank files for a target layout from any source that serves HF-named tensors.
+
+`hf2mcore` reads a HF directory (HFReader); `reshard` reads another Megatron checkpoint (McoreReader) through
+the same path, so both produce identical bytes for identical weights. One rank file is built and written at a
+time (per worker process): peak memory is about one rank file plus one HF tensor.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
+import torch
+from tqdm import tqdm
+
+from ckpt_convert import hf_io
+from ckpt_convert.mcore_io import (TRACKER, McoreReader, all_ranks, args_record, iter_dir_name, save_rank_file,
+                                   write_record)
+from mindspeed_dsv.layout import ParallelLayout
+from mindspeed_dsv.models import names as nm
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ConversionError(ValueError):
+    pass
+
+
+def make_reader(spec: dict):
+    """Readers are rebuilt in each worker process from a picklable spec."""
+    if spec["kind"] == "hf":
+        return hf_io.HFReader(spec["dir"], fp8_dtype=DTYPES[spec.get("fp8_dtype", "bf16")])
+    layout = ParallelLayout.from_dict(spec["layout"])
+    return McoreReader(spec["dir"], layout, spec["cfg"], mla_mm_split=spec.get("mla_mm_split", False))
+
+
+def layout_str(layout: ParallelLayout) -> str:
+    s = f"TP={layout.tp} PP={layout.pp} EP={layout.ep}"
+    if layout.vpp:
+        s += f" VPP={layout.vpp}"
+    if layout.moe_tp_extend_ep:
+        s += " moe-tp-extend-ep"
+    return s
+
+
+def check_source(reader, cfg: dict, layout: ParallelLayout, mla_mm_split: bool, check_shapes: bool = True) -> None:
+    """Before writing anything: every tensor the layout needs exists, has the shape config.json implies, and
+    splits evenly over the layout. Raises ConversionError naming tensor, shape and layout."""
+    missing: dict[str, str] = {}
+    seen: set[str] = set()
+    for tp, pp, ep in all_ranks(layout):
+        for c in range(layout.num_model_chunks):
+            for m in nm.rank_maps(cfg, layout, tp, pp, ep, c, mla_mm_split):
+                for h in m.hf:
+                    if h not in reader:
+                        missing.setdefault(h, f"{m.mcore} of {layout.rank_dir_name(tp, pp, ep)}")
+                        continue
+                    if not check_shapes or (h, m.split, m.tp) in seen:
+                        continue
+                    seen.add((h, m.split, m.tp))
+                    shape = tuple(reader.shape(h))
+                    want = nm.expected_hf_shape(cfg, h)
+                    if want is not None and shape != tuple(want):
+                        raise ConversionError(f"{h}: shape {list(shape)} but config.json implies {list(want)}")
+                    dim = {nm.ROW: 1, nm.GROUPED_W2: 1}.get(m.split, 0)
+                    if m.tp > 1 and m.split != nm.REPLICATED and shape[dim] % m.tp:
+                        raise ConversionError(
+                            f"{h}: shape {list(shape)} does not fit the layout {layout_str(layout)}: dim {dim} "
+                            f"({shape[dim]}) is not divisible by TP {m.tp} (needed for {m.mcore})")
+    if missing:
+        lines = [f"  {h} (for {where})" for h, where in list(missing.items())[:10]]
+        more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise ConversionError(f"{getattr(reader, 'dir', 'source')}: missing tensor(s):\n" + "\n".join(lines) + more)
+
+
+def _cast(t: torch.Tensor, mcore_name: str, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is None:
+        return t
+    if mcore_name.endswith("router.expert_bias"):  # megatron keeps the expert bias in float32
+        return t.float()
+    return t.to(dtype)
+
+
+def build_rank(reader, cfg, layout, tp, pp, ep, mla_mm_split, dtype) -> dict[str, dict[str, torch.Tensor]]:
+    chunks = {}
+    for c in range(layout.num_model_chunks):
+        sd = {}
+        for m in nm.rank_maps(cfg, layout, tp, pp, ep, c, mla_mm_split):
+            try:
+                t = nm.shard_for_rank(m, reader.read, reader.shape)
+            except nm.NameMapError as e:
+                raise ConversionError(f"{e} (layout {layout_str(layout)})") from None
+            sd[m.mcore] = _cast(t, m.mcore, dtype).contiguous()
+        chunks[nm.chunk_key(layout, c)] = sd
+    return chunks
+
+
+def _write_one(spec, cfg, layout_dict, tp, pp, ep, mla_mm_split, dtype_name, tmp_iter, args) -> tuple[str, int]:
+    layout = ParallelLayout.from_dict(layout_dict)
+    reader = _worker_reader(spec)
+    chunks = build_rank(reader, cfg, layout, tp, pp, ep, mla_mm_split, DTYPES.get(dtype_name))
+    path = os.path.join(tmp_iter, layout.rank_dir_name(tp, pp, ep), "model_optim_rng.pt")
+    nbytes = save_rank_file(path, chunks, args)
+    return path, nbytes
+
+
+_READERS: dict = {}
+
+
+def _worker_reader(spec):
+    key = repr(sorted((k, str(v)) for k, v in spec.items()))
+    if key not in _READERS:
+        _READERS.clear()
+        _READERS[key] = make_reader(spec)
+    return _READERS[key]
+
+
+def write_mcore(spec: dict, cfg: dict, layout: ParallelLayout, save_dir: str, params_dtype: str | None = None,
+                mla_mm_split: bool = False, workers: int = 1, record: dict | None = None,
+                side_files_from: str | None = None, progress: bool = True) -> dict:
+    """Convert the source described by `spec` into `save_dir` for `layout`. Returns stats."""
+    t0 = time.time()
+    reader = make_reader(spec)
+    check_source(reader, cfg, layout, mla_mm_split, check_shapes=spec["kind"] == "hf")
+    _READERS.clear()
+    _READERS[repr(sorted((k, str(v)) for k, v in spec.items()))] = reader
+
+    os.makedirs(save_dir, exist_ok=True)
+    final_iter = os.path.join(save_dir, iter_dir_name(1))
+    tmp_iter = final_iter + f".partial-{os.getpid()}"
+    if os.path.exists(tmp_iter):
+        shutil.rmtree(tmp_iter)
+    dtype_name = params_dtype
+    args = args_record(cfg, layout, params_dtype or str(cfg.get("torch_dtype", "keep")), mla_mm_split)
+    jobs = all_ranks(layout)
+    total = 0
+    bar = tqdm(total=len(jobs), desc="hf2mcore rank files", unit="file", disable=not progress)
+    ld = layout.to_dict()
+    if workers <= 1:
+        for tp, pp, ep in jobs:
+            _, n = _write_one(spec, cfg, ld, tp, pp, ep, mla_mm_split, dtype_name, tmp_iter, args)
+            total += n
+            bar.update(1)
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as ex:
+            futs = [ex.submit(_write_one, spec, cfg, ld, tp, pp, ep, mla_mm_split, dtype_name, tmp_iter, args)
+                    for tp, pp, ep in jobs]
+            for f in as_completed(futs):
+                total += f.result()[1]
+                bar.update(1)
+    bar.close()
+
+    # Complete: swap the iteration directory in, then the records, the tracker file last.
+    if os.path.exists(final_iter):
+        shutil.rmtree(final_iter)
+    os.replace(tmp_iter, final_iter)
+    layout.save(save_dir)
+    import json
+
+    with open(os.path.join(save_dir, "config.json.tmp"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    os.replace(os.path.join(save_dir, "config.json.tmp"), os.path.join(save_dir, "config.json"))
+    if side_files_from:
+        hf_io.copy_side_files(side_files_from, save_dir)
+    rec = dict(record or {})
+    rec.update(params_dtype=params_dtype, mla_mm_split=mla_mm_split, layout=ld)
+    write_record(save_dir, rec)
+    tmp = os.path.join(save_dir, TRACKER + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("1")
+    os.replace(tmp, os.path.join(save_dir, TRACKER))
+    secs = time.time() - t0
+    return {"bytes": total, "seconds": secs, "files": len(jobs)}

@@ -1,0 +1,107 @@
+"""LoRA on the way to HF: merge adapters into base weights, or export them alone in PEFT format.
+
+Adapter checkpoints use the base checkpoint's rank layout with keys `<base module path>.lora_A.weight` /
+`.lora_B.weight` (mindspeed_dsv.peft.lora). A follows the base's input split and B its output split
+(names.lora_splits), so each rank's adapter merges into that rank's shard: W_k + s * B_k @ A (column) or
+W_k + s * B @ A_k (row), which is exactly the corresponding slice of W + s * B @ A.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+
+from mindspeed_dsv.layout import ParallelLayout
+from mindspeed_dsv.models import names as nm
+from mindspeed_dsv.peft.lora import merge_lora
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+
+
+def merge_lora_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, r: int) -> torch.Tensor:
+    return merge_lora(w, a, b, alpha, r)
+
+
+def export_peft(reader, cfg: dict, layout: ParallelLayout, save_dir: str, lora_r: int, lora_alpha: float,
+                target_modules: list[str] | None, base_model: str | None = None) -> dict:
+    """Write adapter_config.json + adapter_model.safetensors with peft's DeepseekV3 key names
+    (`base_model.model.model.layers.N.self_attn.q_b_proj.lora_A.weight`). `reader` is a McoreReader on the
+    adapter-only checkpoint (its rank files hold only lora_A/lora_B keys)."""
+    if layout.moe_grouped_gemm:
+        raise ValueError("--save-lora-to-hf cannot be used with --moe-grouped-gemm (grouped experts carry no "
+                         "per-expert LoRA modules); train LoRA without --moe-grouped-gemm")
+    if reader._mm_split:
+        raise ValueError("--save-lora-to-hf cannot be used with --mla-mm-split (the split up-projections have "
+                         "separate adapters that PEFT's q_b_proj/kv_b_proj cannot hold)")
+    out: dict[str, torch.Tensor] = {}
+    leaves: set[str] = set()
+    done: set[tuple] = set()
+    for tp, pp, ep in _ranks(layout):
+        for c in range(layout.num_model_chunks):
+            ck = nm.chunk_key(layout, c)
+            for m in nm.rank_maps(cfg, layout, tp, pp, ep, c, False):
+                if m.lora_module is None or (m.hf, ck, pp) in done:
+                    continue
+                leaf = m.lora_module.rsplit(".", 1)[-1]
+                if target_modules and leaf not in target_modules:
+                    continue
+                sd = reader._chunk(reader.dir, tp, pp, ep, ck)
+                a_key, b_key = m.lora_module + ".lora_A.weight", m.lora_module + ".lora_B.weight"
+                if a_key not in sd:
+                    continue
+                done.add((m.hf, ck, pp))
+                a_split, b_split = nm.lora_splits(m.split)
+                ranks = range(m.tp) if m.tp > 1 else [m.tp_rank]
+                a_shards, b_shards = [], []
+                for k in ranks:
+                    sdk = reader._chunk(reader.dir, k if m.tp > 1 else tp, pp, ep, ck)
+                    if a_key not in sdk or b_key not in sdk:
+                        raise ValueError(f"LoRA {m.lora_module}: lora_A/lora_B missing on tp rank {k}")
+                    a_shards.append(sdk[a_key])
+                    b_shards.append(sdk[b_key])
+                a = _full(a_split, a_shards)
+                b_parts = _full_glu(b_shards) if b_split == nm.GLU else [_full(b_split, b_shards)]
+                for hf_name, b in zip(m.hf, b_parts):
+                    mod = nm.hf_module(hf_name)
+                    out[f"base_model.model.{mod}.lora_A.weight"] = a.clone().contiguous()
+                    out[f"base_model.model.{mod}.lora_B.weight"] = b.contiguous()
+                    leaves.add(mod)
+    # Full module paths, not leaf names: peft matches them exactly (a leaf like 'gate_proj' would also pull in
+    # transformers' fused routed-expert parameters through peft's MoE conversion).
+    if not out:
+        raise ValueError(f"{reader.dir}: no LoRA weights (keys '*.lora_A.weight') found for target modules "
+                         f"{target_modules or 'any'}")
+    os.makedirs(save_dir, exist_ok=True)
+    tmp = os.path.join(save_dir, PEFT_WEIGHTS + ".tmp")
+    save_file(out, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(save_dir, PEFT_WEIGHTS))
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora_r, "lora_alpha": lora_alpha,
+        "lora_dropout": 0.0, "bias": "none", "target_modules": sorted(leaves), "fan_in_fan_out": False,
+        "inference_mode": True, "base_model_name_or_path": base_model, "use_rslora": False, "use_dora": False,
+        "init_lora_weights": True, "modules_to_save": None,
+    }
+    with open(os.path.join(save_dir, PEFT_CONFIG), "w") as f:
+        json.dump(config, f, indent=2)
+    return {"tensors": len(out), "modules": len(leaves)}
+
+
+def _ranks(layout):
+    from ckpt_convert.mcore_io import all_ranks
+
+    return all_ranks(layout)
+
+
+def _full(split: str, shards: list[torch.Tensor]) -> torch.Tensor:
+    if split == nm.REPLICATED or len(shards) == 1:
+        return shards[0]
+    return torch.cat(shards, dim=0 if split == nm.COLUMN else 1)
+
+
+def _full_glu(shards: list[torch.Tensor]) -> list[torch.Tensor]:
+    halves = [s.chunk(2, dim=0) for s in shards]
+    return [torch.cat([h[0] for h in halves], 0), torch.cat([h[1] for h in halves], 0)]

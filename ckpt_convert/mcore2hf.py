@@ -1,0 +1,149 @@
+"""Megatron-Core checkpoint -> HF DeepSeek-V3 safetensors (one shard per decoder layer + one for the rest)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
+from tqdm import tqdm
+
+from ckpt_convert import hf_io
+from ckpt_convert.mcore_io import McoreCheckpointError, McoreReader, read_record
+from mindspeed_dsv.layout import ParallelLayout
+from mindspeed_dsv.models import names as nm
+
+
+def hf_groups(reader: McoreReader, cfg: dict, layout: ParallelLayout) -> list[tuple[str, list[str]]]:
+    """(shard file stem, HF names) in file order: embeddings/norm/head first, then one file per layer."""
+    by_layer: dict = {}
+    for name in reader.names():
+        m = reader.entries[reader.hf_of_name[name]][0][4]
+        by_layer.setdefault(m.hf_layer, []).append(name)
+    for k in range(layout.mtp_num_layers or 0):
+        by_layer.setdefault(nm.Dims.of(cfg).num_hidden_layers + k, []).extend(nm.mtp_shared_names(cfg, k))
+    keys = sorted(by_layer, key=lambda x: -1 if x is None else x)
+    return [("other" if k is None else f"layer{k}", by_layer[k]) for k in keys]
+
+
+def _reader(spec) -> McoreReader:
+    layout = ParallelLayout.from_dict(spec["layout"])
+    return McoreReader(spec["dir"], layout, spec["cfg"], mla_mm_split=spec["mla_mm_split"],
+                       lora_dir=spec["lora_dir"], lora_alpha=spec["lora_alpha"], lora_r=spec["lora_r"])
+
+
+_R: dict = {}  # the process's reader (the parent's in serial mode, one per worker process otherwise)
+
+
+def _write_group(spec, names, shared, path, fp8):
+    reader = _R.get("reader")
+    if reader is None:
+        reader = _R["reader"] = _reader(spec)
+    tensors = {}
+    for n in names:
+        src = shared.get(n, n)
+        tensors[n] = reader.read_full(src).clone()
+    written = hf_io.save_shard(tensors, path, fp8=fp8)
+    return {n: (tuple(t.shape), t.numel() * t.element_size()) for n, t in written.items()}, len(reader.lora_used)
+
+
+def convert(load_dir: str, save_dir: str, given_layout: dict, lora_load: str | None = None, lora_r=None,
+            lora_alpha=None, save_fp8: bool = False, workers: int = 1, progress: bool = True,
+            mla_mm_split: bool | None = None, tokenizer_dir: str | None = None) -> dict:
+    t0 = time.time()
+    layout = ParallelLayout.load(load_dir)
+    _check_flags(layout, given_layout, load_dir)
+    cfg = hf_io.read_config(load_dir)
+    record = read_record(load_dir)
+    recorded_split = bool(record.get("mla_mm_split", False))
+    if mla_mm_split is not None and mla_mm_split != recorded_split:
+        raise McoreCheckpointError(f"--mla-mm-split: the checkpoint was written with mla_mm_split={recorded_split}")
+    if lora_load is not None:
+        ll = ParallelLayout.load(lora_load) if os.path.isfile(os.path.join(lora_load, "layout.json")) else None
+        if ll is not None and ll.diff(layout):
+            raise McoreCheckpointError(f"--lora-load {lora_load}: its layout differs from the base checkpoint:\n  "
+                                       + "\n  ".join(ll.diff(layout)))
+    spec = dict(dir=load_dir, layout=layout.to_dict(), cfg=cfg, mla_mm_split=recorded_split, lora_dir=lora_load,
+                lora_alpha=lora_alpha, lora_r=lora_r)
+    reader = _reader(spec)
+    extra = reader.unexpected_keys()
+    if extra:
+        raise McoreCheckpointError(f"{load_dir}: tensors that layout.json does not account for (is the layout "
+                                   f"right?):\n  " + "\n  ".join(extra[:10]))
+    groups = hf_groups(reader, cfg, layout)
+    shared = {}
+    for k in range(layout.mtp_num_layers or 0):
+        shared.update(nm.mtp_shared_names(cfg, k))
+
+    os.makedirs(save_dir, exist_ok=True)
+    tmp_dir = os.path.join(save_dir, f".partial-{os.getpid()}")
+    os.makedirs(tmp_dir, exist_ok=True)
+    n = len(groups)
+    files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map, total = {}, 0
+    bar = tqdm(total=n, desc="mcore2hf shards", unit="file", disable=not progress)
+    lora_merged = 0
+    _R.clear()
+    _R["reader"] = reader
+    if workers <= 1:
+        results = []
+        for (stem, names), fname in zip(groups, files):
+            results.append((fname, _write_group(spec, names, shared, os.path.join(tmp_dir, fname), save_fp8)))
+            bar.update(1)
+    else:
+        _R.clear()
+        results = []
+        with ProcessPoolExecutor(max_workers=workers) as ex:
+            futs = {ex.submit(_write_group, spec, names, shared, os.path.join(tmp_dir, fname), save_fp8): fname
+                    for (stem, names), fname in zip(groups, files)}
+            for f in as_completed(futs):
+                results.append((futs[f], f.result()))
+                bar.update(1)
+    bar.close()
+    for fname, (info, used) in results:
+        lora_merged = max(lora_merged, used)
+        for name, (_, nbytes) in info.items():
+            weight_map[name] = fname
+            total += nbytes
+    if lora_load is not None and workers <= 1 and lora_merged == 0:
+        raise McoreCheckpointError(f"--lora-load {lora_load}: no LoRA weights matched any base tensor")
+    for fname in files:
+        os.replace(os.path.join(tmp_dir, fname), os.path.join(save_dir, fname))
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    hf_io.write_index(save_dir, weight_map, total)
+    out_cfg = dict(cfg)
+    if save_fp8:
+        out_cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                          "weight_block_size": [128, 128]}
+    else:
+        out_cfg.pop("quantization_config", None)
+    with open(os.path.join(save_dir, "config.json"), "w") as f:
+        json.dump(out_cfg, f, indent=2)
+    copied = hf_io.copy_side_files(load_dir, save_dir)
+    for src in (tokenizer_dir, record.get("source_dir")):
+        if not copied and src and os.path.isdir(src):
+            copied = hf_io.copy_side_files(src, save_dir)
+    reader.close()
+    return {"bytes": total, "seconds": time.time() - t0, "files": n, "tokenizer_files": copied}
+
+
+def _check_flags(layout: ParallelLayout, given: dict, where: str) -> None:
+    """Every layout flag the user gave must equal the recorded layout; name the field otherwise."""
+    from mindspeed_dsv.layout import flag_name
+
+    bad = []
+    for field, value in given.items():
+        if value is None:
+            continue
+        rec = getattr(layout, field)
+        if field in ("num_layer_list", "noop_layers"):
+            value = [int(x) for x in str(value).replace(" ", "").split(",") if x != ""] if isinstance(value, str) \
+                else list(value)
+            rec = list(rec or [])
+        if value != rec:
+            bad.append(f"{flag_name(field, 'source-')} ({field}): flag {value!r} != checkpoint {rec!r}")
+    if bad:
+        raise McoreCheckpointError(f"{where}/layout.json: the checkpoint layout differs from the flags:\n  "
+                                   + "\n  ".join(bad))

@@ -1,0 +1,294 @@
+"""Megatron-Core (MindSpeed-compatible) checkpoint files: paths, the per-rank record, and a reader that serves
+HF-named full tensors out of a sharded checkpoint (used by mcore2hf and reshard).
+
+Layout on disk::
+
+    SAVE/latest_checkpointed_iteration.txt      "1"
+    SAVE/layout.json                            the ParallelLayout record (mindspeed_dsv.layout)
+    SAVE/config.json (+ tokenizer files)        copied from the HF directory
+    SAVE/convert.json                           where it came from (source dir, dtype, flags)
+    SAVE/iter_0000001/mp_rank_XX[_YYY][_ZZZ]/model_optim_rng.pt
+        {'model' | 'model0', 'model1', ...: {megatron name: tensor},
+         'checkpoint_version': 3.0, 'iteration': 1, 'args': argparse.Namespace(...)}
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+
+import torch
+
+from mindspeed_dsv.layout import ParallelLayout
+from mindspeed_dsv.models import names as nm
+
+CKPT_FILE = "model_optim_rng.pt"
+TRACKER = "latest_checkpointed_iteration.txt"
+RECORD = "convert.json"
+
+
+class McoreCheckpointError(ValueError):
+    pass
+
+
+def iter_dir_name(iteration: int | str) -> str:
+    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+
+
+def read_iteration(load_dir: str) -> str:
+    path = os.path.join(load_dir, TRACKER)
+    if not os.path.isfile(path):
+        raise McoreCheckpointError(f"{load_dir}: no {TRACKER}; not a Megatron checkpoint directory")
+    text = open(path).read().strip()
+    if text == "release":
+        return "release"
+    try:
+        return str(int(text))
+    except ValueError:
+        raise McoreCheckpointError(f"{path}: expected an iteration number or 'release', got {text!r}") from None
+
+
+def rank_file(root: str, layout: ParallelLayout, tp: int, pp: int, ep: int, iteration: int | str = 1) -> str:
+    return os.path.join(root, iter_dir_name(iteration), layout.rank_dir_name(tp, pp, ep), CKPT_FILE)
+
+
+def all_ranks(layout: ParallelLayout) -> list[tuple[int, int, int]]:
+    """(tp, pp, ep) of every rank file, pipeline-major so one stage's files are written/read together."""
+    return [(t, p, e) for p in range(layout.pp) for e in range(layout.ep) for t in range(layout.tp)]
+
+
+def args_record(cfg: dict, layout: ParallelLayout, params_dtype: str, mla_mm_split: bool, qlora_nf4: bool = False
+                ) -> argparse.Namespace:
+    """The `args` of a Megatron checkpoint: what MindSpeed/Megatron look at on load, plus our layout."""
+    d = nm.Dims.of(cfg)
+    return argparse.Namespace(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        expert_model_parallel_size=layout.ep,
+        num_layers_per_virtual_pipeline_stage=layout.vpp,
+        num_layer_list=None if layout.num_layer_list is None else ",".join(map(str, layout.num_layer_list)),
+        noop_layers=",".join(map(str, layout.noop_layers)) or None,
+        schedules_method="dualpipev" if layout.dualpipev else None,
+        num_layers=layout.num_layers,
+        mtp_num_layers=layout.mtp_num_layers,
+        first_k_dense_replace=layout.first_k_dense_replace,
+        num_experts=d.n_routed_experts or None,
+        moe_grouped_gemm=layout.moe_grouped_gemm,
+        moe_tp_extend_ep=layout.moe_tp_extend_ep,
+        mla_mm_split=mla_mm_split,
+        qlora_nf4=qlora_nf4,
+        multi_latent_attention=True,
+        hidden_size=d.hidden_size,
+        ffn_hidden_size=d.intermediate_size,
+        moe_ffn_hidden_size=d.moe_intermediate_size,
+        num_attention_heads=d.num_attention_heads,
+        q_lora_rank=d.q_lora_rank,
+        kv_lora_rank=d.kv_lora_rank,
+        qk_head_dim=d.qk_nope_head_dim,
+        qk_pos_emb_head_dim=d.qk_rope_head_dim,
+        v_head_dim=d.v_head_dim,
+        vocab_size=d.vocab_size,
+        padded_vocab_size=d.vocab_size,
+        params_dtype=params_dtype,
+        bf16=params_dtype == "bf16",
+        fp16=params_dtype == "fp16",
+        use_mcore_models=True,
+        ckpt_format="torch",
+        iteration=1,
+    )
+
+
+def save_rank_file(path: str, chunks: dict[str, dict[str, torch.Tensor]], args: argparse.Namespace,
+                   iteration: int = 1) -> int:
+    """torch.save through a temporary name. Returns bytes of tensor data written."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    state = dict(chunks)
+    state.update(checkpoint_version=3.0, iteration=iteration, args=args)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return sum(t.numel() * t.element_size() for c in chunks.values() for t in c.values())
+
+
+def load_rank_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise McoreCheckpointError(f"missing rank file {path}")
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise McoreCheckpointError(f"{path}: cannot be read as a torch checkpoint ({e})") from None
+
+
+class McoreReader:
+    """Serves full HF-named tensors from a sharded Megatron checkpoint: gathers the TP shards of the entry
+    that holds the name (names.rank_maps), optionally merges LoRA per rank, and unshards (names.unshard).
+
+    Rank files are memory-mapped (torch.load(mmap=True)); only the entry being converted is materialised, plus a
+    small cache of the HF tensors of the current layer (a GLU entry yields gate and up together)."""
+
+    def __init__(self, load_dir: str, layout: ParallelLayout, cfg: dict, mla_mm_split: bool = False,
+                 lora_dir: str | None = None, lora_alpha: float | None = None, lora_r: int | None = None,
+                 merge_lora_in_base: bool = True):
+        self.dir = load_dir
+        self.layout = layout
+        self.cfg = cfg
+        self.iteration = read_iteration(load_dir)
+        self.lora_dir = lora_dir
+        self.lora_alpha, self.lora_r = lora_alpha, lora_r
+        self.merge_lora_in_base = merge_lora_in_base
+        self._mm_split = mla_mm_split
+        # HF name -> list of (tp, pp, ep, chunk key, TensorMap); the first stage holding it wins
+        self.entries: dict[str, list] = {}
+        self.mtp_embedding: dict[str, tuple] = {}
+        for tp, pp, ep in all_ranks(layout):
+            for c in range(layout.num_model_chunks):
+                ck = nm.chunk_key(layout, c)
+                for m in nm.rank_maps(cfg, layout, tp, pp, ep, c, mla_mm_split):
+                    key = m.hf[0] if m.split != nm.HEAD_PART else f"{m.hf[0]}#{m.head_part[2]}"
+                    owner = self.entries.setdefault(key, [])
+                    if owner and (owner[0][1], owner[0][3]) != (pp, ck):
+                        continue  # the embedding's second copy on the MTP stage: same values
+                    owner.append((tp, pp, ep, ck, m))
+        self.hf_of_name = {}
+        for key, lst in self.entries.items():
+            for h in lst[0][4].hf:
+                self.hf_of_name.setdefault(h, key)
+        self._files: collections.OrderedDict[str, dict] = collections.OrderedDict()
+        self._cache: dict[str, torch.Tensor] = {}
+        self._cache_layer = object()
+        self.lora_used: set[tuple[str, str]] = set()
+
+    # ------------------------------------------------------------------ files
+    def _file(self, root: str, tp: int, pp: int, ep: int) -> dict:
+        path = rank_file(root, self.layout, tp, pp, ep, self.iteration)
+        f = self._files.get(path)
+        if f is None:
+            f = load_rank_file(path)
+            self._files[path] = f
+            while len(self._files) > max(8, 2 * self.layout.tp * self.layout.ep):
+                self._files.popitem(last=False)
+        else:
+            self._files.move_to_end(path)
+        return f
+
+    def _chunk(self, root: str, tp: int, pp: int, ep: int, ck: str) -> dict:
+        state = self._file(root, tp, pp, ep)
+        if ck not in state:
+            raise McoreCheckpointError(f"{rank_file(root, self.layout, tp, pp, ep, self.iteration)}: no '{ck}' "
+                                       f"entry (keys {sorted(k for k in state if k.startswith('model'))}); "
+                                       "the checkpoint's VPP/dualpipev layout differs from layout.json")
+        return state[ck]
+
+    def rank_tensor(self, tp, pp, ep, ck, m: nm.TensorMap) -> torch.Tensor:
+        sd = self._chunk(self.dir, tp, pp, ep, ck)
+        if m.mcore not in sd:
+            raise McoreCheckpointError(
+                f"{rank_file(self.dir, self.layout, tp, pp, ep, self.iteration)} [{ck}]: missing tensor {m.mcore} "
+                f"(HF {m.hf[0]})")
+        w = sd[m.mcore]
+        if m.lora_module is not None:
+            w = self._merge_lora(w, tp, pp, ep, ck, m, sd)
+        return w
+
+    def _merge_lora(self, w, tp, pp, ep, ck, m, base_sd):
+        from ckpt_convert.lora import merge_lora_weight
+
+        a_key, b_key = m.lora_module + ".lora_A.weight", m.lora_module + ".lora_B.weight"
+        if self.lora_dir is not None:
+            sd = self._chunk(self.lora_dir, tp, pp, ep, ck)
+        elif self.merge_lora_in_base:
+            sd = base_sd
+        else:
+            return w
+        if a_key not in sd and b_key not in sd:
+            return w
+        if a_key not in sd or b_key not in sd:
+            raise McoreCheckpointError(f"LoRA for {m.lora_module}: only one of lora_A/lora_B is present")
+        if self.lora_alpha is None or self.lora_r is None:
+            raise McoreCheckpointError(f"the checkpoint has LoRA weights ({a_key}); give --lora-r and --lora-alpha")
+        self.lora_used.add((f"{tp},{pp},{ep},{ck}", m.lora_module))
+        return merge_lora_weight(w, sd[a_key], sd[b_key], self.lora_alpha, self.lora_r)
+
+    # ------------------------------------------------------------------ HF view
+    def names(self) -> list[str]:
+        return list(self.hf_of_name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.hf_of_name
+
+    def _entry_tensors(self, first: str) -> dict[str, torch.Tensor]:
+        owner = self.entries[first]
+        m0 = owner[0][4]
+        # the members holding this entry: lowest ep rank (non-expert tensors repeat on every ep rank)
+        ep0 = min(o[2] for o in owner)
+        members = sorted((o for o in owner if o[2] == ep0), key=lambda o: o[0])
+        if m0.tp == 1:
+            members = members[:1]
+        shards = [self.rank_tensor(tp, pp, ep, ck, m) for tp, pp, ep, ck, m in members]
+        return nm.unshard(m0, shards)
+
+    def read_full(self, name: str) -> torch.Tensor:
+        if name not in self.hf_of_name:
+            raise McoreCheckpointError(f"{self.dir}: no tensor of this layout maps to HF {name}")
+        first = self.hf_of_name[name]
+        m0 = self.entries[first][0][4]
+        if m0.hf_layer != self._cache_layer:
+            self._cache = {}
+            self._cache_layer = m0.hf_layer
+        if name not in self._cache:
+            if m0.split == nm.HEAD_PART:
+                parts = {}
+                for key, lst in self.entries.items():
+                    mm = lst[0][4]
+                    if mm.split == nm.HEAD_PART and mm.hf[0] == name:
+                        parts[mm.head_part[2]] = self._entry_tensors(key)[name]
+                self._cache[name] = nm.merge_head_parts(m0.head_part, parts)
+            else:
+                self._cache.update(self._entry_tensors(first))
+        return self._cache[name]
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.read_full(name).shape)
+
+    def read(self, name: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
+        t = self.read_full(name)
+        if rows is not None:
+            t = t[rows]
+        if cols is not None:
+            t = t[:, cols]
+        return t.contiguous()
+
+    def unexpected_keys(self, lora_prefixes: bool = True) -> list[str]:
+        """Tensors in the rank files that no map entry consumes (LoRA keys excepted): a layout/model mismatch."""
+        out = []
+        for tp, pp, ep in all_ranks(self.layout):
+            state = self._file(self.dir, tp, pp, ep)
+            for c in range(self.layout.num_model_chunks):
+                ck = nm.chunk_key(self.layout, c)
+                want = {m.mcore for m in nm.rank_maps(self.cfg, self.layout, tp, pp, ep, c, self._mm_split)}
+                for k in state.get(ck, {}):
+                    if k in want or k.endswith("_extra_state") or (lora_prefixes and ".lora_" in k):
+                        continue
+                    out.append(f"{self.layout.rank_dir_name(tp, pp, ep)}[{ck}]: {k}")
+        return out
+
+    def close(self) -> None:
+        self._files.clear()
+        self._cache = {}
+
+
+def write_record(save_dir: str, record: dict) -> None:
+    tmp = os.path.join(save_dir, RECORD + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2, default=str)
+    os.replace(tmp, os.path.join(save_dir, RECORD))
+
+
+def read_record(load_dir: str) -> dict:
+    path = os.path.join(load_dir, RECORD)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)

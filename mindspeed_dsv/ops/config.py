@@ -1,0 +1,137 @@
+"""Which implementation each op uses: flags (named like MindSpeed's) x platform -> one name per op.
+
+`resolve_impls(OpsConfig(...), platform)` returns e.g. {'attention': 'sdpa_pad_v', 'rms_norm': 'torch', ...};
+`build_ops(...)` binds those names to callables (`Ops`). A flag left off always means the plain-torch reference,
+so the default config runs the same math on every device. A flag the device cannot honour is an error at
+resolution time (start-up), never a silent fallback in the middle of a run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import asdict, dataclass, fields
+
+OPS = ("attention", "rms_norm", "rotary", "swiglu", "grouped_matmul", "permute")
+
+# Every implementation name an op knows, and the devices it runs on.
+IMPL_DEVICES: dict[str, dict[str, tuple[str, ...]]] = {
+    "attention": {
+        "torch": ("cpu", "cuda", "npu"),
+        "sdpa": ("cpu", "cuda"),  # torch SDPA, V as is (flash excluded when d_v != d_qk)
+        "sdpa_pad_v": ("cpu", "cuda"),  # torch SDPA with V padded to d_qk so the flash kernel can run
+        "npu": ("npu",),
+    },
+    "rms_norm": {"torch": ("cpu", "cuda", "npu"), "compile": ("cuda",), "npu": ("npu",)},
+    "rotary": {"torch": ("cpu", "cuda", "npu"), "compile": ("cuda",), "npu": ("npu",)},
+    "swiglu": {"torch": ("cpu", "cuda", "npu"), "compile": ("cuda",), "npu": ("npu",)},
+    "grouped_matmul": {"torch": ("cpu", "cuda", "npu"), "grouped_mm": ("cpu", "cuda"), "npu": ("npu",)},
+    "permute": {"torch": ("cpu", "cuda", "npu"), "compile": ("cuda",), "npu": ("npu",)},
+}
+
+# What each flag turns on, per device. A device missing from the inner dict cannot honour the flag.
+_FLAG_CHOICE: dict[str, tuple[str, dict[str, str]]] = {
+    "use_flash_attn": ("attention", {"cpu": "sdpa", "cuda": "sdpa", "npu": "npu"}),  # sdpa beat sdpa_pad_v on H200 (bench_ops)
+    "use_fused_rmsnorm": ("rms_norm", {"cuda": "compile", "npu": "npu"}),
+    "use_fused_rotary_pos_emb": ("rotary", {"cuda": "compile", "npu": "npu"}),
+    "use_fused_swiglu": ("swiglu", {"cuda": "compile", "npu": "npu"}),
+    "moe_grouped_gemm": ("grouped_matmul", {"cpu": "grouped_mm", "cuda": "grouped_mm", "npu": "npu"}),
+    "use_fused_moe_token_permute_and_unpermute": ("permute", {"cuda": "compile", "npu": "npu"}),
+}
+
+
+class OpUnavailableError(RuntimeError):
+    """A flag or override asks for a kernel the current device cannot run."""
+
+
+@dataclass(frozen=True)
+class OpsConfig:
+    """Kernel switches, named after MindSpeed-LLM's command-line flags (``--use-flash-attn`` -> use_flash_attn).
+
+    All off = the plain-torch reference everywhere. See docs/en/ops.md for what each flag selects per device.
+    """
+
+    use_flash_attn: bool = False
+    use_fused_rmsnorm: bool = False
+    use_fused_rotary_pos_emb: bool = False
+    use_fused_swiglu: bool = False
+    moe_grouped_gemm: bool = False
+    use_fused_moe_token_permute_and_unpermute: bool = False
+
+    @classmethod
+    def from_args(cls, args) -> "OpsConfig":
+        """From an argparse namespace (or any object); missing attributes keep their default."""
+        return cls(**{f.name: bool(getattr(args, f.name, f.default)) for f in fields(cls)})
+
+    @staticmethod
+    def flag_name(field_name: str) -> str:
+        return "--" + field_name.replace("_", "-")
+
+
+def _device_type(platform) -> str:
+    if platform is None:
+        from mindspeed_dsv.platform import current_platform
+
+        platform = current_platform()
+    device_type = platform if isinstance(platform, str) else platform.device_type
+    if device_type not in ("cpu", "cuda", "npu"):
+        raise ValueError(f"unknown device type {device_type!r}: expected 'cpu', 'cuda' or 'npu'")
+    return device_type
+
+
+def _check_runtime(op: str, impl: str, device_type: str, why: str) -> None:
+    """Fail early on what the device type allows in principle but this install cannot run."""
+    if impl == "compile" and importlib.util.find_spec("triton") is None:
+        raise OpUnavailableError(
+            f"{why} selects a torch.compile'd {op} on cuda, which needs triton; it is not installed "
+            f"(pip install triton matching your torch) or turn the flag off"
+        )
+    if impl == "grouped_mm":
+        from . import moe
+
+        if not moe.has_grouped_mm():
+            raise OpUnavailableError(
+                f"{why} selects torch._grouped_mm for grouped_matmul but this torch has none; "
+                f"use torch>=2.8 or turn the flag off"
+            )
+
+
+def resolve_impls(ops_cfg: OpsConfig | None = None, platform=None, overrides: dict | None = None) -> dict:
+    """Map each op to the implementation name it will use.
+
+    ops_cfg: the flags (default: all off). platform: a `Platform`, a device type string, or None for
+    `current_platform()`. overrides: {op: impl} forced choices (benchmarks, tests), validated like flags.
+    Raises OpUnavailableError naming the flag when the device cannot honour it.
+    """
+    ops_cfg = ops_cfg or OpsConfig()
+    device_type = _device_type(platform)
+    impls = {op: "torch" for op in OPS}
+    for flag, (op, per_device) in _FLAG_CHOICE.items():
+        if not getattr(ops_cfg, flag):
+            continue
+        why = OpsConfig.flag_name(flag)
+        if device_type not in per_device:
+            able = ", ".join(sorted(per_device)) or "no device"
+            raise OpUnavailableError(
+                f"{why} asks for a fused {op} kernel, which {device_type} does not have "
+                f"(available on: {able}); drop the flag on {device_type}"
+            )
+        impls[op] = per_device[device_type]
+        _check_runtime(op, impls[op], device_type, why)
+    for op, impl in (overrides or {}).items():
+        if op not in IMPL_DEVICES:
+            raise ValueError(f"override for unknown op {op!r}; ops are {list(OPS)}")
+        if impl not in IMPL_DEVICES[op]:
+            raise ValueError(f"unknown implementation {impl!r} for {op}; known: {sorted(IMPL_DEVICES[op])}")
+        if device_type not in IMPL_DEVICES[op][impl]:
+            raise OpUnavailableError(
+                f"{op} implementation {impl!r} runs on {IMPL_DEVICES[op][impl]}, not on {device_type}"
+            )
+        _check_runtime(op, impl, device_type, f"override {op}={impl}")
+        impls[op] = impl
+    return impls
+
+
+def describe(ops_cfg: OpsConfig, impls: dict) -> str:
+    """One line for the training log: flags on, and what each op resolved to."""
+    on = [OpsConfig.flag_name(k) for k, v in asdict(ops_cfg).items() if v]
+    return f"ops flags: {' '.join(on) or '(none)'}; kernels: " + ", ".join(f"{k}={v}" for k, v in impls.items())

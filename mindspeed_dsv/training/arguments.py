@@ -1,0 +1,226 @@
+"""Training flags, named as Megatron / MindSpeed-LLM name them, and their validation.
+
+Everything here runs before any weight is read: a typo is an argparse error naming the flag, and flags that
+contradict each other or the model's config.json fail with the flags named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from mindspeed_dsv.layout import LayoutError, ParallelLayout, add_layout_args
+
+
+class ArgumentError(ValueError):
+    """Contradictory or impossible flags; the message names them."""
+
+
+# Model-shape flags a script may pass; each must equal config.json when given (MindSpeed scripts pass them all).
+SHAPE_FLAGS = {
+    "hidden_size": "hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "ffn_hidden_size": "intermediate_size",
+    "moe_ffn_hidden_size": "moe_intermediate_size",
+    "moe_router_topk": "num_experts_per_tok",
+    "q_lora_rank": "q_lora_rank",
+    "kv_lora_rank": "kv_lora_rank",
+    "qk_head_dim": "qk_nope_head_dim",
+    "qk_pos_emb_head_dim": "qk_rope_head_dim",
+    "v_head_dim": "v_head_dim",
+    "vocab_size": "vocab_size",
+}
+
+
+def build_parser(prog: str = "mindspeed_dsv.train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Pretrain or fine-tune (full, LoRA, QLoRA) a DeepSeek-V3-class model on Megatron-Core. "
+        "Run under torchrun; flags follow Megatron / MindSpeed-LLM names.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+    m = p.add_argument_group("model")
+    m.add_argument("--model-config", default=None,
+                   help="HF config.json (or its directory) of the model. Default: config.json inside --load.")
+    for flag in SHAPE_FLAGS:
+        m.add_argument("--" + flag.replace("_", "-"), type=int, default=None,
+                       help=f"Checked against config.json's {SHAPE_FLAGS[flag]} when given; the model is built from config.json.")
+    m.add_argument("--init-method-std", type=float, default=0.02, help="Std of the normal init (pretraining from scratch).")
+    add_layout_args(p)
+
+    k = p.add_argument_group("kernels (mindspeed_dsv.ops; see docs/en/ops.md)")
+    k.add_argument("--use-flash-attn", action="store_true",
+                   help="Fused attention: torch SDPA on cuda/cpu, npu_fusion_attention on npu.")
+    k.add_argument("--use-fused-rmsnorm", action="store_true", help="Fused RMSNorm (cuda: torch.compile, npu: npu_rms_norm).")
+    k.add_argument("--use-fused-rotary-pos-emb", action="store_true",
+                   help="Fused rotary (npu: npu_rotary_mul). MLA applies megatron's rotary, so no effect on DeepSeek yet.")
+    k.add_argument("--use-fused-swiglu", action="store_true",
+                   help="Fused SwiGLU in the grouped experts (cuda: torch.compile, npu: npu_swiglu).")
+    k.add_argument("--use-fused-moe-token-permute-and-unpermute", action="store_true",
+                   help="Fused MoE token permute/unpermute in the grouped experts path (npu: npu_moe_token_permute).")
+
+    d = p.add_argument_group("data")
+    d.add_argument("--data-path", nargs="*", default=None,
+                   help="Dataset prefix(es) written by preprocess_data.py, optionally weighted: 'w1 prefix1 w2 prefix2'.")
+    d.add_argument("--split", default="100,0,0", help="Train,valid,test proportions of each dataset.")
+    d.add_argument("--tokenizer-name-or-path", default=None, help="HF tokenizer directory (for EOD/pad ids).")
+    d.add_argument("--tokenizer-type", default="PretrainedFromHF", choices=["PretrainedFromHF"],
+                   help="Only HF tokenizers are supported.")
+    d.add_argument("--seq-length", type=int, required=False, default=None, help="Tokens per sample.")
+    d.add_argument("--is-instruction-dataset", action="store_true",
+                   help="Fine-tuning data (input_ids/labels written by preprocess with an instruction handler); "
+                   "loss only where labels are not -100.")
+    d.add_argument("--reset-position-ids", action="store_true",
+                   help="Packed SFT data: restart positions at each sample and keep attention inside it.")
+    d.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes.")
+    d.add_argument("--no-shuffle", action="store_true", help="Keep dataset order (debugging).")
+
+    t = p.add_argument_group("training")
+    t.add_argument("--micro-batch-size", type=int, default=1, help="Samples per micro-batch per data-parallel rank.")
+    t.add_argument("--global-batch-size", type=int, default=None,
+                   help="Samples per optimizer step over all data-parallel ranks. Default: micro-batch × DP.")
+    t.add_argument("--train-iters", type=int, default=None, help="Optimizer steps to train.")
+    t.add_argument("--lr", type=float, default=1e-4, help="Peak learning rate.")
+    t.add_argument("--min-lr", type=float, default=0.0, help="Learning rate at the end of decay.")
+    t.add_argument("--lr-decay-style", default="cosine", choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"],
+                   help="Shape of the decay after warm-up.")
+    t.add_argument("--lr-decay-iters", type=int, default=None, help="Steps over which to decay. Default: --train-iters.")
+    t.add_argument("--lr-warmup-fraction", type=float, default=None, help="Warm-up as a fraction of decay steps.")
+    t.add_argument("--lr-warmup-iters", type=int, default=0, help="Warm-up steps (exclusive with --lr-warmup-fraction).")
+    t.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay.")
+    t.add_argument("--adam-beta1", type=float, default=0.9, help="Adam beta1.")
+    t.add_argument("--adam-beta2", type=float, default=0.95, help="Adam beta2.")
+    t.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon.")
+    t.add_argument("--clip-grad", type=float, default=1.0, help="Global gradient-norm clip (0 disables).")
+    t.add_argument("--bf16", action="store_true", help="bf16 parameters and compute with fp32 master weights.")
+    t.add_argument("--seed", type=int, default=1234, help="Random seed (data order, init, dropout).")
+    t.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="Shard optimizer state over data-parallel ranks (ZeRO-1).")
+    t.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                   help="Activation recompute: full layers, or selected modules (--recompute-modules).")
+    t.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
+                   help="With full recompute: how layers are grouped.")
+    t.add_argument("--recompute-num-layers", type=int, default=None, help="Layers per recompute group / block.")
+    t.add_argument("--recompute-modules", nargs="*", default=None,
+                   help="With selective recompute: core_attn, moe_act, layernorm, mla_up_proj, mlp, moe, shared_experts.")
+    t.add_argument("--recompute-activation-function", action="store_true",
+                   help="MindSpeed name: recompute the SwiGLU activations (selective recompute of moe_act).")
+    t.add_argument("--recompute-mla-up-proj", action="store_true",
+                   help="MindSpeed name: recompute MLA's up projections (selective recompute of mla_up_proj).")
+    t.add_argument("--moe-aux-loss-coeff", type=float, default=0.0, help="Sequence-level auxiliary balance loss weight.")
+    t.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3,
+                   help="Aux-loss-free balancing: step of the expert-bias update per global batch (0 freezes it).")
+    t.add_argument("--moe-router-load-balancing-type", default="seq_aux_loss",
+                   choices=["seq_aux_loss", "aux_loss", "none"], help="Auxiliary balance loss kind.")
+    t.add_argument("--moe-token-dispatcher-type", default="alltoall", choices=["alltoall", "allgather"],
+                   help="How tokens reach their experts across expert-parallel ranks.")
+    t.add_argument("--mtp-loss-scaling-factor", type=float, default=0.3, help="Weight of the MTP loss.")
+
+    c = p.add_argument_group("checkpointing")
+    c.add_argument("--load", default=None, help="Checkpoint directory to start from (hf2mcore output or a --save dir).")
+    c.add_argument("--save", default=None, help="Directory to save checkpoints to.")
+    c.add_argument("--save-interval", type=int, default=None, help="Save every N steps (and at the end).")
+    c.add_argument("--finetune", action="store_true",
+                   help="Load weights only: start at step 0 with fresh optimizer, scheduler and data order.")
+    c.add_argument("--no-save-optim", action="store_true", help="Do not save optimizer state.")
+    c.add_argument("--no-load-optim", action="store_true", help="Do not load optimizer state.")
+    c.add_argument("--no-save-rng", action="store_true", help="Do not save RNG states.")
+    c.add_argument("--no-load-rng", action="store_true", help="Do not load RNG states.")
+
+    e = p.add_argument_group("evaluation and logging")
+    e.add_argument("--eval-interval", type=int, default=None, help="Validate every N steps.")
+    e.add_argument("--eval-iters", type=int, default=0, help="Validation micro-batch groups per evaluation.")
+    e.add_argument("--log-interval", type=int, default=1, help="Log every N steps.")
+    e.add_argument("--tensorboard-dir", default=None, help="Write TensorBoard scalars here.")
+    e.add_argument("--peak-tflops", type=float, default=None,
+                   help="Device peak TFLOP/s for MFU. Default: known bf16 dense peak of the device, none on cpu.")
+
+    lo = p.add_argument_group("LoRA / QLoRA")
+    lo.add_argument("--lora-r", type=int, default=0, help="LoRA rank; 0 trains all weights.")
+    lo.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scale numerator (scale = alpha / r).")
+    lo.add_argument("--lora-dropout", type=float, default=0.0, help="Dropout on the LoRA input.")
+    lo.add_argument("--lora-target-modules", nargs="*", default=None,
+                    help="Megatron module names to adapt, e.g. linear_qkv linear_proj linear_fc1 linear_fc2 "
+                    "linear_q_down_proj linear_q_up_proj linear_kv_down_proj linear_kv_up_proj.")
+    lo.add_argument("--lora-load", default=None, help="Adapter-only checkpoint to resume LoRA from.")
+    lo.add_argument("--lora-ckpt-filter", action="store_true", help="Save only the LoRA adapter weights.")
+    lo.add_argument("--qlora-nf4", "--qlora", dest="qlora_nf4", action="store_true",
+                    help="Store frozen base weights of the targeted linears as NF4 (QLoRA).")
+    lo.add_argument("--qlora-save-dequantize", action="store_true",
+                    help="Save dequantized base weights with the checkpoint (so mcore2hf needs no NF4 step).")
+    return p
+
+
+def validate(args: argparse.Namespace, world_size: int, model_cfg: dict | None = None) -> ParallelLayout:
+    """Check flags against each other, the world size and config.json; return the layout. Raises ArgumentError."""
+    problems = []
+    if args.train_iters is None:
+        problems.append("--train-iters is required")
+    if args.seq_length is None:
+        problems.append("--seq-length is required")
+    if args.lr_warmup_fraction is not None and args.lr_warmup_iters:
+        problems.append("--lr-warmup-fraction and --lr-warmup-iters are exclusive")
+    if args.min_lr > args.lr:
+        problems.append(f"--min-lr {args.min_lr} is above --lr {args.lr}")
+    if args.recompute_method and args.recompute_granularity != "full":
+        problems.append("--recompute-method needs --recompute-granularity full")
+    if args.recompute_modules and args.recompute_granularity != "selective":
+        problems.append("--recompute-modules needs --recompute-granularity selective")
+    if args.save_interval and not args.save:
+        problems.append("--save-interval needs --save")
+    if args.finetune and not args.load:
+        problems.append("--finetune needs --load")
+    if args.lora_r == 0 and (args.lora_target_modules or args.lora_ckpt_filter or args.lora_load or args.qlora_nf4):
+        problems.append("LoRA flags (--lora-target-modules/--lora-ckpt-filter/--lora-load/--qlora-nf4) need --lora-r > 0")
+    if args.lora_r and not args.lora_target_modules:
+        problems.append("--lora-r needs --lora-target-modules")
+    if args.qlora_save_dequantize and not args.qlora_nf4:
+        problems.append("--qlora-save-dequantize needs --qlora-nf4")
+    if args.eval_interval and not args.eval_iters:
+        problems.append("--eval-interval needs --eval-iters > 0")
+    if not args.data_path:
+        problems.append("--data-path is required")
+    if args.model_config is None and args.load is None:
+        problems.append("--model-config (or a --load directory holding config.json) is required")
+    if problems:
+        raise ArgumentError("; ".join(problems))
+
+    if model_cfg is not None:
+        for flag, key in SHAPE_FLAGS.items():
+            given = getattr(args, flag)
+            if given is not None and model_cfg.get(key) != given:
+                problems.append(f"--{flag.replace('_', '-')} {given} differs from config.json {key}={model_cfg.get(key)}")
+    try:
+        layout = ParallelLayout.from_args(args)
+        if model_cfg is not None:
+            layout = layout.with_model_defaults(model_cfg)
+            layout.validate_against(model_cfg)
+        layout.validate()
+        layout.validate_runtime(world_size=world_size, seq_length=args.seq_length)
+    except LayoutError as err:
+        problems.append(str(err))
+        layout = None
+    if layout is not None:
+        if layout.dualpipev:
+            problems.append("--schedules-method dualpipev: training with it is not implemented (conversion and plan only)")
+        if layout.cp > 1:
+            problems.append("--context-parallel-size > 1 is not supported yet")
+        dp = world_size // (layout.tp * layout.pp * layout.cp)
+        if args.global_batch_size is None:
+            args.global_batch_size = args.micro_batch_size * dp
+        if args.global_batch_size % (args.micro_batch_size * dp):
+            problems.append(
+                f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
+                f"{args.micro_batch_size} × data-parallel size {dp}"
+            )
+        if layout.tp > 1 and layout.num_experts and not layout.sequence_parallel:
+            problems.append("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel (megatron-core rule)")
+    if problems:
+        raise ArgumentError("; ".join(problems))
+    return layout
+
+
+def resolve_model_config_path(args) -> str:
+    path = args.model_config or args.load
+    return os.path.join(path, "config.json") if os.path.isdir(path) else path

@@ -1,0 +1,167 @@
+"""Save and load training checkpoints in the layout ckpt_convert writes (MindSpeed / Megatron legacy format).
+
+One file per (tp, pp, ep) rank under iter_XXXXXXX/, written by the expert-data-parallel rank 0 of that
+position; the whole iteration directory is written under a temporary name and renamed once every rank has
+finished, and latest_checkpointed_iteration.txt moves last, so an interrupted save never replaces a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from ckpt_convert.mcore_io import CKPT_FILE, TRACKER, iter_dir_name, load_rank_file, read_iteration
+from mindspeed_dsv.layout import ParallelLayout
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _ranks():
+    return (
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_pipeline_model_parallel_rank(),
+        parallel_state.get_expert_model_parallel_rank(),
+    )
+
+
+def _chunk_keys(n: int) -> list[str]:
+    return ["model"] if n == 1 else [f"model{i}" for i in range(n)]
+
+
+def _rng_state():
+    return {
+        "random": random.getstate(),
+        "np": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state):
+    random.setstate(state["random"])
+    np.random.set_state(state["np"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def model_state(models, lora_only: bool = False) -> list[dict]:
+    """Per chunk: the unwrapped module's state dict (megatron names), detached to cpu; LoRA-only if asked."""
+    out = []
+    for m in models:
+        module = m.module if hasattr(m, "module") else m
+        sd = {}
+        for k, v in module.state_dict().items():
+            if k.endswith("_extra_state"):
+                continue
+            if lora_only and ".lora_" not in k:
+                continue
+            sd[k] = v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v
+        out.append(sd)
+    return out
+
+
+def save_checkpoint(save_dir, iteration, models, optimizer, scheduler, consumed_samples, layout: ParallelLayout,
+                    args, model_config: dict, lora_only=False, save_optim=True, save_rng=True):
+    rank = dist.get_rank()
+    final = os.path.join(save_dir, iter_dir_name(iteration))
+    tmp = final + ".tmp"
+    if rank == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    # Megatron's optimizer.state_dict() is collective-free on every rank for the non-distributed optimizer.
+    optim_state = optimizer.state_dict() if (save_optim and optimizer is not None) else None
+    if parallel_state.get_expert_data_parallel_rank() == 0:
+        tp, pp, ep = _ranks()
+        state = dict(zip(_chunk_keys(len(models)), model_state(models, lora_only)))
+        state.update(
+            checkpoint_version=3.0,
+            iteration=iteration,
+            args=args,
+            num_consumed_samples=consumed_samples,
+            lora_only=lora_only,
+        )
+        if optim_state is not None:
+            state["optimizer"] = optim_state
+            state["opt_param_scheduler"] = scheduler.state_dict()
+        if save_rng:
+            state["rng_state"] = _rng_state()
+        path = os.path.join(tmp, layout.rank_dir_name(tp, pp, ep), CKPT_FILE)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(state, path)
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        layout.save(save_dir)
+        with open(os.path.join(save_dir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(model_config, f, indent=2)
+        tracker_tmp = os.path.join(save_dir, TRACKER + ".tmp")
+        with open(tracker_tmp, "w") as f:
+            f.write(str(iteration))
+        os.replace(tracker_tmp, os.path.join(save_dir, TRACKER))
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(load_dir, models, optimizer, scheduler, layout: ParallelLayout, *, finetune=False,
+                    load_optim=True, load_rng=True, strict_lora=False) -> tuple[int, int]:
+    """Loads this rank's file; returns (iteration, consumed_samples) to resume from ((0, 0) with finetune)."""
+    recorded = ParallelLayout.load(load_dir)
+    layout.check_checkpoint(recorded, where=load_dir)
+    iteration = read_iteration(load_dir)
+    tp, pp, ep = _ranks()
+    path = os.path.join(load_dir, iter_dir_name(iteration), layout.rank_dir_name(tp, pp, ep), CKPT_FILE)
+    state = load_rank_file(path)
+    for key, m in zip(_chunk_keys(len(models)), models):
+        module = m.module if hasattr(m, "module") else m
+        if key not in state:
+            raise CheckpointError(f"{path}: no '{key}' entry (model chunks in file: "
+                                  f"{[k for k in state if k.startswith('model')]})")
+        load_model_state(module, state[key], path)
+    if finetune or state.get("iteration") in (None, "release") or not load_optim:
+        # Mixed-precision optimizers keep fp32 master copies made when they were built: refresh them.
+        if optimizer is not None:
+            optimizer.reload_model_params()
+        if finetune or state.get("iteration") in (None, "release"):
+            return 0, 0
+    if load_optim and optimizer is not None:
+        if "optimizer" not in state:
+            raise CheckpointError(f"{path}: no optimizer state; resume with --no-load-optim or --finetune")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["opt_param_scheduler"])
+    if load_rng and "rng_state" in state:
+        _set_rng_state(state["rng_state"])
+    return int(state["iteration"]), int(state.get("num_consumed_samples", 0))
+
+
+def load_model_state(module, sd: dict, where: str) -> None:
+    """Copy tensors by name, naming every missing, unexpected or mis-shaped tensor. LoRA / NF4 entries that the
+    file lacks (a base-model checkpoint loaded for LoRA training) keep their initial values."""
+    own = {k: v for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
+    unexpected = sorted(set(sd) - set(own))
+    missing = sorted(k for k in set(own) - set(sd) if ".lora_" not in k)
+    bad_shape = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                 for k in sorted(set(sd) & set(own)) if torch.is_tensor(sd[k]) and sd[k].shape != own[k].shape]
+    if unexpected or missing or bad_shape:
+        lines = []
+        if missing:
+            lines.append(f"missing {len(missing)}: {missing[:8]}")
+        if unexpected:
+            lines.append(f"unexpected {len(unexpected)}: {unexpected[:8]}")
+        if bad_shape:
+            lines.append("shape mismatch: " + "; ".join(bad_shape[:8]))
+        raise CheckpointError(f"{where} does not fit this model/layout: " + " | ".join(lines))
+    with torch.no_grad():
+        for k, v in sd.items():
+            own[k].copy_(v)

@@ -1,0 +1,370 @@
+"""The training loop on Megatron-Core: model chunks, DDP, optimizer, scheduler, schedules, logging, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from mindspeed_dsv.layout import ParallelLayout
+from mindspeed_dsv.models import DeepSeekConfig, build_model, model_transformer_config
+from mindspeed_dsv.platform import current_platform, init_distributed
+
+from . import checkpointing
+from .arguments import ArgumentError, build_parser, resolve_model_config_path, validate
+from .flops import device_peak_tflops, train_flops_per_token
+from .metrics import MetricsLogger
+
+
+@dataclass
+class TrainState:
+    args: object
+    layout: ParallelLayout
+    cfg: DeepSeekConfig
+    hf_config: dict
+    models: list
+    optimizer: object
+    scheduler: object
+    iteration: int = 0
+    consumed_samples: int = 0
+    history: list = field(default_factory=list)  # per logged step: dict of metrics (tests read it)
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _recompute_options(args) -> dict:
+    modules = list(args.recompute_modules or [])
+    if args.recompute_activation_function:
+        modules.append("moe_act")
+    if args.recompute_mla_up_proj:
+        modules.append("mla_up_proj")
+    granularity = args.recompute_granularity or ("selective" if modules else None)
+    opts = dict(
+        recompute_granularity=granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+    )
+    if granularity == "selective":
+        opts["recompute_modules"] = modules or ["core_attn"]
+    return opts
+
+
+def setup(args) -> TrainState:
+    """Everything up to the first step. Flags are validated before any process group or weight exists."""
+    platform = current_platform()
+    with open(resolve_model_config_path(args), encoding="utf-8") as f:
+        hf_config = json.load(f)
+    layout = validate(args, _world_size(), hf_config)
+    if args.use_distributed_optimizer and not platform.is_accelerator:
+        raise ArgumentError(
+            "--use-distributed-optimizer needs cuda or npu: megatron-core 0.16.1's distributed optimizer "
+            "accepts only torch.cuda parameter types"
+        )
+    if args.bf16 and not platform.is_accelerator:
+        raise ArgumentError("--bf16 needs cuda or npu: megatron-core 0.16.1's mixed-precision optimizer "
+                            "accepts only torch.cuda parameter types; train fp32 on cpu")
+    cfg = DeepSeekConfig.from_hf(hf_config)
+    from mindspeed_dsv.ops import OpsConfig, configure_ops, describe
+
+    ops = configure_ops(OpsConfig.from_args(args), platform)  # raises, naming the flag, before any weight exists
+    chunks = layout.num_model_chunks
+    init_distributed(tp=layout.tp, pp=layout.pp, ep=layout.ep, vpp=chunks if chunks > 1 else None, seed=args.seed)
+
+    params_dtype = torch.bfloat16 if args.bf16 else torch.float32
+    tconfig = model_transformer_config(
+        cfg,
+        layout,
+        params_dtype=params_dtype,
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+        moe_router_bias_update_rate=args.moe_router_bias_update_rate,
+        moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+        mtp_loss_scaling_factor=args.mtp_loss_scaling_factor,
+        init_method_std=args.init_method_std,
+        **_recompute_options(args),
+    )
+    models = [
+        build_model(cfg, layout, vp_stage=(i if chunks > 1 else None), config=tconfig) for i in range(chunks)
+    ]
+    device = platform.device()
+    for m in models:
+        m.to(device)
+    if args.lora_r:
+        models = [_apply_lora(m, args) for m in models]
+
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    models = [
+        DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=m,
+                                disable_bucketing=(i > 0))
+        for i, m in enumerate(models)
+    ]
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad,
+        bf16=args.bf16,
+        params_dtype=params_dtype,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(opt_config, models)
+    decay_iters = args.lr_decay_iters or args.train_iters
+    warmup = args.lr_warmup_iters
+    if args.lr_warmup_fraction is not None:
+        warmup = int(args.lr_warmup_fraction * decay_iters)
+    gbs = args.global_batch_size
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if warmup else args.lr,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=warmup * gbs,
+        lr_decay_steps=decay_iters * gbs,
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=decay_iters * gbs,
+        wd_incr_style="constant",
+    )
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    tconfig.grad_scale_func = optimizer.scale_loss
+    tconfig.no_sync_func = [m.no_sync for m in models] if len(models) > 1 else models[0].no_sync
+
+    state = TrainState(args, layout, cfg, hf_config, models, optimizer, scheduler)
+    if dist.get_rank() == 0:
+        print(f"layout: {layout.to_dict()}", flush=True)
+        print(f"kernels: {describe(OpsConfig.from_args(args), ops.impls)}", flush=True)
+    if args.load:
+        state.iteration, state.consumed_samples = checkpointing.load_checkpoint(
+            args.load, models, optimizer, scheduler, layout,
+            finetune=args.finetune, load_optim=not args.no_load_optim, load_rng=not args.no_load_rng,
+        )
+    if args.lora_load:
+        checkpointing.load_checkpoint(args.lora_load, models, None, None, layout, finetune=True)
+    return state
+
+
+def _apply_lora(model, args):
+    from mindspeed_dsv.peft.lora import LoraConfig, apply_lora
+
+    cfg = LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                     target_modules=list(args.lora_target_modules))
+    if args.qlora_nf4:
+        from mindspeed_dsv.peft.qlora import apply_qlora
+
+        return apply_qlora(model, cfg)
+    return apply_lora(model, cfg)
+
+
+def _to_device(batch, device):
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _loss_func(loss_mask, output_tensor):
+    """Mean token loss over the micro-batch's unmasked tokens (SFT prompts and padding are masked)."""
+    losses = output_tensor.float()
+    mask = loss_mask.float()
+    count = mask.sum().clamp(min=1.0)
+    loss = (losses * mask).sum() / count
+    return loss, {"lm loss": torch.stack([loss.detach(), torch.ones_like(count)])}
+
+
+def _forward_step(device, data_iterator, model):
+    batch = _to_device(next(data_iterator), device)
+    output = model(
+        batch["tokens"],
+        batch["position_ids"],
+        attention_mask=batch.get("attention_mask"),
+        labels=batch["labels"],
+        loss_mask=batch["loss_mask"],
+        packed_seq_params=batch.get("packed_seq_params"),
+    )
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+def _reduce_lm_loss(losses_reduced) -> float | None:
+    """Average 'lm loss' over micro-batches here, then over the ranks that computed a loss (last stage)."""
+    platform = current_platform()
+    total = torch.zeros(2, dtype=torch.float64, device=platform.device())
+    for item in losses_reduced:
+        total += item["lm loss"].to(total)
+    dist.all_reduce(total)
+    return (total[0] / total[1]).item() if total[1] > 0 else None
+
+
+def _aux_metrics(num_microbatches: int) -> dict:
+    """MTP and MoE balance losses megatron tracked during the step, averaged over micro-batches.
+
+    Each rank holds the values of its own layers (MTP only on the last stage), so the combination is:
+    mean over the data/tensor-parallel copies within a pipeline stage, then sum over stages. The exchange
+    is one all_gather_object that every rank joins, whatever it tracked.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    local = {}
+    mtp = MTPLossLoggingHelper.tracker
+    if "values" in mtp:
+        local["mtp loss"] = float(mtp["values"].sum()) / num_microbatches
+        MTPLossLoggingHelper.clean_loss_in_tracker()
+    for name, entry in get_moe_layer_wise_logging_tracker().items():
+        if "values" in entry:
+            local[name.replace("_", " ")] = float(entry["values"].sum()) / num_microbatches
+    clear_aux_losses_tracker()
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (parallel_state.get_pipeline_model_parallel_rank(), local))
+    per_stage: dict[str, dict[int, list[float]]] = {}
+    for stage, values in gathered:
+        for name, value in values.items():
+            per_stage.setdefault(name, {}).setdefault(stage, []).append(value)
+    return {name: sum(sum(v) / len(v) for v in stages.values()) for name, stages in per_stage.items()}
+
+
+def train_step(state: TrainState, train_iters, num_microbatches: int):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    args = state.args
+    device = current_platform().device()
+    for m in state.models:
+        m.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    forward_backward = get_forward_backward_func()
+    losses = forward_backward(
+        forward_step_func=partial(_forward_step, device),
+        data_iterator=train_iters if len(state.models) > 1 else train_iters[0],
+        model=state.models if len(state.models) > 1 else state.models[0],
+        num_microbatches=num_microbatches,
+        seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size,
+        forward_only=False,
+    )
+    ok, grad_norm, _ = state.optimizer.step()
+    if ok:
+        state.scheduler.step(increment=args.global_batch_size)
+    metrics = {"lm loss": _reduce_lm_loss(losses), "grad norm": grad_norm}
+    metrics.update(_aux_metrics(num_microbatches))
+    return metrics, ok
+
+
+@torch.no_grad()
+def evaluate(state: TrainState, valid_iters, num_microbatches: int) -> float | None:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    args = state.args
+    device = current_platform().device()
+    for m in state.models:
+        m.eval()
+    total = []
+    for _ in range(args.eval_iters):
+        losses = get_forward_backward_func()(
+            forward_step_func=partial(_forward_step, device),
+            data_iterator=valid_iters if len(state.models) > 1 else valid_iters[0],
+            model=state.models if len(state.models) > 1 else state.models[0],
+            num_microbatches=num_microbatches,
+            seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size,
+            forward_only=True,
+        )
+        total.append(_reduce_lm_loss(losses))
+    for m in state.models:
+        m.train()
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+    clear_aux_losses_tracker()
+    vals = [v for v in total if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def train(args) -> TrainState:
+    from .data import build_data_iterators
+
+    state = setup(args)
+    platform = current_platform()
+    layout = state.layout
+    dp = _world_size() // (layout.tp * layout.pp)
+    num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+    train_iters, valid_iters = build_data_iterators(args, layout, state.consumed_samples, state.cfg)
+    peak = args.peak_tflops
+    if peak is None and platform.is_accelerator:
+        peak = device_peak_tflops(platform.device_name())
+    flops_per_token = train_flops_per_token(state.cfg, args.seq_length, layout.mtp_num_layers or 0)
+    logger = MetricsLogger(args, flops_per_token, peak, world_size=_world_size())
+
+    for m in state.models:
+        m.train()
+    save_every = args.save_interval
+    while state.iteration < args.train_iters:
+        platform.synchronize()
+        start = time.perf_counter()
+        metrics, ok = train_step(state, train_iters, num_microbatches)
+        platform.synchronize()
+        elapsed = time.perf_counter() - start
+        state.iteration += 1
+        state.consumed_samples += args.global_batch_size
+        metrics["lr"] = state.optimizer.param_groups[0]["lr"]
+        metrics["skipped"] = not ok
+        record = logger.step(state.iteration, metrics, elapsed, args.global_batch_size * args.seq_length)
+        state.history.append(record)
+        if args.eval_interval and state.iteration % args.eval_interval == 0 and valid_iters is not None:
+            val = evaluate(state, valid_iters, num_microbatches)
+            logger.validation(state.iteration, val)
+            record["valid loss"] = val
+        if args.save and save_every and state.iteration % save_every == 0 and state.iteration < args.train_iters:
+            _save(state)
+    if args.save:
+        _save(state)
+    logger.close()
+    return state
+
+
+def _save(state: TrainState):
+    args = state.args
+    checkpointing.save_checkpoint(
+        args.save, state.iteration, state.models, state.optimizer, state.scheduler, state.consumed_samples,
+        state.layout, args, state.hf_config, lora_only=args.lora_ckpt_filter,
+        save_optim=not args.no_save_optim, save_rng=not args.no_save_rng,
+    )
+    if dist.get_rank() == 0:
+        print(f"saved checkpoint at iteration {state.iteration} to {args.save}", flush=True)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from mindspeed_dsv.ops import OpUnavailableError
+
+    try:
+        train(args)
+    except (ArgumentError, OpUnavailableError) as err:
+        parser.error(str(err))
+    finally:
+        from mindspeed_dsv.platform import destroy_distributed
+
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

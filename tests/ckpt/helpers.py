@@ -1,0 +1,75 @@
+"""Shared fixtures for checkpoint tests: a tiny random HF DeepSeek-V3 directory made by transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(ROOT, "assets", "tiny_deepseek3")
+
+
+def make_hf_dir(path: str, mtp: bool = True, seed: int = 0, config_overrides: dict | None = None) -> str:
+    """DeepseekV3ForCausalLM(config).save_pretrained(path) with random weights (every tensor, norms and the
+    expert bias included, made non-trivial), plus MTP layer tensors `model.layers.{N}.*` when mtp=True, added
+    the way the official checkpoint stores them (embed_tokens / shared_head.head equal to the main ones)."""
+    from transformers import AutoConfig, DeepseekV3ForCausalLM
+
+    cfg = AutoConfig.from_pretrained(TINY)
+    for k, v in (config_overrides or {}).items():
+        setattr(cfg, k, v)
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.05 + (1.0 if "norm" in name else 0.0))
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.copy_(torch.randn_like(b) * 0.01)
+    model.save_pretrained(path)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.isfile(os.path.join(TINY, f)):
+            shutil.copyfile(os.path.join(TINY, f), os.path.join(path, f))
+    if mtp:
+        add_mtp(path, seed)
+    return path
+
+
+def hf_tensors(path: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(path, f), "pt") as h:
+                for k in h.keys():
+                    out[k] = h.get_tensor(k)
+    return out
+
+
+def add_mtp(path: str, seed: int = 0) -> None:
+    """Write the MTP layer (index num_hidden_layers) into its own shard and rewrite an index."""
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    n, H = cfg["num_hidden_layers"], cfg["hidden_size"]
+    base = hf_tensors(path)
+    g = torch.Generator().manual_seed(seed + 100)
+    mtp = {}
+    last = f"model.layers.{n - 1}."
+    for k, v in base.items():
+        if k.startswith(last):
+            mtp[f"model.layers.{n}." + k[len(last):]] = torch.randn(v.shape, generator=g, dtype=torch.float32).to(v.dtype) * 0.05
+    p = f"model.layers.{n}."
+    mtp[p + "enorm.weight"] = torch.rand(H, generator=g) + 0.5
+    mtp[p + "hnorm.weight"] = torch.rand(H, generator=g) + 0.5
+    mtp[p + "eh_proj.weight"] = torch.randn(H, 2 * H, generator=g) * 0.05
+    mtp[p + "shared_head.norm.weight"] = torch.rand(H, generator=g) + 0.5
+    mtp[p + "embed_tokens.weight"] = base["model.embed_tokens.weight"].clone()
+    mtp[p + "shared_head.head.weight"] = base["lm_head.weight"].clone()
+    save_file(mtp, os.path.join(path, "model-mtp.safetensors"), metadata={"format": "pt"})
+    os.replace(os.path.join(path, "model.safetensors"), os.path.join(path, "model-main.safetensors"))
+    wm = {k: "model-main.safetensors" for k in base}
+    wm.update({k: "model-mtp.safetensors" for k in mtp})
+    json.dump({"metadata": {}, "weight_map": wm}, open(os.path.join(path, "model.safetensors.index.json"), "w"))
