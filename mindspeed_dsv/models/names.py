@@ -103,7 +103,7 @@ def _attention(d: Dims, mla_mm_split: bool) -> list[tuple]:
         out.append(("self_attention.linear_q_proj.weight", ("self_attn.q_proj.weight",), COLUMN, None))
     else:
         out += [
-            ("self_attention.linear_q_down_proj.weight", ("self_attn.q_a_proj.weight",), COLUMN, None),
+            ("self_attention.linear_q_down_proj.weight", ("self_attn.q_a_proj.weight",), REPLICATED, None),
             ("self_attention.q_layernorm.weight", ("self_attn.q_a_layernorm.weight",), REPLICATED, None),
         ]
     q_up = "self_attention.linear_q_up_proj.weight" if d.q_lora_rank is not None else None
@@ -117,7 +117,7 @@ def _attention(d: Dims, mla_mm_split: bool) -> list[tuple]:
             ("self_attention.linear_qk_rope.weight", (q_hf,), HEAD_PART, (d.num_attention_heads, sizes, 1)),
         ]
     out += [
-        ("self_attention.linear_kv_down_proj.weight", ("self_attn.kv_a_proj_with_mqa.weight",), COLUMN, None),
+        ("self_attention.linear_kv_down_proj.weight", ("self_attn.kv_a_proj_with_mqa.weight",), REPLICATED, None),
         ("self_attention.kv_layernorm.weight", ("self_attn.kv_a_layernorm.weight",), REPLICATED, None),
     ]
     if not mla_mm_split:
@@ -155,7 +155,9 @@ def layer_maps(
 
     def add(mc, hf, split, part=None, tp_deg=None, expert=None):
         deg = 1 if split == REPLICATED else (tp if tp_deg is None else tp_deg)
-        lora = mc_prefix + mc[: -len(".weight")] if split not in (REPLICATED, GROUPED_W1, GROUPED_W2) else None
+        # LoRA attaches to linears only (not norms, router or expert bias); grouped experts have no per-expert linear.
+        is_linear = mc.rsplit(".", 2)[-2].startswith("linear_")
+        lora = mc_prefix + mc[: -len(".weight")] if is_linear and split not in (GROUPED_W1, GROUPED_W2) else None
         out.append(TensorMap(mcore=mc_prefix + mc, hf=tuple(hp + h for h in hf), split=split, tp=deg,
                              tp_rank=tp_rank if deg > 1 else 0, hf_layer=hf_index, head_part=part,
                              lora_module=lora, expert=expert))
@@ -348,6 +350,8 @@ def lora_splits(split: str) -> tuple[str, str]:
         return REPLICATED, GLU
     if split == ROW:
         return ROW, REPLICATED
+    if split == REPLICATED:  # MLA's down projections: base and adapter are whole on every TP rank
+        return REPLICATED, REPLICATED
     raise NameMapError(f"LoRA on a {split} tensor is not supported")
 
 

@@ -16,7 +16,11 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from mindspeed_dsv.platform.megatron_compat import replicated_linear_class
+
 from .layers import CoreAttention, NoopTransformerLayer, RMSNorm
+
+ReplicatedLinear = replicated_linear_class()
 
 
 class DeepSeekSpecProvider(LocalSpecProvider):
@@ -57,9 +61,11 @@ def layer_spec(provider: DeepSeekSpecProvider, moe: bool, num_experts: int | Non
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=MLASelfAttentionSubmodules(
                     linear_q_proj=ColumnParallelLinear,
-                    linear_q_down_proj=ColumnParallelLinear,
+                    # The down projections are small and replicated over TP (as with Transformer Engine); under
+                    # sequence parallelism megatron then reduce-scatters the rotary key's gradient correctly.
+                    linear_q_down_proj=ReplicatedLinear,
                     linear_q_up_proj=ColumnParallelLinear,
-                    linear_kv_down_proj=ColumnParallelLinear,
+                    linear_kv_down_proj=ReplicatedLinear,
                     linear_kv_up_proj=ColumnParallelLinear,
                     core_attention=provider.core_attention(),
                     linear_proj=RowParallelLinear,

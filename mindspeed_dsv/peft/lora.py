@@ -36,6 +36,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from megatron.core.post_training.modelopt.layers import Linear as ReplicatedLinear
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.mappings import (
@@ -159,8 +160,11 @@ class LoraParallelLinear(nn.Module):
             self.parallel_mode = "column"
         elif isinstance(base_layer, RowParallelLinear):
             self.parallel_mode = "row"
+        elif isinstance(base_layer, ReplicatedLinear):
+            # MLA's down projections: the same whole weight on every TP rank, input/output not split over TP.
+            self.parallel_mode = "replicated"
         else:
-            raise TypeError(f"LoRA supports ColumnParallelLinear/RowParallelLinear, got {type(base_layer).__name__}")
+            raise TypeError(f"LoRA supports ColumnParallelLinear/RowParallelLinear/Linear, got {type(base_layer).__name__}")
         self.base_layer = base_layer
         self.r = r
         self.alpha = alpha
@@ -171,9 +175,15 @@ class LoraParallelLinear(nn.Module):
         self.tp_size = _group_size(self.tp_group)
         self.tp_rank = _group_rank(self.tp_group)
         self.explicit_expert_comm = bool(getattr(base_layer, "explicit_expert_comm", False))
-        self.sequence_parallel = bool(getattr(base_layer, "sequence_parallel", False)) and self.tp_size > 1
-        in_full, out_full = base_layer.input_size, base_layer.output_size
-        if self.parallel_mode == "column":
+        if self.parallel_mode == "replicated":
+            self.sequence_parallel = bool(base_layer.config.sequence_parallel) and self.tp_size > 1
+            in_full, out_full = base_layer.in_features, base_layer.out_features
+        else:
+            self.sequence_parallel = bool(getattr(base_layer, "sequence_parallel", False)) and self.tp_size > 1
+            in_full, out_full = base_layer.input_size, base_layer.output_size
+        if self.parallel_mode == "replicated":
+            in_local, out_local = in_full, out_full
+        elif self.parallel_mode == "column":
             in_local, out_local = in_full, base_layer.output_size_per_partition
         else:
             in_local, out_local = base_layer.input_size_per_partition, out_full
@@ -189,9 +199,14 @@ class LoraParallelLinear(nn.Module):
         split_b = self.parallel_mode == "column" and self.tp_size > 1
         set_tensor_model_parallel_attributes(self.lora_A.weight, split_a, 1, 1)
         set_tensor_model_parallel_attributes(self.lora_B.weight, split_b, 0, 1)
-        replicated = self.lora_B.weight if self.parallel_mode == "row" else self.lora_A.weight
+        if self.parallel_mode == "replicated":
+            replicated = (self.lora_A.weight, self.lora_B.weight)
+        else:
+            replicated = (self.lora_B.weight if self.parallel_mode == "row" else self.lora_A.weight,)
         if self.sequence_parallel and not self.explicit_expert_comm:
-            replicated.sequence_parallel = True
+            # Each TP rank sees a slice of the sequence: these grads are partial sums over TP.
+            for p in replicated:
+                p.sequence_parallel = True
         base_w = getattr(base_layer, "weight", None)
         if base_w is not None and hasattr(base_w, "allreduce"):
             for p in (self.lora_A.weight, self.lora_B.weight):
@@ -232,6 +247,9 @@ class LoraParallelLinear(nn.Module):
         b = self.lora_B.weight
         x = self.dropout(x)
         comm = self.tp_size > 1 and not self.explicit_expert_comm
+        if self.parallel_mode == "replicated":
+            # Tokens stay where they are (the sequence slice under SP); the whole low-rank product runs locally.
+            return torch.matmul(torch.matmul(x, a.t()), b.t()) * self.scaling
         if self.parallel_mode == "column":
             h = torch.matmul(x, self._lora_weight(a).t())
             if comm:
@@ -266,7 +284,7 @@ class LoraParallelLinear(nn.Module):
 
         sd = dict(self.base_layer.sharded_state_dict(prefix, sharded_offsets, metadata))
         own = {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
-        axis = {"lora_B.weight": 0} if self.parallel_mode == "column" else {"lora_A.weight": 1}
+        axis = {"column": {"lora_B.weight": 0}, "row": {"lora_A.weight": 1}, "replicated": {}}[self.parallel_mode]
         sd.update(make_sharded_tensors_for_checkpoint(own, prefix, axis, sharded_offsets))
         return sd
 
@@ -307,7 +325,9 @@ def _iter_targets(model: nn.Module, targets: Iterable[str]):
     for name, module in model.named_modules():
         if isinstance(module, LoraParallelLinear):
             continue
-        if name.rsplit(".", 1)[-1] in targets and isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+        if name.rsplit(".", 1)[-1] in targets and isinstance(
+            module, (ColumnParallelLinear, RowParallelLinear, ReplicatedLinear)
+        ):
             yield name, module
 
 

@@ -184,6 +184,27 @@ def _embedding_setup_on_cpu():
     return setup_embeddings_and_output_layer
 
 
+def replicated_linear_class():
+    """megatron's TP-replicated `Linear` (modelopt's) with megatron's init_method applied: the class itself
+    keeps torch.nn.Linear's kaiming init, which would make MLA's down projections start at another scale."""
+    global _REPLICATED_LINEAR
+    if _REPLICATED_LINEAR is None:
+        from megatron.core.post_training.modelopt.layers import Linear
+
+        class ReplicatedLinear(Linear):
+            def __init__(self, input_size, output_size, *, config, init_method, **kwargs):
+                super().__init__(input_size, output_size, config=config, init_method=init_method, **kwargs)
+                if config.perform_initialization:
+                    with torch.no_grad():
+                        init_method(self.weight)
+
+        _REPLICATED_LINEAR = ReplicatedLinear
+    return _REPLICATED_LINEAR
+
+
+_REPLICATED_LINEAR = None
+
+
 def _cpu_rng_get(device="cuda", clone=False, graph_safe=False):
     return torch.get_rng_state()
 
@@ -226,6 +247,15 @@ SHIMS: tuple[Shim, ...] = (
         "isinstance against a mock raises TypeError.",
         ("cpu", "cuda", "npu"),
         lambda: False,
+    ),
+    Shim(
+        "megatron.core.transformer.multi_latent_attention:Linear",
+        "MLA accepts a replicated (TP-duplicated) Linear for its down projections only under the name it imports "
+        "together with Transformer Engine; without TE that name is None. The ColumnParallelLinear alternative "
+        "gathers k_pos_emb without reducing its gradient over TP, which loses the other ranks' heads' share of "
+        "the rotary-key gradient.",
+        ("cpu", "cuda", "npu"),
+        lambda: replicated_linear_class(),
     ),
     Shim(
         "megatron.core.transformer.moe.moe_utils:te_general_gemm",

@@ -121,6 +121,9 @@ def build_parser(prog: str = "mindspeed_dsv.train") -> argparse.ArgumentParser:
     c.add_argument("--load", default=None, help="Checkpoint directory to start from (hf2mcore output or a --save dir).")
     c.add_argument("--save", default=None, help="Directory to save checkpoints to.")
     c.add_argument("--save-interval", type=int, default=None, help="Save every N steps (and at the end).")
+    c.add_argument("--exit-interval", type=int, default=None,
+                   help="Stop (after saving, if --save) once the step count is a multiple of N; the schedule still "
+                   "spans --train-iters, so a later --load resumes the same run.")
     c.add_argument("--finetune", action="store_true",
                    help="Load weights only: start at step 0 with fresh optimizer, scheduler and data order.")
     c.add_argument("--no-save-optim", action="store_true", help="Do not save optimizer state.")

@@ -1,7 +1,97 @@
-"""Micro-batch iterators for the loop, built from mindspeed_dsv.data's datasets."""
+"""Micro-batch iterators for the loop, built from mindspeed_dsv.data's datasets.
+
+Every model chunk gets its own iterator over the same deterministic order (megatron's schedules call the
+forward step once per chunk and micro-batch, and each call draws from its chunk's iterator).
+"""
 
 from __future__ import annotations
 
+import os
 
-def build_data_iterators(args, layout, consumed_samples, cfg):
-    raise NotImplementedError
+from megatron.core import parallel_state
+
+from mindspeed_dsv.data.datasets import (
+    SFTDataset,
+    attention_mask_from_segment_ids,
+    build_pretrain_datasets,
+    build_sft_dataloader,
+)
+
+
+def _tokenizer_path(args) -> str:
+    if args.tokenizer_name_or_path:
+        return args.tokenizer_name_or_path
+    path = args.model_config or args.load
+    return path if os.path.isdir(path) else os.path.dirname(path)
+
+
+class _SFTBatches:
+    """SFT rows -> the batch dict the forward step reads; packed samples are kept apart by the attention mask
+    (rotary is relative, so a sample placed later in a row computes exactly what it computes alone)."""
+
+    def __init__(self, loader):
+        self.it = iter(loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        row = next(self.it)
+        return {
+            "tokens": row["tokens"],
+            "labels": row["labels"],
+            "loss_mask": row["loss_mask"],
+            "position_ids": row["position_ids"],
+            "attention_mask": attention_mask_from_segment_ids(row["segment_ids"]),
+        }
+
+
+def _sft_iterators(args, dp_rank, dp_size, consumed, chunks):
+    if len(args.data_path) != 1:
+        raise ValueError("--is-instruction-dataset takes one --data-path prefix (blending is for pretraining)")
+    prefix = args.data_path[0]
+    from transformers import AutoTokenizer
+
+    pad = AutoTokenizer.from_pretrained(_tokenizer_path(args)).pad_token_id
+    dataset = SFTDataset(prefix, args.seq_length, pad_token_id=pad if pad is not None else 0)
+
+    def one():
+        loader = build_sft_dataloader(
+            dataset, args.micro_batch_size, dp_rank, dp_size, seed=args.seed, consumed_samples=consumed,
+            shuffle=not args.no_shuffle, num_workers=args.num_workers,
+        )
+        return _SFTBatches(loader)
+
+    return [one() for _ in range(chunks)], None
+
+
+def _pretrain_iterators(args, dp_rank, dp_size, consumed, chunks):
+    gbs = args.global_batch_size
+    evals = (args.train_iters // args.eval_interval + 1) * args.eval_iters * gbs if args.eval_interval else 0
+    train, valid, _ = build_pretrain_datasets(
+        data_path=args.data_path,
+        seq_length=args.seq_length,
+        seed=args.seed,
+        train_valid_test_num_samples=(args.train_iters * gbs, evals, 0),
+        tokenizer_path=_tokenizer_path(args),
+        split=args.split,
+    )
+
+    def loader(ds, start):
+        # GPTDataset already shuffled its samples by seed, so ranks walk it in order.
+        return iter(build_sft_dataloader(ds, args.micro_batch_size, dp_rank, dp_size, seed=args.seed,
+                                         consumed_samples=start, shuffle=False, num_workers=args.num_workers))
+
+    train_iters = [loader(train, consumed) for _ in range(chunks)]
+    valid_iters = [loader(valid, 0) for _ in range(chunks)] if (valid is not None and evals) else None
+    return train_iters, valid_iters
+
+
+def build_data_iterators(args, layout, consumed_samples: int, cfg):
+    """([train iterator per model chunk], [valid iterator per chunk] or None)."""
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    chunks = layout.num_model_chunks
+    if args.is_instruction_dataset:
+        return _sft_iterators(args, dp_rank, dp_size, consumed_samples, chunks)
+    return _pretrain_iterators(args, dp_rank, dp_size, consumed_samples, chunks)

@@ -168,8 +168,8 @@ def setup(args) -> TrainState:
 def _apply_lora(model, args):
     from mindspeed_dsv.peft.lora import LoraConfig, apply_lora
 
-    cfg = LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                     target_modules=list(args.lora_target_modules))
+    cfg = LoraConfig(lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                     lora_target_modules=tuple(args.lora_target_modules), init_seed=args.seed)
     if args.qlora_nf4:
         from mindspeed_dsv.peft.qlora import apply_qlora
 
@@ -331,6 +331,8 @@ def train(args) -> TrainState:
             val = evaluate(state, valid_iters, num_microbatches)
             logger.validation(state.iteration, val)
             record["valid loss"] = val
+        if args.exit_interval and state.iteration % args.exit_interval == 0:
+            break
         if args.save and save_every and state.iteration % save_every == 0 and state.iteration < args.train_iters:
             _save(state)
     if args.save:

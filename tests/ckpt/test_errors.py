@@ -37,11 +37,13 @@ def test_missing_tensor_is_named(hf_dir, tmp_path, capsys):
 
 
 def test_shape_that_does_not_fit_layout(tmp_path, capsys):
-    src = make_hf_dir(str(tmp_path / "odd"), mtp=False, config_overrides={"q_lora_rank": 50})
+    # The dense MLP's gate/up rows split over TP; 250 rows do not split 4 ways. The layout check against
+    # config.json catches it before any tensor is read.
+    src = make_hf_dir(str(tmp_path / "odd"), mtp=False, config_overrides={"intermediate_size": 250})
     code, err = run(capsys, "hf2mcore", "--load-dir", src, "--save-dir", str(tmp_path / "out"),
                     "--target-tensor-parallel-size", "4")
     assert code == 2
-    assert "model.layers.0.self_attn.q_a_proj.weight" in err and "[50, 128]" in err and "TP=4" in err, err
+    assert "4 must divide intermediate_size 250" in err, err
 
 
 def test_shape_that_does_not_match_config(hf_dir, tmp_path, capsys):

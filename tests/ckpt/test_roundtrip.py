@@ -83,8 +83,9 @@ def test_shards_equal_independent_slices(hf_dirs, tmp_path):
                        torch.cat([hf[L0 + "mlp.gate_proj.weight"][128:], hf[L0 + "mlp.up_proj.weight"][128:]]))
     assert torch.equal(r1["decoder.layers.0.mlp.linear_fc2.weight"], hf[L0 + "mlp.down_proj.weight"][:, 128:])
     assert torch.equal(r1["decoder.layers.0.self_attention.linear_proj.weight"], hf[L0 + "self_attn.o_proj.weight"][:, 64:])
+    # MLA's down projections are replicated over TP: every rank holds the whole matrix
     assert torch.equal(r1["decoder.layers.0.self_attention.linear_kv_down_proj.weight"],
-                       hf[L0 + "self_attn.kv_a_proj_with_mqa.weight"][24:])
+                       hf[L0 + "self_attn.kv_a_proj_with_mqa.weight"])
     # ep rank 1 holds experts 4..7; local expert 1 = expert 5, tp rank 1 half
     assert torch.equal(r1["decoder.layers.1.mlp.experts.local_experts.1.linear_fc1.weight"],
                        torch.cat([hf[L1 + "mlp.experts.5.gate_proj.weight"][32:], hf[L1 + "mlp.experts.5.up_proj.weight"][32:]]))

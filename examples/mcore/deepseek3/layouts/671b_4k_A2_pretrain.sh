@@ -1,0 +1,23 @@
+# Layout of pretrain_deepseek3_671b_4k_A2.sh: Atlas 800T A2, 64 nodes x 8 NPUs (64 GB), 4K sequences.
+# TP4 x EP8 with --moe-tp-extend-ep spreads the 256 experts over 32 ranks (8 per device); PP8 with VPP 4 over
+# 64 layers (61 + noop 61,62,63). MindSpeed-LLM's A2 template runs --schedules-method dualpipev on this layout;
+# our trainer does not run dualpipev yet, so this uses interleaved 1F1B (VPP) on the same 64-layer padding.
+# Sourced by the training script (and by hf2mcore if you continue from an HF checkpoint): one source of truth.
+LAYOUT_ARGS=(
+    --tensor-model-parallel-size 4
+    --pipeline-model-parallel-size 8
+    --expert-model-parallel-size 8
+    --moe-tp-extend-ep
+    --sequence-parallel
+    --num-layers 64
+    --noop-layers 61,62,63
+    --num-layers-per-virtual-pipeline-stage 4
+    --mtp-num-layers 1
+    --first-k-dense-replace 3
+    --num-experts 256
+    --moe-grouped-gemm
+)
+LAYOUT_NNODES=64
+LAYOUT_DEVICES_PER_NODE=8
+LAYOUT_DEVICE_MEMORY_GB=64
+PRECISION=bf16   # hf2mcore --params-dtype and training --bf16 both follow this

@@ -1,0 +1,21 @@
+# Layout of pretrain_deepseek3_671b_4k_A3.sh: Atlas 900 A3 SuperPoD, 32 nodes x 16 dies (64 GB), 4K sequences.
+# TP2 x EP16 with --moe-tp-extend-ep (8 experts per die), PP8 with VPP 4 over 64 layers (noop 61,62,63).
+# MindSpeed-LLM's A3 template uses dualpipev here; our trainer does not run it yet (see layouts.md).
+LAYOUT_ARGS=(
+    --tensor-model-parallel-size 2
+    --pipeline-model-parallel-size 8
+    --expert-model-parallel-size 16
+    --moe-tp-extend-ep
+    --sequence-parallel
+    --num-layers 64
+    --noop-layers 61,62,63
+    --num-layers-per-virtual-pipeline-stage 4
+    --mtp-num-layers 1
+    --first-k-dense-replace 3
+    --num-experts 256
+    --moe-grouped-gemm
+)
+LAYOUT_NNODES=32
+LAYOUT_DEVICES_PER_NODE=16
+LAYOUT_DEVICE_MEMORY_GB=64
+PRECISION=bf16   # hf2mcore --params-dtype and training --bf16 both follow this

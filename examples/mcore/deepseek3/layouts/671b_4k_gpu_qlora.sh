@@ -1,0 +1,21 @@
+# Layout of tune_deepseek3_671b_4k_xlora_gpu.sh with FINETUNE_MODE=qlora: 4 nodes x 8 H100/H200.
+# NF4 base (training quantizes on load): TP1 PP8 EP4, stages 7,7,7,8,8,8,8,8, no MTP.
+LAYOUT_ARGS=(
+    --tensor-model-parallel-size 1
+    --pipeline-model-parallel-size 8
+    --expert-model-parallel-size 4
+    --num-layers 61
+    --num-layer-list 7,7,7,8,8,8,8,8
+    --mtp-num-layers 0
+    --first-k-dense-replace 3
+    --num-experts 256
+)
+LORA_ARGS=(
+    --lora-r 8
+    --lora-alpha 16
+    --lora-target-modules linear_q_down_proj linear_q_up_proj linear_kv_down_proj linear_kv_up_proj linear_proj linear_fc1 linear_fc2
+)
+LAYOUT_NNODES=4
+LAYOUT_DEVICES_PER_NODE=8
+LAYOUT_DEVICE_MEMORY_GB=80
+PRECISION=bf16   # hf2mcore --params-dtype and training --bf16 both follow this

@@ -1,0 +1,49 @@
+"""Shared fixtures: tokenized tiny datasets and a converted tiny HF checkpoint, made once per session."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.model.hf_reference import ROOT, make_hf_model, tiny_hf_config
+
+PY = sys.executable
+
+
+def _run(args):
+    subprocess.run([PY, *args], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    tok = os.path.join(ROOT, "assets", "tiny_deepseek3")
+    _run(["preprocess_data.py", "--input", "assets/data/alpaca_builtins.jsonl", "--output-prefix", str(out / "sft"),
+          "--tokenizer-name-or-path", tok, "--handler-name", "AlpacaStyleInstructionHandler", "--prompt-type",
+          "deepseek3", "--seq-length", "128", "--pack", "--no-progress"])
+    _run(["preprocess_data.py", "--input", "assets/data/pretrain_pydoc.jsonl", "--output-prefix", str(out / "pt"),
+          "--tokenizer-name-or-path", tok, "--append-eod", "--no-progress"])
+    return {"sft": str(out / "sft"), "pretrain": str(out / "pt_text_document")}
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory):
+    """A random tiny DeepseekV3ForCausalLM saved the way transformers saves it, with the tokenizer beside it."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("hf")
+    model = make_hf_model(tiny_hf_config(num_nextn_predict_layers=0), seed=7)
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        src = os.path.join(ROOT, "assets", "tiny_deepseek3", name)
+        if os.path.exists(src):
+            shutil.copy(src, out)
+    return str(out)
+
+
+def hf2mcore(hf_dir, save_dir, *layout_flags):
+    from ckpt_convert.cli import main
+
+    assert main(["hf2mcore", "--load-dir", hf_dir, "--save-dir", save_dir, "--no-progress", *layout_flags]) == 0
+    return save_dir
