@@ -87,17 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="No progress bar.")
 
     p = sub.add_parser("verify", help="Compare logits of the HF model and of the Megatron checkpoint",
-                       description="Load --hf-dir with transformers and --mcore-dir with our model on the same token "
-                                   "ids; print max/mean abs and relative logit difference; exit 1 over --tolerance. "
-                                   "Multi-rank layouts: run under torchrun with WORLD_SIZE = TP*PP*EP-compatible "
-                                   "ranks, or pass --spawn to start the ranks locally.")
-    p.add_argument("--hf-dir", required=True)
-    p.add_argument("--mcore-dir", required=True)
+                       description="Load --hf-dir with transformers and --mcore-dir with our model in the "
+                                   "checkpoint's recorded layout (layout.json) on the same token ids; print max/mean "
+                                   "abs and relative logit difference as JSON; exit 1 over --tolerance. A multi-rank "
+                                   "layout needs TP*PP*EP ranks: under torchrun (WORLD_SIZE set) each process is one "
+                                   "rank; otherwise the ranks are started here as local gloo processes.")
+    p.add_argument("--hf-dir", required=True, help="HF directory the checkpoint should match (transformers loads it).")
+    p.add_argument("--mcore-dir", required=True, help="Megatron checkpoint written by hf2mcore/reshard/training "
+                                                      "(with layout.json and config.json).")
     p.add_argument("--tokens-file", required=True, help="JSON list of lists of token ids (equal lengths).")
-    p.add_argument("--tolerance", type=float, default=1e-3, help="Max abs logit difference allowed. Default 1e-3.")
-    p.add_argument("--save-logits", default=None, help="torch.save the Megatron logits (float32 [b, s, vocab]).")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="Compute dtype. Default fp32.")
-    p.add_argument("--spawn", action="store_true", help="Start the world_size ranks as local gloo processes.")
+    p.add_argument("--tolerance", type=float, default=1e-3,
+                   help="Largest max-abs logit difference that passes. Default 1e-3 (fp32); use about 0.5 for bf16.")
+    p.add_argument("--save-logits", default=None,
+                   help="torch.save the Megatron logits here (float32 [batch, seq, vocab], TP-gathered).")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="Compute dtype of both models. Default fp32.")
     return top
 
 

@@ -134,7 +134,11 @@ class McoreReader:
         self.dir = load_dir
         self.layout = layout
         self.cfg = cfg
-        self.iteration = read_iteration(load_dir)
+        # Each directory has its own latest iteration (adapters are saved at the training step, the base at 1).
+        self.iterations = {load_dir: read_iteration(load_dir)}
+        if lora_dir is not None:
+            self.iterations[lora_dir] = read_iteration(lora_dir)
+        self.iteration = self.iterations[load_dir]
         self.lora_dir = lora_dir
         self.lora_alpha, self.lora_r = lora_alpha, lora_r
         self.merge_lora_in_base = merge_lora_in_base
@@ -162,7 +166,7 @@ class McoreReader:
 
     # ------------------------------------------------------------------ files
     def _file(self, root: str, tp: int, pp: int, ep: int) -> dict:
-        path = rank_file(root, self.layout, tp, pp, ep, self.iteration)
+        path = rank_file(root, self.layout, tp, pp, ep, self.iterations[root])
         f = self._files.get(path)
         if f is None:
             f = load_rank_file(path)
@@ -176,7 +180,7 @@ class McoreReader:
     def _chunk(self, root: str, tp: int, pp: int, ep: int, ck: str) -> dict:
         state = self._file(root, tp, pp, ep)
         if ck not in state:
-            raise McoreCheckpointError(f"{rank_file(root, self.layout, tp, pp, ep, self.iteration)}: no '{ck}' "
+            raise McoreCheckpointError(f"{rank_file(root, self.layout, tp, pp, ep, self.iterations[root])}: no '{ck}' "
                                        f"entry (keys {sorted(k for k in state if k.startswith('model'))}); "
                                        "the checkpoint's VPP/dualpipev layout differs from layout.json")
         return state[ck]

@@ -1,58 +1,277 @@
 """verify: logits of the HF model (transformers) against the Megatron checkpoint loaded into our model.
 
-Implemented for single-rank layouts (TP=PP=EP=1, no VPP) in one process; multi-rank layouts are refused with
-a message (convert with `reshard` to TP1/PP1/EP1 first, which is bit-identical).
+The checkpoint is loaded in its recorded layout (layout.json): one process per rank, TP*PP*EP ranks. Under
+torchrun (WORLD_SIZE set) this process is one of them; otherwise, for a multi-rank layout, the ranks are
+spawned here as local gloo processes (torch.multiprocessing), the way torchrun would start them.
+
+Each rank builds its model chunk(s) (mindspeed_dsv.models.build_model), loads its own rank file strictly and
+runs the token ids through megatron's pipeline schedule (get_forward_backward_func, forward_only). megatron
+0.16.1 cannot run an MTP model forward without labels, so the model gets shifted labels and the main logits
+are taken from the output layer's last call on the last stage (MTP heads call it first), cloned before the
+cross-entropy edits them in place, then gathered over TP (the output layer is vocab-parallel). One rank
+compares them with transformers' logits.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
+import traceback
+from functools import partial
 
 import torch
 
+WORLD_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
-def run_verify(ns) -> int:
-    from transformers import AutoModelForCausalLM
+
+class VerifyError(ValueError):
+    pass
+
+
+def world_size_of(layout) -> int:
+    """Ranks needed to hold every rank file once: TP*PP*EP (EP ranks are data-parallel ranks of the dense part)."""
+    return layout.tp * layout.pp * layout.ep
+
+
+def read_tokens(path: str) -> torch.Tensor:
+    try:
+        data = json.load(open(path))
+    except (OSError, json.JSONDecodeError) as e:
+        raise VerifyError(f"--tokens-file {path}: cannot be read as JSON ({e})") from None
+    if not (isinstance(data, list) and data and all(isinstance(r, list) and r for r in data)):
+        raise VerifyError(f"--tokens-file {path}: expected a non-empty JSON list of non-empty lists of token ids")
+    lengths = {len(r) for r in data}
+    if len(lengths) != 1:
+        raise VerifyError(f"--tokens-file {path}: rows have different lengths {sorted(lengths)}; pad them")
+    return torch.tensor(data, dtype=torch.long)
+
+
+def check_layout(layout, mcore_dir: str):
+    if layout.dualpipev:
+        raise VerifyError(f"{mcore_dir}: dualpipev is a conversion-only layout (the model cannot be built with it); "
+                          "reshard to a layout without --schedules-method dualpipev and verify that")
+    return layout
+
+
+# --------------------------------------------------------------------------------------------- one rank
+def _load_chunks(mcore_dir: str, layout, cfg, dtype: torch.dtype) -> list:
+    """This rank's model chunks with the weights of its rank file (strict: every key must match)."""
+    from megatron.core import parallel_state as ps
 
     from ckpt_convert.mcore_io import load_rank_file, rank_file, read_iteration
+    from mindspeed_dsv.models import build_model, model_transformer_config
+    from mindspeed_dsv.models import names as nm
+
+    chunks = layout.num_model_chunks
+    tconfig = model_transformer_config(cfg, layout, params_dtype=dtype)
+    tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    ep = ps.get_expert_model_parallel_rank()
+    if layout.moe_tp_extend_ep:
+        ep //= layout.tp
+    path = rank_file(mcore_dir, layout, tp, pp, ep, read_iteration(mcore_dir))
+    state = load_rank_file(path)
+    models = []
+    for c in range(chunks):
+        if chunks > 1:
+            ps.set_virtual_pipeline_model_parallel_rank(c)
+        model = build_model(cfg, layout, vp_stage=c if chunks > 1 else None, config=tconfig)
+        key = nm.chunk_key(layout, c)
+        if key not in state:
+            raise VerifyError(f"{path}: no '{key}' entry; the checkpoint does not match its layout.json")
+        missing, unexpected = model.load_state_dict(state[key], strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise VerifyError(f"{path} [{key}]: does not fit the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+        models.append(model.eval())
+    if chunks > 1:
+        ps.set_virtual_pipeline_model_parallel_rank(0)
+    return models
+
+
+def _forward_step(tokens, data_iterator, model):
+    next(data_iterator)
+    pos = torch.arange(tokens.shape[1])[None].expand_as(tokens)
+    # Labels only because megatron 0.16.1 needs them to run MTP; the logits come from the output-layer hook.
+    out = model(tokens, pos, attention_mask=None, labels=torch.roll(tokens, -1, dims=1))
+    return out, lambda t: (t.float().sum() * 0.0, {})
+
+
+def mcore_logits(mcore_dir: str, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """Run on every rank of an initialised world: the full float32 logits [b, s, vocab] on the one rank that
+    reports them (last pipeline stage, TP rank 0, data-parallel rank 0), None on the others."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
     from mindspeed_dsv.layout import ParallelLayout
-    from mindspeed_dsv.models import DeepSeekConfig, build_model
+    from mindspeed_dsv.models import DeepSeekConfig
     from mindspeed_dsv.platform import init_distributed
 
-    layout = ParallelLayout.load(ns.mcore_dir)
-    if layout.tp * layout.pp * layout.ep != 1 or layout.num_model_chunks != 1:
-        print(f"error: verify runs single-rank layouts only; {ns.mcore_dir} has TP={layout.tp} PP={layout.pp} "
-              f"EP={layout.ep}. Run `python -m ckpt_convert reshard --load-dir {ns.mcore_dir} --save-dir TMP` "
-              "(bit-identical) and verify TMP.", file=sys.stderr)
-        return 2
-    tokens = torch.tensor(json.load(open(ns.tokens_file)), dtype=torch.long)
-    dtype = torch.bfloat16 if ns.dtype == "bf16" else torch.float32
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("RANK", "0")
-    init_distributed()
-    cfg = DeepSeekConfig.from_hf(ns.mcore_dir)
-    model = build_model(cfg, layout, params_dtype=dtype)
-    state = load_rank_file(rank_file(ns.mcore_dir, layout, 0, 0, 0, read_iteration(ns.mcore_dir)))["model"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        print(f"error: checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}",
-              file=sys.stderr)
-        return 2
-    model.eval()
+    layout = check_layout(ParallelLayout.load(mcore_dir), mcore_dir)
+    chunks = layout.num_model_chunks
+    ep, etp = (layout.ep * layout.tp, 1) if layout.moe_tp_extend_ep else (layout.ep, None)
+    init_distributed(tp=layout.tp, pp=layout.pp, ep=ep, etp=etp, vpp=chunks if chunks > 1 else None)
+    world = dist.get_world_size()
+    if world % world_size_of(layout):
+        raise VerifyError(f"world size {world} is not a multiple of TP*PP*EP = {world_size_of(layout)} of "
+                          f"{mcore_dir}/layout.json")
+    cfg = DeepSeekConfig.from_hf(mcore_dir)
+    models = _load_chunks(mcore_dir, layout, cfg, dtype)
+
     calls = []
-    model.output_layer.register_forward_hook(lambda m, i, o: calls.append(o[0].transpose(0, 1).float().clone()))
-    pos = torch.arange(tokens.shape[1])[None].expand_as(tokens)
+    last = models[-1]
+    if ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=chunks - 1 if chunks > 1 else None):
+        last.output_layer.register_forward_hook(lambda m, i, o: calls.append(o[0].detach().float().clone()))
+    b, s = tokens.shape
     with torch.no_grad():
-        model(tokens, pos, attention_mask=None, labels=torch.roll(tokens, -1, dims=1))
-        ours = calls[-1]  # the main head runs last (MTP heads call the output layer first)
-        hf = AutoModelForCausalLM.from_pretrained(ns.hf_dir, dtype=dtype).eval()
-        ref = hf(tokens).logits.float()
+        get_forward_backward_func()(
+            forward_step_func=partial(_forward_step, tokens),
+            data_iterator=[iter([None]) for _ in models] if chunks > 1 else iter([None]),
+            model=models if chunks > 1 else models[0],
+            num_microbatches=1,
+            seq_length=s,
+            micro_batch_size=b,
+            forward_only=True,
+        )
+    if not calls:
+        return None
+    local = calls[-1]  # [s, b, vocab / tp]; the main head runs after the MTP heads
+    if layout.tp > 1:
+        parts = [torch.empty_like(local) for _ in range(layout.tp)]
+        dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
+        local = torch.cat(parts, dim=-1)
+    if ps.get_tensor_model_parallel_rank() != 0 or ps.get_data_parallel_rank() != 0:
+        return None
+    return local.transpose(0, 1).contiguous()
+
+
+# --------------------------------------------------------------------------------------------- compare
+def hf_logits(hf_dir: str, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
+    with torch.no_grad():
+        return model(tokens).logits.float()
+
+
+def compare(ours: torch.Tensor, ref: torch.Tensor) -> dict:
+    if ours.shape != ref.shape:
+        raise VerifyError(f"logit shapes differ: Megatron {list(ours.shape)} vs transformers {list(ref.shape)}")
     diff = (ours - ref).abs()
-    rel = (diff.norm() / ref.norm()).item()
-    print(json.dumps({"max_abs": diff.max().item(), "mean_abs": diff.mean().item(), "relative": rel}))
+    return {"max_abs": diff.max().item(), "mean_abs": diff.mean().item(),
+            "relative": (diff.norm() / ref.norm()).item(),  # ||ours - ref|| / ||ref|| over all logits
+            "max_relative": (diff.max() / ref.abs().max()).item()}
+
+
+def report(ns, ours: torch.Tensor, tokens: torch.Tensor, dtype: torch.dtype, layout_text: str) -> int:
+    stats = compare(ours, hf_logits(ns.hf_dir, tokens, dtype))
+    stats.update(layout=layout_text, dtype=ns.dtype, tolerance=ns.tolerance, shape=list(ours.shape))
+    print(json.dumps(stats))
     if ns.save_logits:
-        torch.save(ours, ns.save_logits)
-    return 0 if diff.max().item() <= ns.tolerance else 1
+        tmp = ns.save_logits + ".tmp"
+        torch.save(ours, tmp)
+        os.replace(tmp, ns.save_logits)
+    if stats["max_abs"] > ns.tolerance:
+        print(f"error: max abs logit difference {stats['max_abs']:.3e} exceeds --tolerance {ns.tolerance:g}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- ranks
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, mcore_dir, tokens, dtype, queue):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from mindspeed_dsv.platform import destroy_distributed
+
+    try:
+        ours = mcore_logits(mcore_dir, tokens, dtype)
+        # numpy, not a tensor: torch's queue would share the storage with a process that is about to exit
+        queue.put((rank, True, None if ours is None else ours.numpy()))
+    except BaseException as e:  # noqa: BLE001 - reported by the parent
+        msg = str(e) if isinstance(e, ValueError) else traceback.format_exc()
+        queue.put((rank, False, msg))
+    finally:
+        destroy_distributed()
+
+
+def spawn_logits(mcore_dir: str, tokens: torch.Tensor, dtype: torch.dtype, world: int,
+                 timeout: float = 600) -> torch.Tensor:
+    """Start `world` local gloo ranks, return the logits the reporting rank computed."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, mcore_dir, tokens, dtype, queue))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    found, errors = None, []
+    try:
+        for _ in range(world):
+            rank, ok, value = queue.get(timeout=timeout)
+            if not ok:
+                errors.append(f"rank {rank}: {value}")
+            elif value is not None:
+                found = torch.from_numpy(value)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise VerifyError("\n".join(errors))
+    if found is None:
+        raise VerifyError("no rank produced logits")
+    return found
+
+
+def run_verify(ns) -> int:
+    from ckpt_convert.hf2mcore import layout_str
+    from mindspeed_dsv.layout import ParallelLayout
+
+    layout = check_layout(ParallelLayout.load(ns.mcore_dir), ns.mcore_dir)
+    tokens = read_tokens(ns.tokens_file)
+    dtype = torch.bfloat16 if ns.dtype == "bf16" else torch.float32
+    world = world_size_of(layout)
+    text = layout_str(layout)
+
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:  # one rank of torchrun
+        import torch.distributed as dist
+
+        from mindspeed_dsv.platform import destroy_distributed
+
+        ours = mcore_logits(ns.mcore_dir, tokens, dtype)
+        code = report(ns, ours, tokens, dtype, text) if ours is not None else 0
+        flag = torch.tensor([code], dtype=torch.long)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank exits with the reporting rank's status
+        destroy_distributed()
+        return int(flag.item())
+    if world == 1:  # in this process
+        from mindspeed_dsv.platform import destroy_distributed
+
+        saved = {k: os.environ.get(k) for k in WORLD_ENV}
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+        try:
+            ours = mcore_logits(ns.mcore_dir, tokens, dtype)
+        finally:
+            destroy_distributed()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        return report(ns, ours, tokens, dtype, text)
+    ours = spawn_logits(ns.mcore_dir, tokens, dtype, world)
+    return report(ns, ours, tokens, dtype, text)

@@ -110,7 +110,8 @@ def build_parser(prog: str = "mindspeed_dsv.train") -> argparse.ArgumentParser:
                    help="MindSpeed name: recompute MLA's up projections (selective recompute of mla_up_proj).")
     t.add_argument("--moe-aux-loss-coeff", type=float, default=0.0, help="Sequence-level auxiliary balance loss weight.")
     t.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3,
-                   help="Aux-loss-free balancing: step of the expert-bias update per global batch (0 freezes it).")
+                   help="Aux-loss-free balancing: step of the expert-bias update per global batch (0 freezes it; "
+                   "LoRA/QLoRA runs always freeze it with the rest of the base).")
     t.add_argument("--moe-router-load-balancing-type", default="seq_aux_loss",
                    choices=["seq_aux_loss", "aux_loss", "none"], help="Auxiliary balance loss kind.")
     t.add_argument("--moe-token-dispatcher-type", default="alltoall", choices=["alltoall", "allgather"],
@@ -164,6 +165,9 @@ def validate(args: argparse.Namespace, world_size: int, model_cfg: dict | None =
         problems.append("--seq-length is required")
     if args.lr_warmup_fraction is not None and args.lr_warmup_iters:
         problems.append("--lr-warmup-fraction and --lr-warmup-iters are exclusive")
+    if args.train_iters is not None and args.lr_warmup_iters and args.lr_warmup_iters >= (args.lr_decay_iters or args.train_iters):
+        problems.append(f"--lr-warmup-iters {args.lr_warmup_iters} must be below the decay steps "
+                        f"(--lr-decay-iters or --train-iters {args.lr_decay_iters or args.train_iters})")
     if args.min_lr > args.lr:
         problems.append(f"--min-lr {args.min_lr} is above --lr {args.lr}")
     if args.recompute_method and args.recompute_granularity != "full":
@@ -227,3 +231,11 @@ def validate(args: argparse.Namespace, world_size: int, model_cfg: dict | None =
 def resolve_model_config_path(args) -> str:
     path = args.model_config or args.load
     return os.path.join(path, "config.json") if os.path.isdir(path) else path
+
+
+def tokenizer_dir(args) -> str:
+    """Where the run's tokenizer files are: --tokenizer-name-or-path, else the model config's directory."""
+    if args.tokenizer_name_or_path:
+        return args.tokenizer_name_or_path
+    path = args.model_config or args.load
+    return path if os.path.isdir(path) else os.path.dirname(path)

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
+from ckpt_convert.hf_io import copy_side_files
 from ckpt_convert.mcore_io import CKPT_FILE, TRACKER, iter_dir_name, load_rank_file, read_iteration
 from mindspeed_dsv.layout import ParallelLayout
 
@@ -70,7 +71,7 @@ def model_state(models, lora_only: bool = False) -> list[dict]:
 
 
 def save_checkpoint(save_dir, iteration, models, optimizer, scheduler, consumed_samples, layout: ParallelLayout,
-                    args, model_config: dict, lora_only=False, save_optim=True, save_rng=True):
+                    args, model_config: dict, lora_only=False, save_optim=True, save_rng=True, tokenizer_dir=None):
     rank = dist.get_rank()
     final = os.path.join(save_dir, iter_dir_name(iteration))
     tmp = final + ".tmp"
@@ -106,6 +107,9 @@ def save_checkpoint(save_dir, iteration, models, optimizer, scheduler, consumed_
         layout.save(save_dir)
         with open(os.path.join(save_dir, "config.json"), "w", encoding="utf-8") as f:
             json.dump(model_config, f, indent=2)
+        if tokenizer_dir and os.path.isdir(tokenizer_dir):
+            # So mcore2hf can hand transformers a complete model directory.
+            copy_side_files(tokenizer_dir, save_dir)
         tracker_tmp = os.path.join(save_dir, TRACKER + ".tmp")
         with open(tracker_tmp, "w") as f:
             f.write(str(iteration))
@@ -114,28 +118,40 @@ def save_checkpoint(save_dir, iteration, models, optimizer, scheduler, consumed_
     return final
 
 
-def load_checkpoint(load_dir, models, optimizer, scheduler, layout: ParallelLayout, *, finetune=False,
-                    load_optim=True, load_rng=True, strict_lora=False) -> tuple[int, int]:
-    """Loads this rank's file; returns (iteration, consumed_samples) to resume from ((0, 0) with finetune)."""
+def read_checkpoint(load_dir, layout: ParallelLayout) -> tuple[str, dict]:
+    """This rank's file of the checkpoint in `load_dir`, after checking its recorded layout against ours."""
     recorded = ParallelLayout.load(load_dir)
     layout.check_checkpoint(recorded, where=load_dir)
     iteration = read_iteration(load_dir)
     tp, pp, ep = _ranks()
     path = os.path.join(load_dir, iter_dir_name(iteration), layout.rank_dir_name(tp, pp, ep), CKPT_FILE)
-    state = load_rank_file(path)
+    return path, load_rank_file(path)
+
+
+def load_weights(path: str, state: dict, models, *, adapters: bool) -> None:
+    """Copy the file's weights into the model chunks. adapters=False: the base model (LoRA entries in the file
+    are left for after the adapters exist); adapters=True: only the LoRA entries."""
     for key, m in zip(_chunk_keys(len(models)), models):
         module = m.module if hasattr(m, "module") else m
         if key not in state:
             raise CheckpointError(f"{path}: no '{key}' entry (model chunks in file: "
                                   f"{[k for k in state if k.startswith('model')]})")
-        load_model_state(module, state[key], path)
-    if finetune or state.get("iteration") in (None, "release") or not load_optim:
-        # Mixed-precision optimizers keep fp32 master copies made when they were built: refresh them.
-        if optimizer is not None:
-            optimizer.reload_model_params()
-        if finetune or state.get("iteration") in (None, "release"):
-            return 0, 0
-    if load_optim and optimizer is not None:
+        sd = {k: v for k, v in state[key].items() if (".lora_" in k) == adapters}
+        if adapters and not sd:
+            raise CheckpointError(f"{path}: no LoRA adapter weights in '{key}'")
+        load_model_state(module, sd, path, only_adapters=adapters)
+
+
+def has_adapters(state: dict) -> bool:
+    return any(".lora_" in k for key in state if key.startswith("model") for k in state[key])
+
+
+def restore_training_state(path: str, state: dict, optimizer, scheduler, *, load_optim=True, load_rng=True
+                           ) -> tuple[int, int]:
+    """Optimizer, scheduler and RNG states of a run; returns (iteration, consumed_samples) to resume from."""
+    if state.get("iteration") in (None, "release"):
+        return 0, 0
+    if load_optim:
         if "optimizer" not in state:
             raise CheckpointError(f"{path}: no optimizer state; resume with --no-load-optim or --finetune")
         optimizer.load_state_dict(state["optimizer"])
@@ -145,12 +161,13 @@ def load_checkpoint(load_dir, models, optimizer, scheduler, layout: ParallelLayo
     return int(state["iteration"]), int(state.get("num_consumed_samples", 0))
 
 
-def load_model_state(module, sd: dict, where: str) -> None:
-    """Copy tensors by name, naming every missing, unexpected or mis-shaped tensor. LoRA / NF4 entries that the
-    file lacks (a base-model checkpoint loaded for LoRA training) keep their initial values."""
-    own = {k: v for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
+def load_model_state(module, sd: dict, where: str, only_adapters: bool = False) -> None:
+    """Copy tensors by name, naming every missing, unexpected or mis-shaped tensor. With only_adapters the
+    model's non-LoRA tensors are not expected in `sd`; otherwise its LoRA tensors are not."""
+    own = {k: v for k, v in module.state_dict().items()
+           if not k.endswith("_extra_state") and (".lora_" in k) == only_adapters}
     unexpected = sorted(set(sd) - set(own))
-    missing = sorted(k for k in set(own) - set(sd) if ".lora_" not in k)
+    missing = sorted(set(own) - set(sd))
     bad_shape = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
                  for k in sorted(set(sd) & set(own)) if torch.is_tensor(sd[k]) and sd[k].shape != own[k].shape]
     if unexpected or missing or bad_shape:

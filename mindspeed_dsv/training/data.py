@@ -6,9 +6,9 @@ forward step once per chunk and micro-batch, and each call draws from its chunk'
 
 from __future__ import annotations
 
-import os
-
 from megatron.core import parallel_state
+
+from mindspeed_dsv.training.arguments import tokenizer_dir
 
 from mindspeed_dsv.data.datasets import (
     SFTDataset,
@@ -16,13 +16,6 @@ from mindspeed_dsv.data.datasets import (
     build_pretrain_datasets,
     build_sft_dataloader,
 )
-
-
-def _tokenizer_path(args) -> str:
-    if args.tokenizer_name_or_path:
-        return args.tokenizer_name_or_path
-    path = args.model_config or args.load
-    return path if os.path.isdir(path) else os.path.dirname(path)
 
 
 class _SFTBatches:
@@ -52,7 +45,7 @@ def _sft_iterators(args, dp_rank, dp_size, consumed, chunks):
     prefix = args.data_path[0]
     from transformers import AutoTokenizer
 
-    pad = AutoTokenizer.from_pretrained(_tokenizer_path(args)).pad_token_id
+    pad = AutoTokenizer.from_pretrained(tokenizer_dir(args)).pad_token_id
     dataset = SFTDataset(prefix, args.seq_length, pad_token_id=pad if pad is not None else 0)
 
     def one():
@@ -73,7 +66,7 @@ def _pretrain_iterators(args, dp_rank, dp_size, consumed, chunks):
         seq_length=args.seq_length,
         seed=args.seed,
         train_valid_test_num_samples=(args.train_iters * gbs, evals, 0),
-        tokenizer_path=_tokenizer_path(args),
+        tokenizer_path=tokenizer_dir(args),
         split=args.split,
     )
 

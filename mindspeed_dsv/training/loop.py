@@ -13,12 +13,13 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from mindspeed_dsv.layout import ParallelLayout
+from ckpt_convert.mcore_io import McoreCheckpointError
+from mindspeed_dsv.layout import LayoutError, ParallelLayout
 from mindspeed_dsv.models import DeepSeekConfig, build_model, model_transformer_config
 from mindspeed_dsv.platform import current_platform, init_distributed
 
 from . import checkpointing
-from .arguments import ArgumentError, build_parser, resolve_model_config_path, validate
+from .arguments import ArgumentError, build_parser, resolve_model_config_path, tokenizer_dir, validate
 from .flops import device_peak_tflops, train_flops_per_token
 from .metrics import MetricsLogger
 
@@ -85,7 +86,8 @@ def setup(args) -> TrainState:
         layout,
         params_dtype=params_dtype,
         moe_aux_loss_coeff=args.moe_aux_loss_coeff,
-        moe_router_bias_update_rate=args.moe_router_bias_update_rate,
+        # LoRA keeps the whole base frozen, the routing bias included: adapters merge onto the base as it was.
+        moe_router_bias_update_rate=0.0 if args.lora_r else args.moe_router_bias_update_rate,
         moe_router_load_balancing_type=args.moe_router_load_balancing_type,
         moe_token_dispatcher_type=args.moe_token_dispatcher_type,
         mtp_loss_scaling_factor=args.mtp_loss_scaling_factor,
@@ -98,8 +100,21 @@ def setup(args) -> TrainState:
     device = platform.device()
     for m in models:
         m.to(device)
+    # Weights first, then adapters: QLoRA quantizes the loaded base, and LoRA's frozen base must be the
+    # checkpoint's. The optimizer is built afterwards, so its fp32 master copies start from the loaded weights.
+    resume = None  # (path, file state) whose optimizer/scheduler/iteration the run continues from
+    if args.load:
+        path, loaded = checkpointing.read_checkpoint(args.load, layout)
+        checkpointing.load_weights(path, loaded, models, adapters=False)
+        resume = (path, loaded)
     if args.lora_r:
         models = [_apply_lora(m, args) for m in models]
+        if resume is not None and checkpointing.has_adapters(resume[1]):
+            checkpointing.load_weights(*resume, models, adapters=True)
+        if args.lora_load:
+            path, adapters = checkpointing.read_checkpoint(args.lora_load, layout)
+            checkpointing.load_weights(path, adapters, models, adapters=True)
+            resume = (path, adapters)
 
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -155,13 +170,10 @@ def setup(args) -> TrainState:
     if dist.get_rank() == 0:
         print(f"layout: {layout.to_dict()}", flush=True)
         print(f"kernels: {describe(OpsConfig.from_args(args), ops.impls)}", flush=True)
-    if args.load:
-        state.iteration, state.consumed_samples = checkpointing.load_checkpoint(
-            args.load, models, optimizer, scheduler, layout,
-            finetune=args.finetune, load_optim=not args.no_load_optim, load_rng=not args.no_load_rng,
+    if resume is not None and not args.finetune:
+        state.iteration, state.consumed_samples = checkpointing.restore_training_state(
+            *resume, optimizer, scheduler, load_optim=not args.no_load_optim, load_rng=not args.no_load_rng
         )
-    if args.lora_load:
-        checkpointing.load_checkpoint(args.lora_load, models, None, None, layout, finetune=True)
     return state
 
 
@@ -347,6 +359,7 @@ def _save(state: TrainState):
         args.save, state.iteration, state.models, state.optimizer, state.scheduler, state.consumed_samples,
         state.layout, args, state.hf_config, lora_only=args.lora_ckpt_filter,
         save_optim=not args.no_save_optim, save_rng=not args.no_save_rng,
+        tokenizer_dir=tokenizer_dir(args),
     )
     if dist.get_rank() == 0:
         print(f"saved checkpoint at iteration {state.iteration} to {args.save}", flush=True)
@@ -359,8 +372,11 @@ def main(argv=None) -> int:
 
     try:
         train(args)
-    except (ArgumentError, OpUnavailableError) as err:
+    except (ArgumentError, OpUnavailableError, LayoutError) as err:
         parser.error(str(err))
+    except (checkpointing.CheckpointError, McoreCheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     finally:
         from mindspeed_dsv.platform import destroy_distributed
 

@@ -1,0 +1,239 @@
+"""GPU correctness of the model and the trainer (issues 2 and 5), in one command, on 1 or 2 CUDA GPUs.
+
+  parity   our model vs transformers' DeepseekV3ForCausalLM on the same random weights, bf16 on one GPU.
+           Both are compared with transformers in fp32 on the same GPU (the reference); ours passes when its
+           relative logit error ‖Δ‖/‖ref‖ is under 2e-2 and under 2x transformers' own bf16 error (+1e-3).
+           Configs: the shipped tiny config (q_lora, YaRN, 2 groups) and the proxy's widths with 2 layers.
+           Each with the reference kernels and with --use-flash-attn --moe-grouped-gemm.
+  parallel the trainer (`python -m mindspeed_dsv.train` under torchrun, NCCL, bf16, flash attention, grouped
+           GEMM) from one tiny HF checkpoint converted by `ckpt_convert hf2mcore`: 1 GPU vs TP2(+SP) / EP2 / PP2
+           on 2 GPUs, same data and seed; the first losses must agree within 1e-2 relative (bf16).
+
+    python benchmarks/gpu_checks.py                  # parity, then parallel if 2 GPUs are visible
+    python benchmarks/gpu_checks.py --only parity
+Exit status 1 if any check fails; a table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+PY = sys.executable
+
+
+def _grouped_names(out: dict, model, cfg):
+    """hf_to_megatron_tp1 writes SequentialMLP names; fold them into GroupedMLPExperts' weight1 / weight2
+    (weight1 [H, E*2I] is read as [E, H, 2I]: expert e owns the e-th contiguous block; weight2 likewise)."""
+    import torch
+
+    sd = model.state_dict()
+    for key in [k for k in sd if k.endswith("experts.weight1")]:
+        prefix = key[: -len("weight1")]
+        E = cfg.n_routed_experts
+        fc1 = [out.pop(f"{prefix}local_experts.{e}.linear_fc1.weight") for e in range(E)]  # [2I, H]
+        fc2 = [out.pop(f"{prefix}local_experts.{e}.linear_fc2.weight") for e in range(E)]  # [H, I]
+        out[prefix + "weight1"] = torch.stack([w.t() for w in fc1]).reshape(sd[key].shape)  # a plain view
+        out[prefix + "weight2"] = torch.cat([w.t() for w in fc2], 0)
+    return out
+
+
+def _copy_weights(hf, model, cfg):
+    from tests.model import hf_reference as ref
+
+    sd = hf.state_dict()
+    out = {"embedding.word_embeddings.weight": sd["model.embed_tokens.weight"],
+           "decoder.final_layernorm.weight": sd["model.norm.weight"], "output_layer.weight": sd["lm_head.weight"]}
+    for i in range(cfg.num_hidden_layers):
+        out.update(ref._layer(sd, f"model.layers.{i}.", f"decoder.layers.{i}.", cfg, moe=cfg.moe_layer_pattern[i] == 1))
+    out = _grouped_names(out, model, cfg)
+    target = model.state_dict()
+    missing = [k for k in target if k not in out and not k.endswith("_extra_state")]
+    unexpected = [k for k in out if k not in target]
+    if missing or unexpected:
+        raise KeyError(f"weight copy: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, v in out.items():
+        if target[k].shape != v.shape:
+            raise ValueError(f"{k}: ours {tuple(target[k].shape)} vs transformers {tuple(v.shape)}")
+        target[k].copy_(v)
+
+
+def parity(name: str, hf_cfg: dict, fast: bool, seq: int, batch: int = 2):
+    """(rel error ours-bf16 vs hf-fp32, rel error hf-bf16 vs hf-fp32, loss ours, loss hf-fp32)."""
+    import torch
+
+    from mindspeed_dsv.models import DeepSeekConfig, build_model
+    from mindspeed_dsv.ops import OpsConfig, configure_ops
+    from mindspeed_dsv.platform import current_platform, init_distributed
+    from tests.model.hf_reference import make_hf_model
+
+    platform = current_platform()
+    device = platform.device()
+    configure_ops(OpsConfig(use_flash_attn=fast, moe_grouped_gemm=fast), platform)
+    init_distributed()
+    cfg = DeepSeekConfig.from_hf(hf_cfg)
+    hf = make_hf_model(hf_cfg, seed=0)  # fp32, random weights, random norms and router biases (cpu)
+    from mindspeed_dsv.layout import ParallelLayout
+
+    layout = ParallelLayout(num_layers=cfg.num_hidden_layers, mtp_num_layers=0,
+                            first_k_dense_replace=cfg.first_k_dense_replace, num_experts=cfg.n_routed_experts,
+                            moe_grouped_gemm=fast)
+    model = build_model(cfg, layout, params_dtype=torch.bfloat16)
+    _copy_weights(hf, model, cfg)
+    model = model.to(device).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g).to(device)
+    pos = torch.arange(seq, device=device)[None].expand_as(ids)
+    calls = []
+    model.output_layer.register_forward_hook(lambda mod, inp, out: calls.append(out[0].transpose(0, 1).float().clone()))
+    with torch.no_grad():
+        hf32 = hf.to(device)
+        hf32.config._attn_implementation = "eager"
+        ref = hf32(ids, labels=ids)
+        ref_logits, ref_loss = ref.logits.float(), ref.loss.item()
+        hf16 = hf32.to(torch.bfloat16)
+        hf16.config._attn_implementation = "sdpa"
+        hf_bf16 = hf16(ids).logits.float()
+        token_loss = model(ids, pos, attention_mask=None, labels=torch.roll(ids, -1, dims=1))[:, :-1]
+    ours = calls[-1]
+
+    def rel(x):
+        return ((x - ref_logits).norm() / ref_logits.norm()).item()
+
+    result = rel(ours), rel(hf_bf16), token_loss.float().mean().item(), ref_loss
+    del hf, model
+    torch.cuda.empty_cache()
+    return result
+
+
+def run_parity(rows):
+    from tests.model.hf_reference import tiny_hf_config
+
+    from benchmarks.train_mfu import PROXY
+
+    configs = {
+        "tiny (q_lora, yarn, 2 groups)": (tiny_hf_config(num_nextn_predict_layers=0), 128),
+        "proxy widths, 2 layers": (dict(PROXY, num_hidden_layers=2), 512),
+    }
+    ok = True
+    for name, (cfg, seq) in configs.items():
+        for fast in (False, True):
+            label = f"parity {name}, {'flash+grouped' if fast else 'reference kernels'}"
+            try:
+                err, hf_err, loss, ref_loss = parity(name, cfg, fast, seq)
+                passed = err < 2e-2 and err < 2 * hf_err + 1e-3
+                detail = (f"ours bf16 {err:.2e} vs transformers bf16 {hf_err:.2e} (rel. to fp32); "
+                          f"loss ours {loss:.4f} vs fp32 {ref_loss:.4f}")
+            except Exception as exc:  # report and go on: one table at the end
+                passed, detail = False, f"{type(exc).__name__}: {exc}"[:300]
+            ok &= passed
+            rows.append((label, "PASS" if passed else "FAIL", detail))
+            print(rows[-1], flush=True)
+    return ok
+
+
+# ------------------------------------------------------------------------------------------------ parallel
+def _sh(cmd, log, env):
+    with open(log, "a", encoding="utf-8") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        return subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=400).returncode
+
+
+def _losses(log):
+    with open(log, encoding="utf-8", errors="replace") as f:
+        return [float(m) for m in re.findall(r"lm loss ([0-9.eE+-]+)", f.read())]
+
+
+def run_parallel(rows, work, steps=4):
+    from tests.model.hf_reference import make_hf_model, tiny_hf_config
+
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+    log = os.path.join(work, "parallel.log")
+    hf_dir = os.path.join(work, "hf")
+    make_hf_model(tiny_hf_config(num_nextn_predict_layers=0), seed=7).save_pretrained(hf_dir)
+    for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        src = os.path.join(ROOT, "assets", "tiny_deepseek3", fname)
+        if os.path.exists(src):
+            shutil.copy(src, hf_dir)
+    tok = os.path.join(ROOT, "assets", "tiny_deepseek3")
+    data = os.path.join(work, "sft")
+    rc = _sh([PY, "preprocess_data.py", "--input", "assets/data/alpaca_builtins.jsonl", "--output-prefix", data,
+              "--tokenizer-name-or-path", tok, "--handler-name", "AlpacaStyleInstructionHandler", "--prompt-type",
+              "deepseek3", "--seq-length", "128", "--pack", "--no-progress"], log, env)
+    if rc:
+        rows.append(("parallel: preprocess", "FAIL", f"exit {rc}, see {log}"))
+        return False
+    layouts = {
+        "1 GPU": ([], []),
+        "TP2+SP": (["--target-tensor-parallel-size", "2"], ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+        "EP2": (["--target-expert-parallel-size", "2"], ["--expert-model-parallel-size", "2"]),
+        "PP2": (["--target-pipeline-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]),
+    }
+    common = ["--data-path", data, "--is-instruction-dataset", "--seq-length", "128", "--micro-batch-size", "2",
+              "--global-batch-size", "4", "--lr", "2e-3", "--seed", "5", "--train-iters", str(steps), "--finetune",
+              "--no-shuffle", "--bf16", "--use-flash-attn", "--moe-grouped-gemm", "--log-interval", "1"]
+    ref, ok = None, True
+    for name, (conv, train) in layouts.items():
+        ckpt = os.path.join(work, "ckpt_" + re.sub(r"\W", "", name))
+        rc = _sh([PY, "-m", "ckpt_convert", "hf2mcore", "--load-dir", hf_dir, "--save-dir", ckpt, "--no-progress",
+                  *conv], log, env)
+        run_log = os.path.join(work, "train_" + re.sub(r"\W", "", name) + ".log")
+        n = 1 if name == "1 GPU" else 2
+        if not rc:
+            rc = _sh([PY, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port", "29611",
+                      "-m", "mindspeed_dsv.train", "--load", ckpt, *common, *train], run_log, env)
+        losses = _losses(run_log) if os.path.exists(run_log) else []
+        if rc or len(losses) < steps:
+            ok = False
+            rows.append((f"parallel {name}", "FAIL", f"exit {rc}; losses {losses}; log {run_log}"))
+            continue
+        if ref is None:
+            ref = losses
+            rows.append((f"parallel {name}", "ref", "losses " + ", ".join(f"{x:.4f}" for x in losses)))
+            continue
+        worst = max(abs(a - b) / abs(a) for a, b in zip(ref, losses))
+        passed = worst < 1e-2
+        ok &= passed
+        rows.append((f"parallel {name}", "PASS" if passed else "FAIL",
+                     "losses " + ", ".join(f"{x:.4f}" for x in losses) + f"; max rel. diff to 1 GPU {worst:.1e}"))
+    for r in rows[-len(layouts):]:
+        print(r, flush=True)
+    return ok
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", choices=["parity", "parallel"], default=None, help="Run one group of checks.")
+    p.add_argument("--workdir", default=None, help="Scratch directory (default: a temporary one).")
+    a = p.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU")
+    work = a.workdir or tempfile.mkdtemp(prefix="gpu_checks_")
+    os.makedirs(work, exist_ok=True)
+    rows, ok = [], True
+    if a.only in (None, "parity"):
+        ok &= run_parity(rows)
+    if a.only in (None, "parallel"):
+        if torch.cuda.device_count() < 2:
+            rows.append(("parallel", "SKIP", "needs 2 GPUs"))
+        else:
+            ok &= run_parallel(rows, work)
+    print(f"\n{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    print("| check | result | detail |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} |")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
