@@ -2,7 +2,7 @@
 
   parity   our model vs transformers' DeepseekV3ForCausalLM on the same random weights, bf16 on one GPU.
            Both are compared with transformers in fp32 on the same GPU (the reference); ours passes when its
-           relative logit error ‖Δ‖/‖ref‖ is under 2e-2 and under 2x transformers' own bf16 error (+1e-3).
+           relative logit error ‖Δ‖/‖ref‖ is at most max(2e-2, 2x transformers' own bf16 error).
            Configs: the shipped tiny config (q_lora, YaRN, 2 groups) and the proxy's widths with 2 layers.
            Each with the reference kernels and with --use-flash-attn --moe-grouped-gemm.
   parallel the trainer (`python -m mindspeed_dsv.train` under torchrun, NCCL, bf16, flash attention, grouped
@@ -128,7 +128,7 @@ def run_parity(rows):
             label = f"parity {name}, {'flash+grouped' if fast else 'reference kernels'}"
             try:
                 err, hf_err, loss, ref_loss = parity(name, cfg, fast, seq)
-                passed = err < 2e-2 and err < 2 * hf_err + 1e-3
+                passed = err <= max(2e-2, 2 * hf_err)
                 detail = (f"ours bf16 {err:.2e} vs transformers bf16 {hf_err:.2e} (rel. to fp32); "
                           f"loss ours {loss:.4f} vs fp32 {ref_loss:.4f}")
             except Exception as exc:  # report and go on: one table at the end
@@ -155,7 +155,7 @@ def _losses(log):
 def run_parallel(rows, work, steps=4):
     from tests.model.hf_reference import make_hf_model, tiny_hf_config
 
-    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), PYTHONUNBUFFERED="1")
     log = os.path.join(work, "parallel.log")
     hf_dir = os.path.join(work, "hf")
     make_hf_model(tiny_hf_config(num_nextn_predict_layers=0), seed=7).save_pretrained(hf_dir)

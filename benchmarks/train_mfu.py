@@ -3,7 +3,7 @@
 Stacks (same HF config, same token batches, same micro-batch / global batch / sequence length, bf16):
   ours   mindspeed_dsv's trainer (its `setup` and `train_step`: megatron-core schedules, DDP, mixed-precision
          Adam with fp32 master weights), one row per named variant (kernel flags, recompute, EP=2, TP=2)
-  titan  torchtitan's DeepSeekV3Model (from PyPI), bf16 parameters, fused torch AdamW, eager
+  titan  torchtitan 0.2.2's DeepSeekV3Model (PyPI; sdpa, grouped_mm), bf16 parameters, fused torch AdamW, eager
   hf     transformers' DeepseekV3ForCausalLM (sdpa attention, grouped_mm experts), bf16 parameters,
          fused torch AdamW: the plain loop FSDP/DeepSpeed recipes wrap
 
@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -93,6 +94,12 @@ OURS_ROWS = {
                                                 "mla_up_proj", "moe_act"]),
     "ours+rc-full": (1, FAST + ["--recompute-granularity", "full", "--recompute-method", "uniform",
                                 "--recompute-num-layers", "1"]),
+    "ours+allgather": (1, FAST + ["--moe-token-dispatcher-type", "allgather"]),
+    # experiments, not the trainer as shipped (see NOTES.md): megatron's torch AdamW (foreach) swapped for torch's
+    # fused AdamW; gradients accumulated in bf16 instead of fp32 (DDP grad_reduce_in_fp32=False); both
+    "exp:ours+fused-adam": (1, FAST),
+    "exp:ours+bf16-grads": (1, FAST),
+    "exp:ours+fused-adam+bf16-grads": (1, FAST),
     "ours-ep2": (2, FAST + ["--expert-model-parallel-size", "2"]),
     "ours-tp2": (2, FAST + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
 }
@@ -186,7 +193,21 @@ def worker_ours(a, hf_cfg, flags):
     if device.type == "cuda":
         argv.append("--bf16")
     args = build_parser().parse_args(argv)
+    if a.worker.startswith("exp:"):
+        _experiment_patches(a.worker)
     state = setup(args)
+    opt_times = []
+    real_step = state.optimizer.step
+
+    def timed_opt_step():
+        _sync(device)
+        t0 = time.perf_counter()
+        out = real_step()
+        _sync(device)
+        opt_times.append(time.perf_counter() - t0)
+        return out
+
+    state.optimizer.step = timed_opt_step
     from megatron.core import parallel_state as ps
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -213,11 +234,39 @@ def worker_ours(a, hf_cfg, flags):
 
     losses, sec = _timed_loop(step, a.steps, a.warmup, device)
     mem = _peak_mem_gb(device)
+    opt_s = sorted(opt_times[a.warmup:])[len(opt_times[a.warmup:]) // 2]
+    if os.environ.get("MFU_PROFILE"):
+        _profile(lambda: step(0), device)
     if dist.get_rank() == 0:
-        _write(a, dict(losses=losses, step_s=sec, world=dist.get_world_size(), peak_mem_gb=mem))
+        _write(a, dict(losses=losses, step_s=sec, opt_s=opt_s, world=dist.get_world_size(), peak_mem_gb=mem))
     from mindspeed_dsv.platform import destroy_distributed
 
     destroy_distributed()
+
+
+def _experiment_patches(name: str):
+    """What the exp: rows change, applied to megatron before the trainer's setup builds DDP and the optimizer."""
+    import torch
+
+    if "fused-adam" in name:
+        import megatron.core.optimizer as mopt
+
+        def fused_adamw(params, adam_w_mode=True, **kwargs):  # megatron passes adam_w_mode to non-torch Adams
+            cls = torch.optim.AdamW if adam_w_mode else torch.optim.Adam
+            return cls(params, fused=True, **kwargs)
+
+        mopt.USING_PYTORCH_OPTIMIZER = False
+        mopt.Adam = fused_adamw
+    if "bf16-grads" in name:
+        import megatron.core.distributed as mdist
+
+        real_cfg = mdist.DistributedDataParallelConfig
+
+        def ddp_config(**kwargs):
+            kwargs["grad_reduce_in_fp32"] = False
+            return real_cfg(**kwargs)
+
+        mdist.DistributedDataParallelConfig = ddp_config
 
 
 def _baseline_loop(a, model, forward_logits, device, vocab):
@@ -231,6 +280,8 @@ def _baseline_loop(a, model, forward_logits, device, vocab):
                             fused=device.type == "cuda")
     model.train()
 
+    opt_times = []
+
     def step(_):
         opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)
@@ -239,12 +290,19 @@ def _baseline_loop(a, model, forward_logits, device, vocab):
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), t[:, 1:].reshape(-1))
             (loss / len(tokens)).backward()
             total += loss.detach() / len(tokens)
+        _sync(device)
+        t0 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        _sync(device)
+        opt_times.append(time.perf_counter() - t0)
         return total.item()
 
     losses, sec = _timed_loop(step, a.steps, a.warmup, device)
-    _write(a, dict(losses=losses, step_s=sec, world=1, peak_mem_gb=_peak_mem_gb(device)))
+    opt_s = sorted(opt_times[a.warmup:])[len(opt_times[a.warmup:]) // 2]
+    if os.environ.get("MFU_PROFILE"):
+        _profile(lambda: step(0), device)
+    _write(a, dict(losses=losses, step_s=sec, opt_s=opt_s, world=1, peak_mem_gb=_peak_mem_gb(device)))
 
 
 def worker_hf(a, hf_cfg):
@@ -270,64 +328,78 @@ def worker_hf(a, hf_cfg):
     _baseline_loop(a, model, lambda x: model(input_ids=x, use_cache=False).logits, device, hf_cfg["vocab_size"])
 
 
-def titan_model_config(hf_cfg, attn_backend: str):
-    """torchtitan's DeepSeekV3Model.Config with the proxy's shapes (its 16B flavour's builder, our widths)."""
-    from torchtitan.models import deepseek_v3 as tt
-    from torchtitan.models.common import Embedding, Linear, RMSNorm, RoPE
+def _import_titan():
+    """torchtitan 0.2.2's DeepSeek-V3 model. 0.3.0 needs a newer torch than the GPU image's 2.11
+    (torch.distributed.fsdp.DataParallelMeshDims). Its package __init__ pulls in the HF `datasets` data loader,
+    which the model does not use: a stub module stands in for it."""
+    import types
 
+    class _Stub(types.ModuleType):
+        def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return type(name, (), {})
+
+    for mod in ("datasets", "datasets.distributed"):
+        sys.modules.setdefault(mod, _Stub(mod))
+    from torchtitan.models.deepseek_v3.model.args import DeepSeekV3ModelArgs
+    from torchtitan.models.deepseek_v3.model.model import DeepSeekV3Model
+    from torchtitan.models.moe import MoEArgs
+
+    return DeepSeekV3ModelArgs, DeepSeekV3Model, MoEArgs
+
+
+def titan_model(hf_cfg, device):
+    """torchtitan's DeepSeekV3Model with the proxy's shapes (its 16B flavour with our widths and V3 routing)."""
+    import torch
+
+    Args, Model, MoEArgs = _import_titan()
     c = hf_cfg
-    rope_dim = c["qk_rope_head_dim"]
-    layers = tt._build_dsv3_layers(
-        n_layers=c["num_hidden_layers"], n_dense_layers=c["first_k_dense_replace"], dim=c["hidden_size"],
-        n_heads=c["num_attention_heads"], q_lora_rank=c["q_lora_rank"] or 0, kv_lora_rank=c["kv_lora_rank"],
-        qk_nope_head_dim=c["qk_nope_head_dim"], qk_rope_head_dim=rope_dim, v_head_dim=c["v_head_dim"],
-        mscale=1.0, dense_hidden_dim=c["intermediate_size"], moe_hidden_dim=c["moe_intermediate_size"],
-        num_experts=c["n_routed_experts"], num_shared_experts=c["n_shared_experts"],
-        router_top_k=c["num_experts_per_tok"], router_score_func="sigmoid",
-        router_num_expert_groups=c["n_group"], router_num_limited_groups=c["topk_group"],
-        router_route_scale=c["routed_scaling_factor"], router_route_norm=c["norm_topk_prob"],
-        attn_backend=attn_backend, moe_comm_backend="standard", non_blocking_capacity_factor=None,
-        rope=_titan_rope(tt, rope_dim, c),
-    )
-    dim, vocab = c["hidden_size"], c["vocab_size"]
-    return tt.DeepSeekV3Model.Config(
-        vocab_size=vocab, dim=dim,
-        tok_embeddings=Embedding.Config(num_embeddings=vocab, embedding_dim=dim, param_init=tt._EMBEDDING_INIT),
-        norm=RMSNorm.Config(normalized_shape=dim, param_init=tt._NORM_INIT),
-        lm_head=Linear.Config(in_features=dim, out_features=vocab, param_init=tt._output_linear_init(dim)),
-        layers=layers,
-    )
-
-
-def _titan_rope(tt, rope_dim, c):
-    import inspect
-
-    rope_cls = tt.ComplexRoPE
-    kwargs = dict(dim=rope_dim, max_seq_len=c["max_position_embeddings"], theta=c["rope_parameters"]["rope_theta"])
-    params = inspect.signature(rope_cls.Config).parameters
-    if "scaling" in params:
-        kwargs["scaling"] = "none"
-    return rope_cls.Config(**kwargs)
+    moe = MoEArgs(num_experts=c["n_routed_experts"], num_shared_experts=c["n_shared_experts"], score_func="sigmoid",
+                  route_norm=c["norm_topk_prob"], route_scale=c["routed_scaling_factor"], top_k=c["num_experts_per_tok"],
+                  num_expert_groups=c["n_group"], num_limited_groups=c["topk_group"], use_grouped_mm=device.type == "cuda")
+    args = Args(vocab_size=c["vocab_size"], dim=c["hidden_size"], inter_dim=c["intermediate_size"],
+                moe_inter_dim=c["moe_intermediate_size"], n_layers=c["num_hidden_layers"],
+                n_dense_layers=c["first_k_dense_replace"], n_heads=c["num_attention_heads"], norm_eps=c["rms_norm_eps"],
+                moe_args=moe, q_lora_rank=c["q_lora_rank"] or 0, kv_lora_rank=c["kv_lora_rank"],
+                qk_nope_head_dim=c["qk_nope_head_dim"], qk_rope_head_dim=c["qk_rope_head_dim"],
+                v_head_dim=c["v_head_dim"], max_seq_len=c["max_position_embeddings"],
+                original_seq_len=c["max_position_embeddings"], rope_theta=c["rope_parameters"]["rope_theta"],
+                rope_factor=1.0)
+    args.moe_impl = "standard"  # set from the job config in torchtitan's trainer
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Model(args)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_weights(buffer_device=device)
+    if device.type == "cuda":
+        # parameters only: Module.to(bf16) would also cast the complex rotary table
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
+    return model
 
 
 def worker_titan(a, hf_cfg):
-    import torch
-
     device = _device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    backend = a.titan_attn
-    cfg = titan_model_config(hf_cfg, backend)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = cfg.build()
-    model.to_empty(device=device)
-    with torch.no_grad():
-        model.init_states(buffer_device=device)
-    model.to(dtype)
-    pos = torch.arange(a.seq, device=device).unsqueeze(0).expand(a.mbs, -1)
-    masks = model.get_attention_masks(positions=pos)
-    print(f"titan: attention backend {backend}", flush=True)
-    _baseline_loop(a, model, lambda x: model(x, pos, masks), device, hf_cfg["vocab_size"])
+    model = titan_model(hf_cfg, device)
+    print("titan: torchtitan 0.2.2 DeepSeekV3Model, sdpa attention, grouped_mm experts", flush=True)
+    _baseline_loop(a, model, lambda x: model(x), device, hf_cfg["vocab_size"])
+
+
+def _profile(step, device, top: int = 25):
+    """One more step under torch.profiler: the kernels that take the GPU's time (set MFU_PROFILE=1)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        _sync(device)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60),
+              flush=True)
+        busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+        print(f"profile: GPU busy (sum of self device time) {busy:.1f} ms in one step", flush=True)
 
 
 def _write(a, record):
@@ -348,14 +420,14 @@ def _run_row(name, a, workdir, env):
     if os.path.exists(result):
         os.remove(result)
     common = ["--worker", name, "--workdir", workdir, "--result", result, "--seq", str(a.seq), "--mbs", str(a.mbs),
-              "--gbs", str(a.gbs), "--steps", str(a.steps), "--warmup", str(a.warmup), "--titan-attn", a.titan_attn]
+              "--gbs", str(a.gbs), "--steps", str(a.steps), "--warmup", str(a.warmup)]
     if a.tiny:
         common.append("--tiny")
     me = os.path.abspath(__file__)
     if name in OURS_ROWS:
         gpus = OURS_ROWS[name][0]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(gpus),
-               "--master-port", str(29500 + (abs(hash(name)) % 1000)), me, *common]
+               "--master-port", str(29500 + zlib.crc32(name.encode()) % 2000), me, *common]
     else:
         cmd = [sys.executable, me, *common]
     log = os.path.join(a.log_dir or workdir, f"{name}.log")
@@ -384,8 +456,6 @@ def main(argv=None):
     p.add_argument("--gbs", type=int, default=8, help="Global batch size (samples per optimizer step).")
     p.add_argument("--steps", type=int, default=6, help="Timed steps (after warm-up).")
     p.add_argument("--warmup", type=int, default=3, help="Untimed warm-up steps.")
-    p.add_argument("--titan-attn", default="flex", choices=["flex", "varlen", "flex_flash"],
-                   help="torchtitan's attention backend.")
     p.add_argument("--tiny", action="store_true", help="A tiny model of the same architecture (smoke test).")
     p.add_argument("--row-timeout", type=float, default=600, help="Seconds before a row is killed.")
     p.add_argument("--log-dir", default=None, help="Where each row's log goes (default: a temporary directory).")
@@ -441,17 +511,17 @@ def main(argv=None):
         print(f"{r}: {json.dumps(rec)}", flush=True)
     one = results.get("ours", {}).get("tokens_per_s")
     print()
-    print(f"| row | GPUs | step s | tokens/s | TFLOP/s/GPU | MFU | peak mem GB | losses (steps 1-3) | scaling |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| row | GPUs | step s | of which optimizer s | tokens/s | TFLOP/s/GPU | MFU | peak mem GB | losses (steps 1-3) | scaling |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r, rec in results.items():
         if "error" in rec:
-            print(f"| {r} | | | | | | | failed: {rec['error']} | |")
+            print(f"| {r} | | | | | | | | failed: {rec['error']} | |")
             continue
         scale = f"{rec['tokens_per_s'] / (rec['world'] * one) * 100:.0f}%" if (one and rec["world"] > 1) else ""
         mfu = f"{rec['mfu'] * 100:.1f}%" if rec["mfu"] is not None else "n/a"
         mem = f"{rec['peak_mem_gb']:.1f}" if rec["peak_mem_gb"] is not None else "n/a"
         losses = ", ".join(f"{x:.3f}" for x in rec["losses"][:3])
-        print(f"| {r} | {rec['world']} | {rec['step_s']:.3f} | {rec['tokens_per_s']:.0f} | {rec['tflops_per_gpu']:.1f} "
+        print(f"| {r} | {rec['world']} | {rec['step_s']:.3f} | {rec.get('opt_s', float('nan')):.3f} | {rec['tokens_per_s']:.0f} | {rec['tflops_per_gpu']:.1f} "
               f"| {mfu} | {mem} | {losses} | {scale} |")
     print(f"\n{gpus} x {name}; bf16 matmul peak measured {peak and round(peak, 1)} TFLOP/s; scaling = tokens/s over "
           f"(GPUs x tokens/s of 'ours' on 1 GPU)")

@@ -47,8 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-type-hf", default="deepseek3", choices=["deepseek3"],
                    help="HF model family; only deepseek3 (DeepseekV3ForCausalLM). Default deepseek3.")
     p.add_argument("--qlora-nf4", action="store_true",
-                   help="Quantize base weights to NF4 for QLoRA training. Not supported by this converter yet: "
-                        "convert without it and let training quantize on load.")
+                   help="Store the base weights of the --lora-target-modules linears as NF4 (bitsandbytes' "
+                        "4-bit NormalFloat, blocks of 64, no double quantization), each rank quantizing its own "
+                        "shard, for QLoRA training; the rest stays in --params-dtype. mcore2hf dequantizes them "
+                        "(and merges LoRA into the dequantized base). Default off.")
+    p.add_argument("--lora-target-modules", nargs="+", default=None,
+                   help="With --qlora-nf4: the Megatron linears to quantize, the same names as training's "
+                        "--lora-target-modules (linear_q_up_proj linear_kv_up_proj linear_proj linear_fc1 ...).")
     _common_target(p)
 
     p = sub.add_parser("reshard", help="Megatron-Core layout -> another layout, without going through HF",
@@ -115,7 +120,7 @@ def _dtype(ns) -> str | None:
 
 def target_layout(ns, cfg: dict) -> ParallelLayout:
     layout = ParallelLayout.from_args(ns, prefix="target").with_model_defaults(cfg)
-    layout.validate_against(cfg)
+    layout.validate_against(cfg, flag_prefix="target-")
     k = cfg.get("first_k_dense_replace")
     if k is not None and layout.first_k_dense_replace != k:
         raise LayoutError(f"--first-k-dense-replace {layout.first_k_dense_replace} differs from "
@@ -129,9 +134,18 @@ def cmd_hf2mcore(ns) -> int:
     from ckpt_convert import hf_io
     from ckpt_convert.hf2mcore import write_mcore
 
+    qlora = None
     if ns.qlora_nf4:
-        raise SystemExit("error: --qlora-nf4 is not supported by this converter yet; convert the BF16 base "
-                         "without it (QLoRA training quantizes on load)")
+        from mindspeed_dsv.peft.lora import LORA_TARGET_MODULES
+
+        if not ns.lora_target_modules:
+            raise ValueError("--qlora-nf4 needs --lora-target-modules (the linears QLoRA training adapts)")
+        unknown = sorted(set(ns.lora_target_modules) - set(LORA_TARGET_MODULES))
+        if unknown:
+            raise ValueError(f"--lora-target-modules: unknown module(s) {unknown}; valid: {', '.join(LORA_TARGET_MODULES)}")
+        qlora = {"target_modules": sorted(set(ns.lora_target_modules)), "blocksize": 64}
+    elif ns.lora_target_modules:
+        raise ValueError("--lora-target-modules only applies with --qlora-nf4 in hf2mcore")
     cfg = hf_io.read_config(ns.load_dir)
     nextn = int(cfg.get("num_nextn_predict_layers") or 0)
     if ns.mtp_num_layers is None and nextn:
@@ -145,7 +159,7 @@ def cmd_hf2mcore(ns) -> int:
     spec = {"kind": "hf", "dir": ns.load_dir}
     stats = write_mcore(spec, cfg, layout, ns.save_dir, _dtype(ns), ns.mla_mm_split, ns.workers,
                         record={"source_dir": os.path.abspath(ns.load_dir), "command": "hf2mcore"},
-                        side_files_from=ns.load_dir, progress=not ns.no_progress)
+                        side_files_from=ns.load_dir, progress=not ns.no_progress, qlora=qlora)
     print(json.dumps({"save_dir": ns.save_dir, **stats}))
     return 0
 

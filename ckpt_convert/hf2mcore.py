@@ -83,7 +83,18 @@ def _cast(t: torch.Tensor, mcore_name: str, dtype: torch.dtype | None) -> torch.
     return t.to(dtype)
 
 
-def build_rank(reader, cfg, layout, tp, pp, ep, mla_mm_split, dtype) -> dict[str, dict[str, torch.Tensor]]:
+def qlora_targets(m: nm.TensorMap, qlora: dict | None) -> bool:
+    """Whether --qlora-nf4 stores entry m as NF4: a LoRA-able linear named in --lora-target-modules."""
+    return bool(qlora) and m.lora_module is not None and m.lora_module.rsplit(".", 1)[-1] in qlora["target_modules"]
+
+
+def build_rank(reader, cfg, layout, tp, pp, ep, mla_mm_split, dtype, qlora: dict | None = None
+               ) -> dict[str, dict[str, torch.Tensor]]:
+    """One rank file's chunks. With `qlora` ({'target_modules', 'blocksize'}) the targeted linears' shards are
+    stored as NF4 (NF4Tensor.state_dict(), the layout mindspeed_dsv.peft.qlora.nf4_state_dict saves): each
+    rank quantizes its own shard, exactly what QLoRA training does to the weight it loads."""
+    from mindspeed_dsv.peft.nf4 import quantize_nf4
+
     chunks = {}
     for c in range(layout.num_model_chunks):
         sd = {}
@@ -92,15 +103,19 @@ def build_rank(reader, cfg, layout, tp, pp, ep, mla_mm_split, dtype) -> dict[str
                 t = nm.shard_for_rank(m, reader.read, reader.shape)
             except nm.NameMapError as e:
                 raise ConversionError(f"{e} (layout {layout_str(layout)})") from None
-            sd[m.mcore] = _cast(t, m.mcore, dtype).contiguous()
+            t = _cast(t, m.mcore, dtype).contiguous()
+            if qlora_targets(m, qlora):
+                t = quantize_nf4(t, blocksize=qlora["blocksize"], double_quant=False, backend="torch").state_dict()
+            sd[m.mcore] = t
         chunks[nm.chunk_key(layout, c)] = sd
     return chunks
 
 
-def _write_one(spec, cfg, layout_dict, tp, pp, ep, mla_mm_split, dtype_name, tmp_iter, args) -> tuple[str, int]:
+def _write_one(spec, cfg, layout_dict, tp, pp, ep, mla_mm_split, dtype_name, tmp_iter, args, qlora=None
+               ) -> tuple[str, int]:
     layout = ParallelLayout.from_dict(layout_dict)
     reader = _worker_reader(spec)
-    chunks = build_rank(reader, cfg, layout, tp, pp, ep, mla_mm_split, DTYPES.get(dtype_name))
+    chunks = build_rank(reader, cfg, layout, tp, pp, ep, mla_mm_split, DTYPES.get(dtype_name), qlora)
     path = os.path.join(tmp_iter, layout.rank_dir_name(tp, pp, ep), "model_optim_rng.pt")
     nbytes = save_rank_file(path, chunks, args)
     return path, nbytes
@@ -119,8 +134,9 @@ def _worker_reader(spec):
 
 def write_mcore(spec: dict, cfg: dict, layout: ParallelLayout, save_dir: str, params_dtype: str | None = None,
                 mla_mm_split: bool = False, workers: int = 1, record: dict | None = None,
-                side_files_from: str | None = None, progress: bool = True) -> dict:
-    """Convert the source described by `spec` into `save_dir` for `layout`. Returns stats."""
+                side_files_from: str | None = None, progress: bool = True, qlora: dict | None = None) -> dict:
+    """Convert the source described by `spec` into `save_dir` for `layout`. Returns stats. `qlora`
+    ({'target_modules': [...], 'blocksize': 64}) stores those linears as NF4 (see build_rank)."""
     t0 = time.time()
     reader = make_reader(spec)
     check_source(reader, cfg, layout, mla_mm_split, check_shapes=spec["kind"] == "hf")
@@ -133,19 +149,20 @@ def write_mcore(spec: dict, cfg: dict, layout: ParallelLayout, save_dir: str, pa
     if os.path.exists(tmp_iter):
         shutil.rmtree(tmp_iter)
     dtype_name = params_dtype
-    args = args_record(cfg, layout, params_dtype or str(cfg.get("torch_dtype", "keep")), mla_mm_split)
+    args = args_record(cfg, layout, params_dtype or str(cfg.get("torch_dtype", "keep")), mla_mm_split,
+                       qlora_nf4=bool(qlora))
     jobs = all_ranks(layout)
     total = 0
     bar = tqdm(total=len(jobs), desc="hf2mcore rank files", unit="file", disable=not progress)
     ld = layout.to_dict()
     if workers <= 1:
         for tp, pp, ep in jobs:
-            _, n = _write_one(spec, cfg, ld, tp, pp, ep, mla_mm_split, dtype_name, tmp_iter, args)
+            _, n = _write_one(spec, cfg, ld, tp, pp, ep, mla_mm_split, dtype_name, tmp_iter, args, qlora)
             total += n
             bar.update(1)
     else:
         with ProcessPoolExecutor(max_workers=workers) as ex:
-            futs = [ex.submit(_write_one, spec, cfg, ld, tp, pp, ep, mla_mm_split, dtype_name, tmp_iter, args)
+            futs = [ex.submit(_write_one, spec, cfg, ld, tp, pp, ep, mla_mm_split, dtype_name, tmp_iter, args, qlora)
                     for tp, pp, ep in jobs]
             for f in as_completed(futs):
                 total += f.result()[1]
@@ -165,7 +182,8 @@ def write_mcore(spec: dict, cfg: dict, layout: ParallelLayout, save_dir: str, pa
     if side_files_from:
         hf_io.copy_side_files(side_files_from, save_dir)
     rec = dict(record or {})
-    rec.update(params_dtype=params_dtype, mla_mm_split=mla_mm_split, layout=ld)
+    rec.update(params_dtype=params_dtype, mla_mm_split=mla_mm_split, layout=ld,
+               qlora_nf4=None if not qlora else dict(qlora, double_quant=False))
     write_record(save_dir, rec)
     tmp = os.path.join(save_dir, TRACKER + ".tmp")
     with open(tmp, "w") as f:

@@ -109,7 +109,27 @@ def save_rank_file(path: str, chunks: dict[str, dict[str, torch.Tensor]], args: 
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
-    return sum(t.numel() * t.element_size() for c in chunks.values() for t in c.values())
+    return sum(_nbytes(t) for c in chunks.values() for t in c.values())
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, dict):  # an NF4 entry (--qlora-nf4)
+        return sum(_nbytes(v) for v in value.values())
+    return value.numel() * value.element_size() if torch.is_tensor(value) else 0
+
+
+def dense(value) -> torch.Tensor:
+    """A rank-file entry as a tensor: NF4 entries (a dict, NF4Tensor.state_dict()) are dequantized to their
+    original dtype; tensors are returned as they are."""
+    if isinstance(value, dict):
+        from mindspeed_dsv.peft.nf4 import NF4Tensor, dequantize_nf4
+
+        return dequantize_nf4(NF4Tensor.from_state_dict(value), backend="torch")
+    return value
+
+
+def dense_state(sd: dict) -> dict:
+    return {k: dense(v) for k, v in sd.items()}
 
 
 def load_rank_file(path: str) -> dict:
@@ -191,7 +211,7 @@ class McoreReader:
             raise McoreCheckpointError(
                 f"{rank_file(self.dir, self.layout, tp, pp, ep, self.iteration)} [{ck}]: missing tensor {m.mcore} "
                 f"(HF {m.hf[0]})")
-        w = sd[m.mcore]
+        w = dense(sd[m.mcore])  # QLoRA NF4 base: LoRA merges into the dequantized weight
         if m.lora_module is not None:
             w = self._merge_lora(w, tp, pp, ep, ck, m, sd)
         return w

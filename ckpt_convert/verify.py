@@ -60,7 +60,7 @@ def _load_chunks(mcore_dir: str, layout, cfg, dtype: torch.dtype) -> list:
     """This rank's model chunks with the weights of its rank file (strict: every key must match)."""
     from megatron.core import parallel_state as ps
 
-    from ckpt_convert.mcore_io import load_rank_file, rank_file, read_iteration
+    from ckpt_convert.mcore_io import dense_state, load_rank_file, rank_file, read_iteration
     from mindspeed_dsv.models import build_model, model_transformer_config
     from mindspeed_dsv.models import names as nm
 
@@ -80,7 +80,7 @@ def _load_chunks(mcore_dir: str, layout, cfg, dtype: torch.dtype) -> list:
         key = nm.chunk_key(layout, c)
         if key not in state:
             raise VerifyError(f"{path}: no '{key}' entry; the checkpoint does not match its layout.json")
-        missing, unexpected = model.load_state_dict(state[key], strict=False)
+        missing, unexpected = model.load_state_dict(dense_state(state[key]), strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
             raise VerifyError(f"{path} [{key}]: does not fit the model: missing {missing[:5]}, "
@@ -126,19 +126,21 @@ def mcore_logits(mcore_dir: str, tokens: torch.Tensor, dtype: torch.dtype) -> to
     if ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=chunks - 1 if chunks > 1 else None):
         last.output_layer.register_forward_hook(lambda m, i, o: calls.append(o[0].detach().float().clone()))
     b, s = tokens.shape
+    # The interleaved schedule needs at least PP micro-batches: run the same batch PP times (forward only).
+    micro = layout.pp if chunks > 1 else 1
     with torch.no_grad():
         get_forward_backward_func()(
             forward_step_func=partial(_forward_step, tokens),
-            data_iterator=[iter([None]) for _ in models] if chunks > 1 else iter([None]),
+            data_iterator=[iter([None] * micro) for _ in models] if chunks > 1 else iter([None]),
             model=models if chunks > 1 else models[0],
-            num_microbatches=1,
+            num_microbatches=micro,
             seq_length=s,
             micro_batch_size=b,
             forward_only=True,
         )
     if not calls:
         return None
-    local = calls[-1]  # [s, b, vocab / tp]; the main head runs after the MTP heads
+    local = calls[-1]  # [s, b, vocab / tp]; the main head runs after the MTP heads (of the last micro-batch)
     if layout.tp > 1:
         parts = [torch.empty_like(local) for _ in range(layout.tp)]
         dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())

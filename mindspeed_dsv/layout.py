@@ -72,6 +72,11 @@ def flag_name(field_name: str, prefix: str = "") -> str:
     return _FLAGS[field_name]
 
 
+def _flags(prefix: str = "") -> dict[str, str]:
+    """The flag table with TP/PP/EP spelled as ``flag_name(..., prefix)``."""
+    return {**_FLAGS, **{k: flag_name(k, prefix) for k in ("tp", "pp", "ep")}} if prefix else _FLAGS
+
+
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
     if isinstance(cfg, Mapping):
         return cfg.get(key, default)
@@ -126,12 +131,14 @@ class ParallelLayout:
         self.noop_layers = sorted(_parse_int_list(self.noop_layers, _FLAGS["noop_layers"]) or [])
 
     # ------------------------------------------------------------------ validation
-    def validate(self) -> "ParallelLayout":
-        """Check the layout on its own (no model config). Raises LayoutError naming the flag; returns self."""
+    def validate(self, flag_prefix: str = "") -> "ParallelLayout":
+        """Check the layout on its own (no model config). Raises LayoutError naming the flag; returns self.
+        ``flag_prefix`` ('target-'/'source-') names TP/PP/EP by the converters' flags in the messages."""
+        _FLAGS = _flags(flag_prefix)  # noqa: N806 - shadows the module table for this call's messages
         for name in ("tp", "pp", "ep", "cp"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise LayoutError(f"{flag_name(name)} must be a positive integer, got {value!r}")
+                raise LayoutError(f"{flag_name(name, flag_prefix)} must be a positive integer, got {value!r}")
         if self.num_layers is None:
             raise LayoutError(f"{_FLAGS['num_layers']} is not set (give it, or fill it from config.json "
                               "with with_model_defaults)")
@@ -207,11 +214,12 @@ class ParallelLayout:
                 raise LayoutError(f"{_FLAGS['ep']} {self.ep} must divide {_FLAGS['num_experts']} {self.num_experts}")
         return self
 
-    def validate_against(self, model_cfg: Any) -> "ParallelLayout":
+    def validate_against(self, model_cfg: Any, flag_prefix: str = "") -> "ParallelLayout":
         """Check the layout against a model config (HF config.json dict or any object with
         num_attention_heads, vocab_size, n_routed_experts, num_hidden_layers, first_k_dense_replace,
-        num_nextn_predict_layers). Runs ``validate`` first. Returns self."""
-        self.validate()
+        num_nextn_predict_layers). Runs ``validate`` first. Returns self. ``flag_prefix`` as in validate."""
+        self.validate(flag_prefix)
+        _FLAGS = _flags(flag_prefix)  # noqa: N806
         heads = _get(model_cfg, "num_attention_heads")
         vocab = _get(model_cfg, "vocab_size")
         experts = _get(model_cfg, "n_routed_experts")

@@ -4,9 +4,10 @@ Conversion (hf2mcore, mcore2hf, reshard), `verify`, LoRA merge and PEFT export a
 else spells a checkpoint tensor name.
 
 Megatron names follow megatron-core 0.16.1's local (non-TE) GPT layer spec with MLA
-(`get_gpt_layer_local_spec(multi_latent_attention=True)`): every linear of MLA is a ColumnParallelLinear
-except `linear_proj` (RowParallelLinear), so the q/kv *down* projections are split over TP along their output
-rows as well. Gated MLPs store [gate; up] stacked in `linear_fc1`; under TP each rank holds
+(`get_gpt_layer_local_spec(multi_latent_attention=True)`), with one change made by our layer spec: MLA's q/kv
+*down* projections (`linear_q_down_proj`, `linear_kv_down_proj`) are megatron's TP-duplicated `Linear`, so every
+TP rank holds them whole (REPLICATED, as are LoRA's A and B on them); the up projections are
+ColumnParallelLinear and `linear_proj` RowParallelLinear. Gated MLPs store [gate; up] stacked in `linear_fc1`; under TP each rank holds
 [gate_shard; up_shard]. Grouped-GEMM experts follow megatron's GroupedMLP: `weight1` is [H, E_local * 2I/tp]
 whose memory is E_local blocks of fc1_shard^T ([H, 2I/tp]) and `weight2` is [E_local * I/tp, H] made of
 fc2_shard^T blocks (GroupedMLP.forward views them as [E, H, -1] and [E, -1, H]).
@@ -24,7 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 # How one Megatron tensor relates to its HF tensor(s) and to TP.
-REPLICATED = "replicated"  # every TP rank holds the full tensor (norms, router, expert bias)
+REPLICATED = "replicated"  # every TP rank holds the full tensor (norms, router, expert bias, MLA down projections)
 COLUMN = "column"  # split over TP along dim 0 (ColumnParallelLinear, VocabParallelEmbedding)
 ROW = "row"  # split over TP along dim 1 (RowParallelLinear)
 GLU = "glu"  # hf = (gate, up); full = [gate; up]; TP rank k holds [gate_k; up_k]

@@ -65,7 +65,14 @@ def test_layer_list_must_sum_to_num_layers(hf_dir, tmp_path, capsys):
 def test_ep_must_divide_experts(hf_dir, tmp_path, capsys):
     code, err = run(capsys, "hf2mcore", "--load-dir", hf_dir, "--save-dir", str(tmp_path / "out"),
                     "--target-expert-parallel-size", "3")
-    assert code == 2 and "3 must divide --num-experts 8" in err, err
+    assert code == 2 and "--target-expert-parallel-size 3 must divide --num-experts 8" in err, err
+    code, err = run(capsys, "hf2mcore", "--load-dir", hf_dir, "--save-dir", str(tmp_path / "out"),
+                    "--target-tensor-parallel-size", "3")
+    assert code == 2 and "--target-tensor-parallel-size 3 must divide num_attention_heads" in err, err
+    code, err = run(capsys, "hf2mcore", "--load-dir", hf_dir, "--save-dir", str(tmp_path / "out"),
+                    "--target-expert-parallel-size", "0")
+    assert code == 2 and "--target-expert-parallel-size must be a positive integer" in err, err
+    assert "--expert-model-parallel-size" not in err
 
 
 def test_model_flag_checked_against_config(hf_dir, tmp_path, capsys):

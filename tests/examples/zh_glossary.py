@@ -136,7 +136,6 @@ ZH = {
     "--tokens-file": "verify：输入 token 的 JSON 文件。",
     "--tolerance": "verify：logits 允许的最大差。",
     "--save-logits": "verify：把两边 logits 保存到此文件。",
-    "--spawn": "verify：以本地 gloo 进程启动 world_size 个 rank。",
     "--dtype": "verify：计算用的数据类型。",
     # plan
     "--world-size": "总设备数；或给出 --nnodes 与 --nproc-per-node。",
