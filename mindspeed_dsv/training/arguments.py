@@ -188,6 +188,11 @@ def validate(args: argparse.Namespace, world_size: int, model_cfg: dict | None =
         problems.append("--eval-interval needs --eval-iters > 0")
     if not args.data_path:
         problems.append("--data-path is required")
+    if args.tensorboard_dir:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            problems.append("--tensorboard-dir needs the tensorboard package (pip install tensorboard)")
     if args.model_config is None and args.load is None:
         problems.append("--model-config (or a --load directory holding config.json) is required")
     if problems:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_preprocess
+from tests.data.conftest import run_preprocess
 
 GOOD = {"text": "A good line."}
 

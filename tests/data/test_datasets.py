@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DATA, run_preprocess
+from tests.data.conftest import DATA, run_preprocess
 from mindspeed_dsv.data.datasets import (DataParallelSampler, SFTDataset, attention_mask_from_segment_ids,
                                          build_sft_dataloader, cu_seqlens_from_segment_ids)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conftest import DATA, TOKENIZER, read_jsonl, run_preprocess
+from tests.data.conftest import DATA, TOKENIZER, read_jsonl, run_preprocess
 
 
 def _texts(n=None):

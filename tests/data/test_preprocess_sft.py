@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import DATA, read_jsonl, run_preprocess
+from tests.data.conftest import DATA, read_jsonl, run_preprocess
 from mindspeed_dsv.data.handlers import get_handler
 from mindspeed_dsv.data.packing import neat_pack
 

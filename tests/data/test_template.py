@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import DATA, read_jsonl
+from tests.data.conftest import DATA, read_jsonl
 from mindspeed_dsv.data.handlers import get_handler
 from mindspeed_dsv.data.templates import DeepSeek3Template
 

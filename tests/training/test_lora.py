@@ -57,3 +57,28 @@ def test_lora_trains_adapters_only_and_merges_into_hf(tiny_data, tiny_hf_dir, tm
         ref = hf(_ids()).logits
     rel = ((logits - ref).norm() / ref.norm()).item()
     assert rel < 1e-5, rel
+
+
+def _train_qlora(argv):
+    from mindspeed_dsv.training.arguments import build_parser
+    from mindspeed_dsv.training.loop import train
+
+    state = train(build_parser().parse_args(argv))
+    model = state.models[0].module
+    params = dict(model.named_parameters())
+    trainable = sorted(n for n, p in params.items() if p.requires_grad)
+    # The targeted base weights live as NF4 storage, not as parameters the optimizer could see.
+    fc2_weights = [n for n in params if n.endswith("linear_fc2.weight") or n.endswith("linear_fc2.base_layer.weight")]
+    return [h["lm loss"] for h in state.history], trainable, fc2_weights
+
+
+def test_qlora_trains_adapters_over_nf4_base(tiny_data, tiny_hf_dir, tmp_path):
+    base = hf2mcore(tiny_hf_dir, str(tmp_path / "base"))
+    argv = ["--data-path", tiny_data["sft"], "--is-instruction-dataset", "--seq-length", "128",
+            "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "6", "--lr", "1e-2",
+            "--load", base, "--finetune", "--lora-r", "8", "--lora-alpha", "16", "--qlora-nf4",
+            "--lora-target-modules", "linear_fc1", "linear_fc2", "--no-shuffle", "--log-interval", "1000"]
+    ((losses, trainable, fc2_weights),) = run_distributed(_train_qlora, 1, argv)
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert fc2_weights == []
+    assert losses[-1] < losses[0]

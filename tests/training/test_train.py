@@ -20,13 +20,20 @@ def _sft_args(data, *extra):
             "--lr", "2e-3", "--min-lr", "2e-4", "--seed", "5", "--log-interval", "1000", *extra]
 
 
-def test_sft_loss_falls(tiny_data):
+def test_sft_loss_falls(tiny_data, tmp_path):
+    tb = tmp_path / "tb"
     args = _sft_args(tiny_data, "--model-config", "assets/tiny_deepseek3", "--train-iters", "40",
-                     "--global-batch-size", "4", "--lr-warmup-iters", "2")
+                     "--global-batch-size", "4", "--lr-warmup-iters", "2", "--tensorboard-dir", str(tb))
     (history,) = run_distributed(_train, 1, args)
     first, last = history[0]["lm loss"], sum(h["lm loss"] for h in history[-5:]) / 5
     assert first > 7.5  # ~ln(4096) at random init
     assert last < 0.6 * first, (first, last)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    logged = [e.value for e in events.Scalars("lm_loss")]
+    assert len(logged) == 40 and logged[0] == pytest.approx(first, rel=1e-6)
 
 
 def test_resume_continues_the_same_curve(tiny_data, tmp_path):
