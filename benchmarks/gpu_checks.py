@@ -184,7 +184,7 @@ def run_parallel(rows, work, steps=4):
     for name, (conv, train) in layouts.items():
         ckpt = os.path.join(work, "ckpt_" + re.sub(r"\W", "", name))
         rc = _sh([PY, "-m", "ckpt_convert", "hf2mcore", "--load-dir", hf_dir, "--save-dir", ckpt, "--no-progress",
-                  *conv], log, env)
+                  "--moe-grouped-gemm", *conv], log, env)
         run_log = os.path.join(work, "train_" + re.sub(r"\W", "", name) + ".log")
         n = 1 if name == "1 GPU" else 2
         if not rc:

@@ -30,8 +30,8 @@ import os
 import subprocess
 import sys
 import tempfile
+import socket
 import time
-import zlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -100,6 +100,7 @@ OURS_ROWS = {
     "exp:ours+fused-adam": (1, FAST),
     "exp:ours+bf16-grads": (1, FAST),
     "exp:ours+fused-adam+bf16-grads": (1, FAST),
+    "exp:ours+fused+fused-adam+bf16-grads": (1, FAST + ["--use-fused-rmsnorm", "--use-fused-swiglu"]),
     "ours-ep2": (2, FAST + ["--expert-model-parallel-size", "2"]),
     "ours-tp2": (2, FAST + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
 }
@@ -415,6 +416,12 @@ def _flops_per_token(hf_cfg, seq):
     return train_flops_per_token(DeepSeekConfig.from_hf(hf_cfg), seq, 0)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _run_row(name, a, workdir, env):
     result = os.path.join(workdir, f"{name}.json")
     if os.path.exists(result):
@@ -427,7 +434,7 @@ def _run_row(name, a, workdir, env):
     if name in OURS_ROWS:
         gpus = OURS_ROWS[name][0]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(gpus),
-               "--master-port", str(29500 + zlib.crc32(name.encode()) % 2000), me, *common]
+               "--master-port", str(_free_port()), me, *common]
     else:
         cmd = [sys.executable, me, *common]
     log = os.path.join(a.log_dir or workdir, f"{name}.log")

@@ -136,7 +136,7 @@ def build_parser(prog: str = "mindspeed_dsv.train") -> argparse.ArgumentParser:
     e.add_argument("--eval-interval", type=int, default=None, help="Validate every N steps.")
     e.add_argument("--eval-iters", type=int, default=0, help="Validation micro-batch groups per evaluation.")
     e.add_argument("--log-interval", type=int, default=1, help="Log every N steps.")
-    e.add_argument("--tensorboard-dir", default=None, help="Write TensorBoard scalars here.")
+    e.add_argument("--tensorboard-dir", default=None, help="Write TensorBoard scalars (every step) here.")
     e.add_argument("--peak-tflops", type=float, default=None,
                    help="Device peak TFLOP/s for MFU. Default: known bf16 dense peak of the device, none on cpu.")
 

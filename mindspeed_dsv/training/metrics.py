@@ -34,10 +34,10 @@ class MetricsLogger:
         )
         if self.rank0 and iteration % self.args.log_interval == 0:
             print(self._line(record), flush=True)
-            if self.writer:
-                for k, v in record.items():
-                    if isinstance(v, (int, float)) and v is not None and k != "iteration":
-                        self.writer.add_scalar(k.replace(" ", "_"), v, iteration)
+        if self.writer:  # every step, like megatron's default --tensorboard-log-interval 1
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "iteration":
+                    self.writer.add_scalar(k.replace(" ", "_"), v, iteration)
         return record
 
     def _line(self, r: dict) -> str:
