@@ -152,7 +152,7 @@ def _losses(log):
         return [float(m) for m in re.findall(r"lm loss ([0-9.eE+-]+)", f.read())]
 
 
-def run_parallel(rows, work, steps=4):
+def run_parallel(rows, work, steps=4, only=None):
     from tests.model.hf_reference import make_hf_model, tiny_hf_config
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), PYTHONUNBUFFERED="1")
@@ -177,6 +177,8 @@ def run_parallel(rows, work, steps=4):
         "EP2": (["--target-expert-parallel-size", "2"], ["--expert-model-parallel-size", "2"]),
         "PP2": (["--target-pipeline-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]),
     }
+    if only:
+        layouts = {k: v for k, v in layouts.items() if k == "1 GPU" or k in only}
     common = ["--data-path", data, "--is-instruction-dataset", "--seq-length", "128", "--micro-batch-size", "2",
               "--global-batch-size", "4", "--lr", "2e-3", "--seed", "5", "--train-iters", str(steps), "--finetune",
               "--no-shuffle", "--bf16", "--use-flash-attn", "--moe-grouped-gemm", "--log-interval", "1"]
@@ -187,6 +189,8 @@ def run_parallel(rows, work, steps=4):
                   "--moe-grouped-gemm", *conv], log, env)
         run_log = os.path.join(work, "train_" + re.sub(r"\W", "", name) + ".log")
         n = 1 if name == "1 GPU" else 2
+        if os.path.exists(run_log):  # a reused --workdir: read this run's losses only
+            os.remove(run_log)
         if not rc:
             rc = _sh([PY, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port", "29611",
                       "-m", "mindspeed_dsv.train", "--load", ckpt, *common, *train], run_log, env)
@@ -213,6 +217,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", choices=["parity", "parallel"], default=None, help="Run one group of checks.")
     p.add_argument("--workdir", default=None, help="Scratch directory (default: a temporary one).")
+    p.add_argument("--layouts", nargs="*", default=None, choices=["TP2+SP", "EP2", "PP2"],
+                   help="Parallel layouts to compare with 1 GPU (default: all three).")
     a = p.parse_args(argv)
     import torch
 
@@ -227,7 +233,7 @@ def main(argv=None):
         if torch.cuda.device_count() < 2:
             rows.append(("parallel", "SKIP", "needs 2 GPUs"))
         else:
-            ok &= run_parallel(rows, work)
+            ok &= run_parallel(rows, work, only=a.layouts)
     print(f"\n{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     print("| check | result | detail |\n|---|---|---|")
     for r in rows:

@@ -14,18 +14,20 @@ every stack; recompute not counted), MFU against the bf16 matmul rate measured a
 peak memory (torch max_memory_allocated, rank 0), and the first losses (random tokens: each starts near
 ln(vocab) = 11.54; they must agree roughly).
 
-    python benchmarks/train_mfu.py                                     # all rows the GPUs allow
-    python benchmarks/train_mfu.py --rows ours ours-ref hf titan       # a subset
+    python benchmarks/train_mfu.py                                     # all rows the GPUs allow (not exp:)
+    python benchmarks/train_mfu.py --rows ours ours+fused hf titan     # a subset
+    MFU_PROFILE=1 python benchmarks/train_mfu.py --rows ours hf        # + a torch.profiler table per row (logs)
     python benchmarks/train_mfu.py --tiny --rows ours hf titan         # a seconds-long smoke run (cpu too)
 
-Each row runs in its own process (torchrun for ours), so one failing stack leaves a row saying why.
+Each row runs in its own process (torchrun for ours), so one failing stack leaves a row saying why. torchtitan
+is 0.2.2 (0.3.0 needs a newer torch than 2.11); the transformers baseline needs transformers >= 5 for grouped_mm
+experts. Results and commands: docs/en/performance.md; predictions and outcomes: benchmarks/NOTES.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -455,14 +457,14 @@ def _run_row(name, a, workdir, env):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", nargs="*", default=None,
-                   help=f"Rows to run, in order; known: {', '.join([*OURS_ROWS, *BASELINES])}. Default: all that "
-                   "fit the visible GPUs.")
+                   help=f"Rows to run, in order; known: {', '.join([*OURS_ROWS, *BASELINES])}. Default: all but the "
+                   "exp: rows that fit the visible GPUs.")
     p.add_argument("--layers", type=int, default=4, help="Decoder layers of the proxy (first one dense).")
     p.add_argument("--seq", type=int, default=4096, help="Sequence length.")
-    p.add_argument("--mbs", type=int, default=1, help="Micro-batch size.")
+    p.add_argument("--mbs", type=int, default=2, help="Micro-batch size.")
     p.add_argument("--gbs", type=int, default=8, help="Global batch size (samples per optimizer step).")
-    p.add_argument("--steps", type=int, default=6, help="Timed steps (after warm-up).")
-    p.add_argument("--warmup", type=int, default=3, help="Untimed warm-up steps.")
+    p.add_argument("--steps", type=int, default=4, help="Timed steps (after warm-up).")
+    p.add_argument("--warmup", type=int, default=2, help="Untimed warm-up steps.")
     p.add_argument("--tiny", action="store_true", help="A tiny model of the same architecture (smoke test).")
     p.add_argument("--row-timeout", type=float, default=600, help="Seconds before a row is killed.")
     p.add_argument("--log-dir", default=None, help="Where each row's log goes (default: a temporary directory).")
@@ -488,7 +490,8 @@ def main(argv=None):
     import torch
 
     gpus = torch.cuda.device_count()
-    rows = a.rows or [r for r in [*OURS_ROWS, *BASELINES] if OURS_ROWS.get(r, (1,))[0] <= max(gpus, 1)]
+    rows = a.rows or [r for r in [*OURS_ROWS, *BASELINES]
+                      if OURS_ROWS.get(r, (1,))[0] <= max(gpus, 1) and not r.startswith("exp:")]
     unknown = [r for r in rows if r not in OURS_ROWS and r not in BASELINES]
     if unknown:
         p.error(f"unknown rows {unknown}")

@@ -23,7 +23,7 @@ def hf_groups(reader: McoreReader, cfg: dict, layout: ParallelLayout) -> list[tu
         m = reader.entries[reader.hf_of_name[name]][0][4]
         by_layer.setdefault(m.hf_layer, []).append(name)
     for k in range(layout.mtp_num_layers or 0):
-        by_layer.setdefault(nm.Dims.of(cfg).num_hidden_layers + k, []).extend(nm.mtp_shared_names(cfg, k))
+        by_layer.setdefault(nm.dims(cfg).num_hidden_layers + k, []).extend(nm.mtp_shared_names(cfg, k))
     keys = sorted(by_layer, key=lambda x: -1 if x is None else x)
     return [("other" if k is None else f"layer{k}", by_layer[k]) for k in keys]
 

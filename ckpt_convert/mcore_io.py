@@ -62,7 +62,7 @@ def all_ranks(layout: ParallelLayout) -> list[tuple[int, int, int]]:
 def args_record(cfg: dict, layout: ParallelLayout, params_dtype: str, mla_mm_split: bool, qlora_nf4: bool = False
                 ) -> argparse.Namespace:
     """The `args` of a Megatron checkpoint: what MindSpeed/Megatron look at on load, plus our layout."""
-    d = nm.Dims.of(cfg)
+    d = nm.dims(cfg)
     return argparse.Namespace(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,

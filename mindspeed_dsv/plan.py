@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from mindspeed_dsv.models.config import DeepSeekConfig
 from mindspeed_dsv.layout import LayoutError, ParallelLayout, add_layout_args
 
 GiB = 1024 ** 3
@@ -38,52 +39,14 @@ class PlanError(LayoutError):
 
 
 # --------------------------------------------------------------------------------------------- model shape
-@dataclass(frozen=True)
-class ModelShape:
-    """The DeepSeek-V3 config.json fields that decide parameter shapes."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    moe_intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    q_lora_rank: int | None
-    kv_lora_rank: int
-    qk_rope_head_dim: int
-    qk_nope_head_dim: int
-    v_head_dim: int
-    n_routed_experts: int
-    n_shared_experts: int
-    num_experts_per_tok: int
-    first_k_dense_replace: int
-    num_nextn_predict_layers: int
-    tie_word_embeddings: bool = False
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> "ModelShape":
-        def get(key, default=None):
-            return cfg.get(key, default) if isinstance(cfg, Mapping) else getattr(cfg, key, default)
-
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
-                               "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_rope_head_dim",
-                               "qk_nope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok")
-                   if get(k) is None]
-        if missing:
-            raise PlanError(f"--model-config: config is missing {missing}")
-        return cls(
-            vocab_size=int(get("vocab_size")), hidden_size=int(get("hidden_size")),
-            intermediate_size=int(get("intermediate_size")), moe_intermediate_size=int(get("moe_intermediate_size")),
-            num_hidden_layers=int(get("num_hidden_layers")), num_attention_heads=int(get("num_attention_heads")),
-            q_lora_rank=None if get("q_lora_rank") is None else int(get("q_lora_rank")),
-            kv_lora_rank=int(get("kv_lora_rank")), qk_rope_head_dim=int(get("qk_rope_head_dim")),
-            qk_nope_head_dim=int(get("qk_nope_head_dim")), v_head_dim=int(get("v_head_dim")),
-            n_routed_experts=int(get("n_routed_experts")), n_shared_experts=int(get("n_shared_experts", 0) or 0),
-            num_experts_per_tok=int(get("num_experts_per_tok")),
-            first_k_dense_replace=int(get("first_k_dense_replace", 0) or 0),
-            num_nextn_predict_layers=int(get("num_nextn_predict_layers", 0) or 0),
-            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-        )
+def model_shape(cfg: Any) -> DeepSeekConfig:
+    """The model's shapes as the one DeepSeekConfig; errors name --model-config."""
+    if isinstance(cfg, DeepSeekConfig):
+        return cfg
+    try:
+        return DeepSeekConfig.from_hf(cfg)
+    except (KeyError, ValueError) as e:
+        raise PlanError(f"--model-config: {e}") from None
 
 
 def load_model_config(path: str | os.PathLike) -> dict:
@@ -148,7 +111,7 @@ class Tensor:
         return (r * in_f / etp + r * out_f) * local
 
 
-def attention_tensors(m: ModelShape) -> list[Tensor]:
+def attention_tensors(m: DeepSeekConfig) -> list[Tensor]:
     """MLA. The down projections are replicated over TP (as Megatron's TE spec and MindSpeed do)."""
     h, nh = m.hidden_size, m.num_attention_heads
     qk = m.qk_nope_head_dim + m.qk_rope_head_dim
@@ -168,13 +131,13 @@ def attention_tensors(m: ModelShape) -> list[Tensor]:
     return out
 
 
-def dense_mlp_tensors(m: ModelShape) -> list[Tensor]:
+def dense_mlp_tensors(m: DeepSeekConfig) -> list[Tensor]:
     h, i = m.hidden_size, m.intermediate_size
     return [Tensor("mlp.linear_fc1", (2 * i, h), "col", "dense_mlp", linear=True),
             Tensor("mlp.linear_fc2", (h, i), "row", "dense_mlp", linear=True)]
 
 
-def moe_tensors(m: ModelShape) -> list[Tensor]:
+def moe_tensors(m: DeepSeekConfig) -> list[Tensor]:
     h, i, e = m.hidden_size, m.moe_intermediate_size, m.n_routed_experts
     out = [Tensor("mlp.router.weight", (e, h), "rep", "router"),
            # A buffer in Megatron (updated by the load-balancing rule, not by the optimizer).
@@ -188,22 +151,22 @@ def moe_tensors(m: ModelShape) -> list[Tensor]:
     return out
 
 
-def decoder_layer_tensors(m: ModelShape, dense: bool) -> list[Tensor]:
+def decoder_layer_tensors(m: DeepSeekConfig, dense: bool) -> list[Tensor]:
     return attention_tensors(m) + (dense_mlp_tensors(m) if dense else moe_tensors(m))
 
 
-def embedding_tensors(m: ModelShape) -> list[Tensor]:
+def embedding_tensors(m: DeepSeekConfig) -> list[Tensor]:
     return [Tensor("embedding.word_embeddings", (m.vocab_size, m.hidden_size), "vocab", "embedding")]
 
 
-def output_tensors(m: ModelShape) -> list[Tensor]:
+def output_tensors(m: DeepSeekConfig) -> list[Tensor]:
     out = [Tensor("decoder.final_layernorm", (m.hidden_size,), "rep", "norm")]
     if not m.tie_word_embeddings:
         out.append(Tensor("output_layer", (m.vocab_size, m.hidden_size), "vocab", "output", linear=False))
     return out
 
 
-def mtp_layer_tensors(m: ModelShape, hf_index: int) -> list[Tensor]:
+def mtp_layer_tensors(m: DeepSeekConfig, hf_index: int) -> list[Tensor]:
     """One MTP module: enorm, hnorm, eh_proj (2h -> h, column split), a full decoder layer, final norm.
     It shares the word embedding and output layer with the main model (Megatron; HF stores copies)."""
     h = m.hidden_size
@@ -214,7 +177,7 @@ def mtp_layer_tensors(m: ModelShape, hf_index: int) -> list[Tensor]:
             + [Tensor("mtp.final_layernorm", (h,), "rep", "norm")])
 
 
-def activated_numel(tensors: list[Tensor], m: ModelShape) -> int:
+def activated_numel(tensors: list[Tensor], m: DeepSeekConfig) -> int:
     """Parameters one token touches: routed experts count top-k of n_routed_experts."""
     total = 0
     for t in tensors:
@@ -312,7 +275,7 @@ class StagePlan:
 @dataclass
 class Plan:
     layout: ParallelLayout
-    model: ModelShape
+    model: DeepSeekConfig
     train: TrainArgs
     world_size: int | None
     dp: int | None
@@ -332,7 +295,7 @@ class Plan:
         return max(s.memory.total for s in self.stages)
 
 
-def _layer_activation_elems(m: ModelShape, layout: ParallelLayout, train: TrainArgs, dense: bool) -> tuple[float, float]:
+def _layer_activation_elems(m: DeepSeekConfig, layout: ParallelLayout, train: TrainArgs, dense: bool) -> tuple[float, float]:
     """(elements kept for backward by one decoder layer for one micro-batch, extra fp32 bytes).
 
     T = micro_batch * seq_length / cp tokens; `sp` = TP if sequence parallel else 1 divides what lives in
@@ -389,8 +352,8 @@ def make_plan(model_cfg: Any, layout: ParallelLayout, train_args: TrainArgs | No
     """Validate ``layout`` (filled with config.json defaults) and ``train_args`` and compute the plan.
     Raises LayoutError/PlanError naming the flag. Builds nothing."""
     train = train_args or TrainArgs()
-    m = model_cfg if isinstance(model_cfg, ModelShape) else ModelShape.from_config(model_cfg)
-    cfg_view = {k: getattr(m, k) for k in ModelShape.__dataclass_fields__}
+    m = model_shape(model_cfg)
+    cfg_view = {k: getattr(m, k) for k in m.__dataclass_fields__ if k not in ("rope", "extra")}
     layout = layout.with_model_defaults(cfg_view)
     layout.validate_against(cfg_view)
     train.validate()

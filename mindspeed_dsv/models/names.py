@@ -24,6 +24,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from mindspeed_dsv.models.config import DeepSeekConfig
+
 # How one Megatron tensor relates to its HF tensor(s) and to TP.
 REPLICATED = "replicated"  # every TP rank holds the full tensor (norms, router, expert bias, MLA down projections)
 COLUMN = "column"  # split over TP along dim 0 (ColumnParallelLinear, VocabParallelEmbedding)
@@ -56,49 +58,18 @@ class TensorMap:
 
 
 # --------------------------------------------------------------------------------------------- model dims
-@dataclass(frozen=True)
-class Dims:
-    """The config facts the name map needs; from a DeepSeekConfig, a HF config.json dict or an object."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    moe_intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    q_lora_rank: int | None
-    kv_lora_rank: int
-    qk_nope_head_dim: int
-    qk_rope_head_dim: int
-    v_head_dim: int
-    n_routed_experts: int
-    n_shared_experts: int
-    first_k_dense_replace: int
-
-    @classmethod
-    def of(cls, cfg: Any) -> "Dims":
-        get = (lambda k, d=None: cfg.get(k, d)) if isinstance(cfg, Mapping) else (lambda k, d=None: getattr(cfg, k, d))
-        return cls(
-            vocab_size=int(get("vocab_size")),
-            hidden_size=int(get("hidden_size")),
-            intermediate_size=int(get("intermediate_size")),
-            moe_intermediate_size=int(get("moe_intermediate_size")),
-            num_hidden_layers=int(get("num_hidden_layers")),
-            num_attention_heads=int(get("num_attention_heads")),
-            q_lora_rank=None if get("q_lora_rank") is None else int(get("q_lora_rank")),
-            kv_lora_rank=int(get("kv_lora_rank")),
-            qk_nope_head_dim=int(get("qk_nope_head_dim")),
-            qk_rope_head_dim=int(get("qk_rope_head_dim")),
-            v_head_dim=int(get("v_head_dim")),
-            n_routed_experts=int(get("n_routed_experts") or 0),
-            n_shared_experts=int(get("n_shared_experts") or 0),
-            first_k_dense_replace=int(get("first_k_dense_replace") or 0),
-        )
+def dims(cfg: Any) -> DeepSeekConfig:
+    """The model facts the name map needs: the one DeepSeekConfig, from itself or a config.json dict."""
+    if isinstance(cfg, DeepSeekConfig):
+        return cfg
+    if isinstance(cfg, Mapping):
+        return DeepSeekConfig.from_hf(cfg)
+    raise TypeError(f"expected a DeepSeekConfig or a config.json dict, got {type(cfg).__name__}")
 
 
 # --------------------------------------------------------------------------------------------- per layer
 # (mcore suffix, hf suffix, split, lora-able linear?) for the attention block. HF names are DeepseekV3's.
-def _attention(d: Dims, mla_mm_split: bool) -> list[tuple]:
+def _attention(d: DeepSeekConfig, mla_mm_split: bool) -> list[tuple]:
     out = [("input_layernorm.weight", ("input_layernorm.weight",), REPLICATED, None)]
     if d.q_lora_rank is None:
         out.append(("self_attention.linear_q_proj.weight", ("self_attn.q_proj.weight",), COLUMN, None))
@@ -139,7 +110,7 @@ def _attention(d: Dims, mla_mm_split: bool) -> list[tuple]:
 
 
 def layer_maps(
-    d: Dims,
+    d: DeepSeekConfig,
     layout,
     hf_index: int,
     mc_prefix: str,
@@ -196,7 +167,7 @@ def rank_maps(
     cfg: Any, layout, tp_rank: int, pp_rank: int, ep_rank: int, chunk: int = 0, mla_mm_split: bool = False,
 ) -> list[TensorMap]:
     """Every tensor of model chunk `chunk` in rank file (tp_rank, pp_rank, ep_rank), in state_dict order."""
-    d = cfg if isinstance(cfg, Dims) else Dims.of(cfg)
+    d = dims(cfg)
     tp = layout.tp
     out: list[TensorMap] = []
     embed = TensorMap("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), COLUMN, tp,
@@ -236,7 +207,7 @@ def rank_maps(
 def mtp_shared_names(cfg: Any, k: int) -> dict[str, str]:
     """HF tensors of MTP layer k that Megatron does not store separately (it reuses the main embedding and
     output layer): HF name -> the HF name whose value it takes."""
-    d = cfg if isinstance(cfg, Dims) else Dims.of(cfg)
+    d = dims(cfg)
     hp = f"model.layers.{d.num_hidden_layers + k}."
     return {hp + "embed_tokens.weight": "model.embed_tokens.weight", hp + "shared_head.head.weight": "lm_head.weight"}
 
@@ -376,7 +347,7 @@ def hf_module(hf_weight_name: str) -> str:
 
 
 __all__ = [
-    "COLUMN", "Dims", "GLU", "GROUPED_W1", "GROUPED_W2", "HEAD_PART", "MCORE_TO_HF_MODULE", "NameMapError", "REPLICATED",
+    "COLUMN", "dims", "GLU", "GROUPED_W1", "GROUPED_W2", "HEAD_PART", "MCORE_TO_HF_MODULE", "NameMapError", "REPLICATED",
     "ROW", "SPLITS", "TensorMap", "chunk_key", "hf_module", "layer_maps", "lora_splits", "merge_head_parts",
     "mtp_shared_names", "rank_maps", "shard_for_rank", "unshard",
 ]
@@ -384,7 +355,7 @@ __all__ = [
 
 def expected_hf_shape(cfg: Any, name: str) -> tuple[int, ...] | None:
     """The shape config.json implies for HF tensor `name` (None for a name this map does not know)."""
-    d = cfg if isinstance(cfg, Dims) else Dims.of(cfg)
+    d = dims(cfg)
     H, n = d.hidden_size, d.num_attention_heads
     qk = d.qk_nope_head_dim + d.qk_rope_head_dim
     top = {"model.embed_tokens.weight": (d.vocab_size, H), "lm_head.weight": (d.vocab_size, H),
