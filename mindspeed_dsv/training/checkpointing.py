@@ -26,6 +26,15 @@ class CheckpointError(RuntimeError):
     pass
 
 
+DISTRIB_OPTIM_FILE = "distrib_optim.pt"
+
+
+def _is_distributed(optimizer) -> bool:
+    """True for megatron's DistributedOptimizer, alone or inside its ChainedOptimizer (dense + expert)."""
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(hasattr(o, "get_parameter_state_dp_zero") for o in parts)
+
+
 def _ranks():
     return (
         parallel_state.get_tensor_model_parallel_rank(),
@@ -80,10 +89,15 @@ def save_checkpoint(save_dir, iteration, models, optimizer, scheduler, consumed_
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    # Megatron's optimizer.state_dict() is collective-free on every rank for the non-distributed optimizer.
     optim_state = optimizer.state_dict() if (save_optim and optimizer is not None) else None
+    tp, pp, ep = _ranks()
+    rank_dir = os.path.join(tmp, layout.rank_dir_name(tp, pp, ep))
+    os.makedirs(rank_dir, exist_ok=True)
+    if optim_state is not None and _is_distributed(optimizer):
+        # The distributed optimizer's moments are sharded over data-parallel ranks: megatron gathers them to
+        # data-parallel rank 0, which writes distrib_optim.pt next to the model file (collective: all ranks call).
+        optimizer.save_parameter_state(os.path.join(rank_dir, DISTRIB_OPTIM_FILE))
     if parallel_state.get_expert_data_parallel_rank() == 0:
-        tp, pp, ep = _ranks()
         state = dict(zip(_chunk_keys(len(models)), model_state(models, lora_only)))
         state.update(
             checkpoint_version=3.0,
@@ -97,9 +111,7 @@ def save_checkpoint(save_dir, iteration, models, optimizer, scheduler, consumed_
             state["opt_param_scheduler"] = scheduler.state_dict()
         if save_rng:
             state["rng_state"] = _rng_state()
-        path = os.path.join(tmp, layout.rank_dir_name(tp, pp, ep), CKPT_FILE)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(state, path)
+        torch.save(state, os.path.join(rank_dir, CKPT_FILE))
     dist.barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -152,9 +164,20 @@ def restore_training_state(path: str, state: dict, optimizer, scheduler, *, load
     if state.get("iteration") in (None, "release"):
         return 0, 0
     if load_optim:
+        if _is_distributed(optimizer):
+            # Seen on 2x H200 (2026-11-25, benchmarks/gpu_distopt_check.sh): the saved run trains and saves,
+            # but resuming its moments stops in megatron-core 0.16.1's torch-AdamW path with KeyError 'step'.
+            # Refuse up front rather than fail mid-load; the weights alone still load.
+            raise CheckpointError(
+                f"{path}: resuming the distributed optimizer's state is not supported yet (megatron-core 0.16.1 "
+                "with torch AdamW); resume with --no-load-optim (weights, step, lr schedule and data order are kept) or "
+                "train without --use-distributed-optimizer"
+            )
         if "optimizer" not in state:
             raise CheckpointError(f"{path}: no optimizer state; resume with --no-load-optim or --finetune")
         optimizer.load_state_dict(state["optimizer"])
+    if "opt_param_scheduler" in state:
+        # The learning-rate schedule follows the step count, with or without the optimizer's moments.
         scheduler.load_state_dict(state["opt_param_scheduler"])
     if load_rng and "rng_state" in state:
         _set_rng_state(state["rng_state"])
