@@ -373,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and line (fatal), or report it, skip it and count it in the summary (skip)")
     g.add_argument("--log-interval", type=int, default=100,
                    help="refresh the throughput shown on the progress bar every N documents")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="hide the progress bar (progress shown: %(default)s)")
     return p
 
 
