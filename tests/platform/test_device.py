@@ -1,0 +1,108 @@
+"""The device layer on npu, with torch_npu / torch.npu / MindSpeed's adaptor faked at their documented entry points
+(import torch_npu registers torch.npu; torch_npu.contrib.transfer_to_npu and mindspeed.megatron_adaptor patch on
+import), and on cpu for real."""
+
+import sys
+import types
+
+import pytest
+import torch
+
+from mindspeed_dsv.platform import device as device_mod
+from mindspeed_dsv.platform import megatron_compat
+
+
+class _FakeNpuModule(types.SimpleNamespace):
+    """What the device layer calls on torch.npu."""
+
+    def __init__(self):
+        super().__init__(calls=[])
+
+    def is_available(self):
+        return True
+
+    def current_device(self):
+        return 3
+
+    def set_device(self, i):
+        self.calls.append(("set_device", i))
+
+    def device_count(self):
+        return 8
+
+    def synchronize(self):
+        self.calls.append(("synchronize",))
+
+    def manual_seed_all(self, s):
+        self.calls.append(("manual_seed_all", s))
+
+    def max_memory_allocated(self):
+        return 123
+
+    def get_device_name(self):
+        return "Ascend910B3"
+
+
+@pytest.fixture
+def fake_npu(monkeypatch):
+    imported = []
+    npu = _FakeNpuModule()
+    for name in ("torch_npu", "torch_npu.contrib", "torch_npu.contrib.transfer_to_npu", "mindspeed",
+                 "mindspeed.megatron_adaptor"):
+        mod = types.ModuleType(name)
+        monkeypatch.setitem(sys.modules, name, mod)
+    real_import = megatron_compat.importlib.import_module
+
+    def tracking_import(name, *a, **k):
+        imported.append(name)
+        return real_import(name, *a, **k)
+
+    # Importing torch_npu registers the "npu" device type (torch's privateuse1 backend renamed); do the same.
+    if torch._C._get_privateuse1_backend_name() != "npu":
+        torch.utils.rename_privateuse1_backend("npu")
+    monkeypatch.setattr(torch, "npu", npu, raising=False)
+    monkeypatch.setattr(megatron_compat.importlib, "import_module", tracking_import)
+    monkeypatch.setenv("MINDSPEED_DSV_DEVICE", "npu")
+    device_mod.current_platform.cache_clear()
+    yield npu, imported
+    device_mod.current_platform.cache_clear()
+
+
+def test_npu_platform_routes_to_torch_npu(fake_npu):
+    npu, _ = fake_npu
+    p = device_mod.current_platform()
+    assert (p.device_type, p.backend, p.is_accelerator) == ("npu", "hccl", True)
+    assert p.device() == torch.device("npu", 3)
+    p.set_device(5)
+    p.manual_seed(7)
+    assert ("set_device", 5) in npu.calls and ("manual_seed_all", 7) in npu.calls
+    assert p.max_memory_allocated() == 123 and p.device_name() == "Ascend910B3"
+
+
+def test_npu_compat_imports_the_adaptors_and_only_te_shims(fake_npu, monkeypatch):
+    _, imported = fake_npu
+    monkeypatch.setattr(megatron_compat, "_applied", {})
+    try:
+        applied = megatron_compat.apply_megatron_compat(device_mod.current_platform())
+        assert {"torch_npu", "torch_npu.contrib.transfer_to_npu", "mindspeed.megatron_adaptor"} <= set(imported)
+        cpu_only = {s.target for s in megatron_compat.SHIMS if s.devices == ("cpu",)}
+        assert applied and not (set(applied) & cpu_only)  # torch.cuda is torch_npu's business on npu
+    finally:
+        megatron_compat.undo_megatron_compat()
+
+
+def test_forcing_npu_without_torch_npu_says_so(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_npu", None)  # import torch_npu raises ImportError
+    monkeypatch.setenv("MINDSPEED_DSV_DEVICE", "npu")
+    device_mod.current_platform.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="torch_npu is not installed"):
+            device_mod.current_platform()
+    finally:
+        device_mod.current_platform.cache_clear()
+
+
+def test_cpu_platform():
+    p = device_mod.Platform("cpu")
+    assert (p.backend, p.device(), p.stream(), p.device_name()) == ("gloo", torch.device("cpu"), None, "cpu")
+    assert p.max_memory_allocated() > 0  # process peak RSS

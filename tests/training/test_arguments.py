@@ -1,0 +1,49 @@
+"""Flags are checked before anything is built: typos, contradictions, and disagreement with config.json."""
+
+import json
+
+import pytest
+
+from mindspeed_dsv.training.arguments import ArgumentError, build_parser, validate
+from tests.model.hf_reference import tiny_hf_config
+
+BASE = ["--model-config", "assets/tiny_deepseek3", "--data-path", "x", "--seq-length", "64", "--train-iters", "10"]
+
+
+def _check(*flags, world=1):
+    args = build_parser().parse_args([*BASE, *flags])
+    return validate(args, world, tiny_hf_config())
+
+
+def test_valid_flags_give_the_layout():
+    layout = _check("--tensor-model-parallel-size", "2", "--sequence-parallel", "--micro-batch-size", "2", world=4)
+    assert (layout.tp, layout.num_layers, layout.num_experts, layout.mtp_num_layers) == (2, 4, 8, 1)
+
+
+def test_typo_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*BASE, "--tensor-model-parallel-siz", "2"])
+    assert "--tensor-model-parallel-siz" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags,world,message",
+    [
+        (["--lr-warmup-iters", "10"], 1, "--lr-warmup-iters 10 must be below"),
+        (["--min-lr", "1", "--lr", "0.1"], 1, "--min-lr 1.0 is above --lr 0.1"),
+        (["--recompute-method", "uniform"], 1, "--recompute-method needs --recompute-granularity full"),
+        (["--lora-target-modules", "linear_proj"], 1, "need --lora-r > 0"),
+        (["--lora-r", "8"], 1, "--lora-r needs --lora-target-modules"),
+        (["--save-interval", "5"], 1, "--save-interval needs --save"),
+        (["--hidden-size", "256"], 1, "--hidden-size 256 differs from config.json hidden_size=128"),
+        (["--global-batch-size", "3", "--micro-batch-size", "2"], 2, "not a multiple of --micro-batch-size 2"),
+        (["--tensor-model-parallel-size", "2"], 2, "needs --sequence-parallel"),
+        (["--expert-model-parallel-size", "3"], 3, "3 must divide"),
+        (["--pipeline-model-parallel-size", "2", "--num-layer-list", "1,2"], 2, "--num-layer-list 1,2 sums to 3"),
+        (["--schedules-method", "dualpipev", "--pipeline-model-parallel-size", "2"], 2, "dualpipev"),
+    ],
+)
+def test_contradictions_name_the_flags(flags, world, message):
+    with pytest.raises((ArgumentError, ValueError), match=None) as err:
+        _check(*flags, world=world)
+    assert message in str(err.value), str(err.value)
