@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
-import traceback
 from functools import partial
 
 import torch
@@ -184,58 +182,25 @@ def report(ns, ours: torch.Tensor, tokens: torch.Tensor, dtype: torch.dtype, lay
 
 
 # --------------------------------------------------------------------------------------------- ranks
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank, world, port, mcore_dir, tokens, dtype, queue):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    from mindspeed_dsv.platform import destroy_distributed
-
-    try:
-        ours = mcore_logits(mcore_dir, tokens, dtype)
-        # numpy, not a tensor: torch's queue would share the storage with a process that is about to exit
-        queue.put((rank, True, None if ours is None else ours.numpy()))
-    except BaseException as e:  # noqa: BLE001 - reported by the parent
-        msg = str(e) if isinstance(e, ValueError) else traceback.format_exc()
-        queue.put((rank, False, msg))
-    finally:
-        destroy_distributed()
+def _rank_logits(mcore_dir, tokens, dtype):
+    ours = mcore_logits(mcore_dir, tokens, dtype)
+    # numpy, not a tensor: torch's queue would share the storage with a process that is about to exit
+    return None if ours is None else ours.numpy()
 
 
 def spawn_logits(mcore_dir: str, tokens: torch.Tensor, dtype: torch.dtype, world: int,
                  timeout: float = 600) -> torch.Tensor:
     """Start `world` local gloo ranks, return the logits the reporting rank computed."""
-    import torch.multiprocessing as mp
+    from mindspeed_dsv.platform.spawn import RankError, spawn_ranks
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, mcore_dir, tokens, dtype, queue))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    found, errors = None, []
     try:
-        for _ in range(world):
-            rank, ok, value = queue.get(timeout=timeout)
-            if not ok:
-                errors.append(f"rank {rank}: {value}")
-            elif value is not None:
-                found = torch.from_numpy(value)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    if errors:
-        raise VerifyError("\n".join(errors))
-    if found is None:
+        results = spawn_ranks(_rank_logits, world, mcore_dir, tokens, dtype, timeout=timeout)
+    except RankError as e:
+        raise VerifyError(str(e)) from None
+    found = [torch.from_numpy(r) for r in results if r is not None]
+    if not found:
         raise VerifyError("no rank produced logits")
-    return found
+    return found[0]
 
 
 def run_verify(ns) -> int:
@@ -261,10 +226,11 @@ def run_verify(ns) -> int:
         return int(flag.item())
     if world == 1:  # in this process
         from mindspeed_dsv.platform import destroy_distributed
+        from mindspeed_dsv.platform.spawn import free_port
 
         saved = {k: os.environ.get(k) for k in WORLD_ENV}
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
         try:
             ours = mcore_logits(ns.mcore_dir, tokens, dtype)
         finally:

@@ -23,7 +23,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from mindspeed_dsv.models.config import DeepSeekConfig
 from mindspeed_dsv.layout import LayoutError, ParallelLayout, add_layout_args
@@ -412,7 +412,6 @@ def make_plan(model_cfg: Any, layout: ParallelLayout, train_args: TrainArgs | No
     for r in range(layout.pp):
         chunks: list[ChunkPlan] = []
         stage_tensors: list[Tensor] = []
-        act_elems = act_bytes_extra = 0.0
         per_chunk_layer_acts: list[list[tuple[float, float]]] = []
         holds_embedding = any(layout.has_embedding(r, c) for c in range(layout.num_model_chunks))
         for c in range(layout.num_model_chunks):
@@ -573,7 +572,7 @@ def _describe_chunk(layout: ParallelLayout, ch: ChunkPlan) -> str:
 
 
 def format_plan(plan: Plan) -> str:
-    L, m, tr = plan.layout, plan.model, plan.train
+    L, tr = plan.layout, plan.train
     lines = []
     sched = "dualpipev" if L.dualpipev else (f"interleaved VPP, {L.num_model_chunks} chunks of {L.vpp} layers"
                                             if L.vpp else "1F1B")

@@ -29,8 +29,6 @@ where training stopped, for any dp_size whose global batch divides the consumed 
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 

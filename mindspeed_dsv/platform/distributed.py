@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import os
 
-import torch
 import torch.distributed as dist
 
 from .device import current_platform

@@ -298,6 +298,7 @@ SHIMS: tuple[Shim, ...] = (
 )
 
 _applied: dict[str, Any] = {}
+_ABSENT = object()  # the replaced attribute did not exist (te_general_gemm: its import failed without TE)
 
 
 def _import_npu_adaptor():
@@ -324,7 +325,7 @@ def apply_megatron_compat(platform: Platform | None = None, skip: tuple[str, ...
             continue
         if shim.target not in _applied:
             module, attr = shim.module_and_attr()
-            _applied[shim.target] = getattr(module, attr, None)
+            _applied[shim.target] = getattr(module, attr, _ABSENT)
             setattr(module, attr, shim.make())
         done.append(shim.target)
     return done
@@ -336,7 +337,7 @@ def undo_megatron_compat() -> None:
         if target == "npu-adaptor":
             continue
         module, attr = Shim(target, "", (), lambda: None).module_and_attr()
-        if original is None and target.endswith(":te_general_gemm"):
+        if original is _ABSENT:
             delattr(module, attr)
         else:
             setattr(module, attr, original)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -254,24 +253,29 @@ def _aux_metrics(num_microbatches: int) -> dict:
     return {name: sum(sum(v) / len(v) for v in stages.values()) for name, stages in per_stage.items()}
 
 
-def train_step(state: TrainState, train_iters, num_microbatches: int):
+def _run_schedule(state: TrainState, iterators, num_microbatches: int, forward_only: bool):
+    """One global batch through megatron's pipeline schedule (1F1B, interleaved, or none); the losses of the
+    micro-batches the last stage computed."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    chunks = len(state.models) > 1  # the interleaved schedule takes one model and iterator per chunk
+    return get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, current_platform().device()),
+        data_iterator=iterators if chunks else iterators[0],
+        model=state.models if chunks else state.models[0],
+        num_microbatches=num_microbatches,
+        seq_length=state.args.seq_length,
+        micro_batch_size=state.args.micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+def train_step(state: TrainState, train_iters, num_microbatches: int):
     args = state.args
-    device = current_platform().device()
     for m in state.models:
         m.zero_grad_buffer()
     state.optimizer.zero_grad()
-    forward_backward = get_forward_backward_func()
-    losses = forward_backward(
-        forward_step_func=partial(_forward_step, device),
-        data_iterator=train_iters if len(state.models) > 1 else train_iters[0],
-        model=state.models if len(state.models) > 1 else state.models[0],
-        num_microbatches=num_microbatches,
-        seq_length=args.seq_length,
-        micro_batch_size=args.micro_batch_size,
-        forward_only=False,
-    )
+    losses = _run_schedule(state, train_iters, num_microbatches, forward_only=False)
     ok, grad_norm, _ = state.optimizer.step()
     if ok:
         state.scheduler.step(increment=args.global_batch_size)
@@ -282,24 +286,10 @@ def train_step(state: TrainState, train_iters, num_microbatches: int):
 
 @torch.no_grad()
 def evaluate(state: TrainState, valid_iters, num_microbatches: int) -> float | None:
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    args = state.args
-    device = current_platform().device()
     for m in state.models:
         m.eval()
-    total = []
-    for _ in range(args.eval_iters):
-        losses = get_forward_backward_func()(
-            forward_step_func=partial(_forward_step, device),
-            data_iterator=valid_iters if len(state.models) > 1 else valid_iters[0],
-            model=state.models if len(state.models) > 1 else state.models[0],
-            num_microbatches=num_microbatches,
-            seq_length=args.seq_length,
-            micro_batch_size=args.micro_batch_size,
-            forward_only=True,
-        )
-        total.append(_reduce_lm_loss(losses))
+    total = [_reduce_lm_loss(_run_schedule(state, valid_iters, num_microbatches, forward_only=True))
+             for _ in range(state.args.eval_iters)]
     for m in state.models:
         m.train()
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker

@@ -1,7 +1,6 @@
 """The dry-run planner: parameter counts against formulas written out here, memory terms against the
 byte rules they document, the MindSpeed 671B templates, and the CLI's exit codes."""
 
-import math
 import os
 import subprocess
 import sys
