@@ -240,7 +240,4 @@ def resolve_model_config_path(args) -> str:
 
 def tokenizer_dir(args) -> str:
     """Where the run's tokenizer files are: --tokenizer-name-or-path, else the model config's directory."""
-    if args.tokenizer_name_or_path:
-        return args.tokenizer_name_or_path
-    path = args.model_config or args.load
-    return path if os.path.isdir(path) else os.path.dirname(path)
+    return args.tokenizer_name_or_path or os.path.dirname(resolve_model_config_path(args))

@@ -20,6 +20,7 @@ from megatron.core import parallel_state, tensor_parallel
 from ckpt_convert.hf_io import copy_side_files
 from ckpt_convert.mcore_io import CKPT_FILE, TRACKER, iter_dir_name, load_rank_file, read_iteration
 from mindspeed_dsv.layout import ParallelLayout
+from mindspeed_dsv.models.names import chunk_key
 
 
 class CheckpointError(RuntimeError):
@@ -41,10 +42,6 @@ def _ranks():
         parallel_state.get_pipeline_model_parallel_rank(),
         parallel_state.get_expert_model_parallel_rank(),
     )
-
-
-def _chunk_keys(n: int) -> list[str]:
-    return ["model"] if n == 1 else [f"model{i}" for i in range(n)]
 
 
 def _rng_state():
@@ -98,7 +95,7 @@ def save_checkpoint(save_dir, iteration, models, optimizer, scheduler, consumed_
         # data-parallel rank 0, which writes distrib_optim.pt next to the model file (collective: all ranks call).
         optimizer.save_parameter_state(os.path.join(rank_dir, DISTRIB_OPTIM_FILE))
     if parallel_state.get_expert_data_parallel_rank() == 0:
-        state = dict(zip(_chunk_keys(len(models)), model_state(models, lora_only)))
+        state = {chunk_key(layout, c): sd for c, sd in enumerate(model_state(models, lora_only))}
         state.update(
             checkpoint_version=3.0,
             iteration=iteration,
@@ -140,10 +137,11 @@ def read_checkpoint(load_dir, layout: ParallelLayout) -> tuple[str, dict]:
     return path, load_rank_file(path)
 
 
-def load_weights(path: str, state: dict, models, *, adapters: bool) -> None:
+def load_weights(path: str, state: dict, models, layout: ParallelLayout, *, adapters: bool) -> None:
     """Copy the file's weights into the model chunks. adapters=False: the base model (LoRA entries in the file
     are left for after the adapters exist); adapters=True: only the LoRA entries."""
-    for key, m in zip(_chunk_keys(len(models)), models):
+    for c, m in enumerate(models):
+        key = chunk_key(layout, c)
         module = m.module if hasattr(m, "module") else m
         if key not in state:
             raise CheckpointError(f"{path}: no '{key}' entry (model chunks in file: "

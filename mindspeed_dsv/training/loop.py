@@ -104,15 +104,15 @@ def setup(args) -> TrainState:
     resume = None  # (path, file state) whose optimizer/scheduler/iteration the run continues from
     if args.load:
         path, loaded = checkpointing.read_checkpoint(args.load, layout)
-        checkpointing.load_weights(path, loaded, models, adapters=False)
+        checkpointing.load_weights(path, loaded, models, layout, adapters=False)
         resume = (path, loaded)
     if args.lora_r:
         models = [_apply_lora(m, args) for m in models]
         if resume is not None and checkpointing.has_adapters(resume[1]):
-            checkpointing.load_weights(*resume, models, adapters=True)
+            checkpointing.load_weights(*resume, models, layout, adapters=True)
         if args.lora_load:
             path, adapters = checkpointing.read_checkpoint(args.lora_load, layout)
-            checkpointing.load_weights(path, adapters, models, adapters=True)
+            checkpointing.load_weights(path, adapters, models, layout, adapters=True)
             resume = (path, adapters)
 
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
