@@ -4,7 +4,8 @@
            Both are compared with transformers in fp32 on the same GPU (the reference); ours passes when its
            relative logit error ‖Δ‖/‖ref‖ is at most max(2e-2, 2x transformers' own bf16 error).
            Configs: the shipped tiny config (q_lora, YaRN, 2 groups) and the proxy's widths with 2 layers.
-           Each with the reference kernels and with --use-flash-attn --moe-grouped-gemm.
+           Each with the reference kernels and with the GPU templates' kernel flags (flash attention, grouped GEMM,
+           compiled RMSNorm/SwiGLU/permute: grouped experts then run through LocalTokenDispatcher).
   parallel the trainer (`python -m mindspeed_dsv.train` under torchrun, NCCL, bf16, flash attention, grouped
            GEMM) from one tiny HF checkpoint converted by `ckpt_convert hf2mcore`: 1 GPU vs TP2(+SP) / EP2 / PP2
            on 2 GPUs, same data and seed; the first losses must agree within 1e-2 relative (bf16).
@@ -29,40 +30,10 @@ sys.path.insert(0, ROOT)
 PY = sys.executable
 
 
-def _grouped_names(out: dict, model, cfg):
-    """hf_to_megatron_tp1 writes SequentialMLP names; fold them into GroupedMLPExperts' weight1 / weight2
-    (weight1 [H, E*2I] is read as [E, H, 2I]: expert e owns the e-th contiguous block; weight2 likewise)."""
-    import torch
+def _copy_weights(hf, model, cfg, grouped: bool):
+    from tests.model.hf_reference import hf_to_megatron_tp1
 
-    sd = model.state_dict()
-    for key in [k for k in sd if k.endswith("experts.weight1")]:
-        prefix = key[: -len("weight1")]
-        E = cfg.n_routed_experts
-        fc1 = [out.pop(f"{prefix}local_experts.{e}.linear_fc1.weight") for e in range(E)]  # [2I, H]
-        fc2 = [out.pop(f"{prefix}local_experts.{e}.linear_fc2.weight") for e in range(E)]  # [H, I]
-        out[prefix + "weight1"] = torch.stack([w.t() for w in fc1]).reshape(sd[key].shape)  # a plain view
-        out[prefix + "weight2"] = torch.cat([w.t() for w in fc2], 0)
-    return out
-
-
-def _copy_weights(hf, model, cfg):
-    from tests.model import hf_reference as ref
-
-    sd = hf.state_dict()
-    out = {"embedding.word_embeddings.weight": sd["model.embed_tokens.weight"],
-           "decoder.final_layernorm.weight": sd["model.norm.weight"], "output_layer.weight": sd["lm_head.weight"]}
-    for i in range(cfg.num_hidden_layers):
-        out.update(ref._layer(sd, f"model.layers.{i}.", f"decoder.layers.{i}.", cfg, moe=cfg.moe_layer_pattern[i] == 1))
-    out = _grouped_names(out, model, cfg)
-    target = model.state_dict()
-    missing = [k for k in target if k not in out and not k.endswith("_extra_state")]
-    unexpected = [k for k in out if k not in target]
-    if missing or unexpected:
-        raise KeyError(f"weight copy: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for k, v in out.items():
-        if target[k].shape != v.shape:
-            raise ValueError(f"{k}: ours {tuple(target[k].shape)} vs transformers {tuple(v.shape)}")
-        target[k].copy_(v)
+    hf_to_megatron_tp1(hf, model, cfg, grouped=grouped)
 
 
 def parity(name: str, hf_cfg: dict, fast: bool, seq: int, batch: int = 2):
@@ -76,7 +47,10 @@ def parity(name: str, hf_cfg: dict, fast: bool, seq: int, batch: int = 2):
 
     platform = current_platform()
     device = platform.device()
-    configure_ops(OpsConfig(use_flash_attn=fast, moe_grouped_gemm=fast), platform)
+    # fast: the kernel flags of the GPU templates (flash attention, grouped GEMM, compiled RMSNorm / SwiGLU /
+    # permute, which routes the experts through LocalTokenDispatcher)
+    configure_ops(OpsConfig(use_flash_attn=fast, moe_grouped_gemm=fast, use_fused_rmsnorm=fast,
+                            use_fused_swiglu=fast, use_fused_moe_token_permute_and_unpermute=fast), platform)
     init_distributed()
     cfg = DeepSeekConfig.from_hf(hf_cfg)
     hf = make_hf_model(hf_cfg, seed=0)  # fp32, random weights, random norms and router biases (cpu)
@@ -86,7 +60,7 @@ def parity(name: str, hf_cfg: dict, fast: bool, seq: int, batch: int = 2):
                             first_k_dense_replace=cfg.first_k_dense_replace, num_experts=cfg.n_routed_experts,
                             moe_grouped_gemm=fast)
     model = build_model(cfg, layout, params_dtype=torch.bfloat16)
-    _copy_weights(hf, model, cfg)
+    _copy_weights(hf, model, cfg, grouped=fast)
     model = model.to(device).eval()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g).to(device)
@@ -125,7 +99,7 @@ def run_parity(rows):
     ok = True
     for name, (cfg, seq) in configs.items():
         for fast in (False, True):
-            label = f"parity {name}, {'flash+grouped' if fast else 'reference kernels'}"
+            label = f"parity {name}, {'fused kernels' if fast else 'reference kernels'}"
             try:
                 err, hf_err, loss, ref_loss = parity(name, cfg, fast, seq)
                 passed = err <= max(2e-2, 2 * hf_err)
@@ -181,7 +155,8 @@ def run_parallel(rows, work, steps=4, only=None):
         layouts = {k: v for k, v in layouts.items() if k == "1 GPU" or k in only}
     common = ["--data-path", data, "--is-instruction-dataset", "--seq-length", "128", "--micro-batch-size", "2",
               "--global-batch-size", "4", "--lr", "2e-3", "--seed", "5", "--train-iters", str(steps), "--finetune",
-              "--no-shuffle", "--bf16", "--use-flash-attn", "--moe-grouped-gemm", "--log-interval", "1"]
+              "--no-shuffle", "--bf16", "--use-flash-attn", "--moe-grouped-gemm", "--use-fused-rmsnorm", "--use-fused-swiglu",
+              "--use-fused-moe-token-permute-and-unpermute", "--cross-entropy-loss-fusion", "--log-interval", "1"]
     ref, ok = None, True
     for name, (conv, train) in layouts.items():
         ckpt = os.path.join(work, "ckpt_" + re.sub(r"\W", "", name))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of --bf16 --use-distributed-optimizer on 2 GPUs (DP=2): a 6-step run straight, and the same run
-# stopped at step 3 (saved) and resumed; prints both loss curves, which must agree.
+# stopped at step 3 (saved) and resumed with its optimizer state (distrib_optim.pt); prints the loss curves, which
+# must agree.
 # GPU_FLAGS can be overridden (e.g. GPU_FLAGS="" to try the script on cpu with one process: NPROC=1).
 set -euo pipefail
 W=${WORK:-/tmp/distopt}
@@ -17,7 +18,7 @@ $PY -m ckpt_convert hf2mcore --load-dir "$W/hf" --save-dir "$W/base" --no-progre
 COMMON=(--data-path "$W/sft" --is-instruction-dataset --seq-length 128 --micro-batch-size 2 --global-batch-size 8
         --train-iters 6 --lr 2e-3 --lr-warmup-iters 1 --moe-grouped-gemm --log-interval 1 $GPU_FLAGS)
 run() { $PY -m torch.distributed.run --nproc-per-node "$NPROC" --master-port 29555 -m mindspeed_dsv.train "$@" 2>&1 \
-        | grep -E "^iteration|error|Error" | sed 's/ | grad norm.*//' ; }
+        | tee -a "$W/train.log" | grep -E "^iteration|error|Error" | sed 's/ | grad norm.*//' ; }  # whole logs: $W/train.log
 echo "== straight";   run "${COMMON[@]}" --load "$W/base" --finetune
 echo "== first half"; run "${COMMON[@]}" --load "$W/base" --finetune --save "$W/run" --exit-interval 3
-echo "== resumed (moments not reloaded: see checkpointing.restore_training_state)"; run "${COMMON[@]}" --load "$W/run" --no-load-optim
+echo "== resumed (optimizer state reloaded)"; run "${COMMON[@]}" --load "$W/run"

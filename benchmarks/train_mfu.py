@@ -85,26 +85,30 @@ TINY = dict(PROXY, vocab_size=4096, hidden_size=128, intermediate_size=256, moe_
             n_shared_experts=1, max_position_embeddings=512)
 
 FAST = ["--use-flash-attn", "--moe-grouped-gemm"]
-# name -> (GPUs, trainer flags). 'ours' is the recommended setting; the others measure one change each.
+FUSED = FAST + ["--use-fused-rmsnorm", "--use-fused-swiglu", "--use-fused-moe-token-permute-and-unpermute",
+                "--cross-entropy-loss-fusion"]
+RC = ["--recompute-granularity", "selective", "--recompute-modules"]
+# name -> (GPUs, trainer flags). 'ours' is the recommended setting (the GPU templates' kernel flags); the others
+# take one thing away or add one option, so each row measures one change.
 OURS_ROWS = {
     "ours-ref": (1, []),
-    "ours": (1, FAST),
-    "ours+fused": (1, FAST + ["--use-fused-rmsnorm", "--use-fused-swiglu"]),
-    "ours+rc-mla_up_proj": (1, FAST + ["--recompute-granularity", "selective", "--recompute-modules", "mla_up_proj"]),
-    "ours+rc-moe_act": (1, FAST + ["--recompute-granularity", "selective", "--recompute-modules", "moe_act"]),
-    "ours+rc-mla_up_proj,moe_act": (1, FAST + ["--recompute-granularity", "selective", "--recompute-modules",
-                                                "mla_up_proj", "moe_act"]),
-    "ours+rc-full": (1, FAST + ["--recompute-granularity", "full", "--recompute-method", "uniform",
-                                "--recompute-num-layers", "1"]),
-    "ours+allgather": (1, FAST + ["--moe-token-dispatcher-type", "allgather"]),
-    # experiments, not the trainer as shipped (see NOTES.md): megatron's torch AdamW (foreach) swapped for torch's
-    # fused AdamW; gradients accumulated in bf16 instead of fp32 (DDP grad_reduce_in_fp32=False); both
-    "exp:ours+fused-adam": (1, FAST),
-    "exp:ours+bf16-grads": (1, FAST),
-    "exp:ours+fused-adam+bf16-grads": (1, FAST),
-    "exp:ours+fused+fused-adam+bf16-grads": (1, FAST + ["--use-fused-rmsnorm", "--use-fused-swiglu"]),
-    "ours-ep2": (2, FAST + ["--expert-model-parallel-size", "2"]),
-    "ours-tp2": (2, FAST + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    "ours-unfused": (1, FAST),
+    "ours": (1, FUSED),
+    "ours-no-ce-fusion": (1, [f for f in FUSED if f != "--cross-entropy-loss-fusion"]),
+    "ours-no-grad-accum-fusion": (1, FUSED + ["--no-gradient-accumulation-fusion"]),
+    "ours+rc-mla_up_proj": (1, FUSED + RC + ["mla_up_proj"]),
+    "ours+rc-moe_act": (1, FUSED + RC + ["moe_act"]),
+    "ours+rc-mla_up_proj,moe_act": (1, FUSED + RC + ["mla_up_proj", "moe_act"]),
+    "ours+rc-full": (1, FUSED + ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                                 "--recompute-num-layers", "1"]),
+    # experiments (benchmark-side patches, not the trainer as shipped; see NOTES.md): megatron's own token
+    # dispatcher instead of LocalTokenDispatcher; megatron's for-each torch AdamW instead of the fused one;
+    # gradients accumulated in bf16 (DDP grad_reduce_in_fp32=False) as the baselines do
+    "exp:ours+megatron-dispatcher": (1, FUSED),
+    "exp:ours+foreach-adam": (1, FUSED),
+    "exp:ours+bf16-grads": (1, FUSED),
+    "ours-ep2": (2, FUSED + ["--expert-model-parallel-size", "2"]),
+    "ours-tp2": (2, FUSED + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
 }
 BASELINES = ("titan", "hf")
 
@@ -248,18 +252,15 @@ def worker_ours(a, hf_cfg, flags):
 
 
 def _experiment_patches(name: str):
-    """What the exp: rows change, applied to megatron before the trainer's setup builds DDP and the optimizer."""
-    import torch
+    """What the exp: rows change, applied before the trainer's setup builds the model, DDP and the optimizer."""
+    if "megatron-dispatcher" in name:
+        from mindspeed_dsv.models import moe_layer
 
-    if "fused-adam" in name:
-        import megatron.core.optimizer as mopt
+        moe_layer.LocalTokenDispatcher.applies = staticmethod(lambda *args: False)
+    if "foreach-adam" in name:
+        from mindspeed_dsv.platform import megatron_compat
 
-        def fused_adamw(params, adam_w_mode=True, **kwargs):  # megatron passes adam_w_mode to non-torch Adams
-            cls = torch.optim.AdamW if adam_w_mode else torch.optim.Adam
-            return cls(params, fused=True, **kwargs)
-
-        mopt.USING_PYTORCH_OPTIMIZER = False
-        mopt.Adam = fused_adamw
+        megatron_compat.SHIMS = tuple(s for s in megatron_compat.SHIMS if not s.target.startswith("megatron.core.optimizer:"))
     if "bf16-grads" in name:
         import megatron.core.distributed as mdist
 
@@ -390,7 +391,7 @@ def worker_titan(a, hf_cfg):
     _baseline_loop(a, model, lambda x: model(x), device, hf_cfg["vocab_size"])
 
 
-def _profile(step, device, top: int = 25):
+def _profile(step, device, top: int = 45):
     """One more step under torch.profiler: the kernels that take the GPU's time (set MFU_PROFILE=1)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -399,7 +400,7 @@ def _profile(step, device, top: int = 25):
         step()
         _sync(device)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60),
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=70),
               flush=True)
         busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
         print(f"profile: GPU busy (sum of self device time) {busy:.1f} ms in one step", flush=True)

@@ -6,6 +6,8 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
+from .gpt import DeepSeekGPTModel
+
 from .config import DeepSeekConfig, transformer_config
 from .spec import DeepSeekSpecProvider, decoder_block_spec, mtp_block_spec
 
@@ -89,7 +91,7 @@ def build_model(
     mtp = None
     if layout.mtp_num_layers and layout.has_mtp(pp_rank, chunk):
         mtp = mtp_block_spec(layout.mtp_num_layers, provider, experts, moe=bool(cfg.moe_layer_pattern[-1]))
-    return GPTModel(
+    return DeepSeekGPTModel(
         config=config,
         transformer_layer_spec=block,
         vocab_size=cfg.vocab_size,

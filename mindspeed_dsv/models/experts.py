@@ -120,7 +120,9 @@ class GroupedMLPExperts(GroupedMLP):
         gate, up = torch.chunk(x, 2, dim=-1)
         return self.config.activation_func(gate) * up
 
-    def _activation_with_probs(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    def _activation_with_probs(self, x: torch.Tensor, probs: Optional[torch.Tensor]) -> torch.Tensor:
+        if probs is None:  # the dispatcher weights the experts' outputs itself (LocalTokenDispatcher)
+            return self._activation(x)
         dtype = x.dtype
         return (self._activation(x) * probs).to(dtype)
 
@@ -128,14 +130,16 @@ class GroupedMLPExperts(GroupedMLP):
         self,
         permuted_local_hidden_states: torch.Tensor,
         tokens_per_expert: torch.Tensor,
-        permuted_probs: torch.Tensor,
+        permuted_probs: Optional[torch.Tensor],
     ):
-        """[tokens sorted by local expert, hidden], [num_local_experts] counts, [tokens] probs -> (out, None)."""
+        """[tokens sorted by local expert, hidden], [num_local_experts] counts, [tokens] probs -> (out, None).
+
+        permuted_probs None: the outputs are not weighted here (the dispatcher applies the routing weights)."""
         if self.activation_recompute:
             # fp8=None: 0.16.1 sets `self.fp8 = fp8 is not None`, so the default (False) would take the TE-only fp8
             # branch and hit an undefined FP8GlobalStateManager without Transformer Engine.
             self.activation_checkpoint = tensor_parallel.CheckpointWithoutOutput(fp8=None)
-        if self.config.moe_apply_probs_on_input:
+        if self.config.moe_apply_probs_on_input and permuted_probs is not None:
             if self.config.moe_router_topk != 1:
                 raise ValueError("moe_apply_probs_on_input only works with moe_router_topk=1")
             original_dtype = permuted_local_hidden_states.dtype
@@ -143,7 +147,7 @@ class GroupedMLPExperts(GroupedMLP):
                 original_dtype
             )
             permuted_probs = torch.ones_like(permuted_probs)
-        probs = permuted_probs.unsqueeze(-1)
+        probs = None if permuted_probs is None else permuted_probs.unsqueeze(-1)
 
         if permuted_local_hidden_states.nelement() != 0:
             w1 = self.weight1.view(self.num_local_experts, self.config.hidden_size, -1)

@@ -19,6 +19,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from mindspeed_dsv.platform.megatron_compat import replicated_linear_class
 
 from .layers import CoreAttention, NoopTransformerLayer, RMSNorm
+from .moe_layer import DeepSeekMoELayer
 
 ReplicatedLinear = replicated_linear_class()
 
@@ -50,6 +51,7 @@ def layer_spec(provider: DeepSeekSpecProvider, moe: bool, num_experts: int | Non
         mlp = get_moe_module_spec_for_backend(
             backend=provider, num_experts=num_experts, moe_grouped_gemm=provider.grouped_experts
         )
+        mlp.module = DeepSeekMoELayer  # megatron's MoELayer, with a sync-free dispatcher where it applies
     else:
         mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
     return ModuleSpec(

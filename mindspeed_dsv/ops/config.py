@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import asdict, dataclass, fields
 
-OPS = ("attention", "rms_norm", "rotary", "swiglu", "grouped_matmul", "permute")
+OPS = ("attention", "rms_norm", "rotary", "swiglu", "grouped_matmul", "permute", "cross_entropy")
 
 # Every implementation name an op knows, and the devices it runs on.
 IMPL_DEVICES: dict[str, dict[str, tuple[str, ...]]] = {
@@ -26,6 +26,8 @@ IMPL_DEVICES: dict[str, dict[str, tuple[str, ...]]] = {
     "swiglu": {"torch": ("cpu", "cuda", "npu"), "compile": ("cuda",), "npu": ("npu",)},
     "grouped_matmul": {"torch": ("cpu", "cuda", "npu"), "grouped_mm": ("cpu", "cuda"), "npu": ("npu",)},
     "permute": {"torch": ("cpu", "cuda", "npu"), "compile": ("cuda",), "npu": ("npu",)},
+    # torch: megatron's vocab_parallel_cross_entropy; fused: two passes, no fp32 softmax kept (cross_entropy.py)
+    "cross_entropy": {"torch": ("cpu", "cuda", "npu"), "fused": ("cpu", "cuda", "npu"), "compile": ("cuda",)},
 }
 
 # What each flag turns on, per device. A device missing from the inner dict cannot honour the flag.
@@ -36,6 +38,7 @@ _FLAG_CHOICE: dict[str, tuple[str, dict[str, str]]] = {
     "use_fused_swiglu": ("swiglu", {"cuda": "compile", "npu": "npu"}),
     "moe_grouped_gemm": ("grouped_matmul", {"cpu": "grouped_mm", "cuda": "grouped_mm", "npu": "npu"}),
     "use_fused_moe_token_permute_and_unpermute": ("permute", {"cuda": "compile", "npu": "npu"}),
+    "cross_entropy_loss_fusion": ("cross_entropy", {"cpu": "fused", "cuda": "compile", "npu": "fused"}),
 }
 
 
@@ -56,6 +59,7 @@ class OpsConfig:
     use_fused_swiglu: bool = False
     moe_grouped_gemm: bool = False
     use_fused_moe_token_permute_and_unpermute: bool = False
+    cross_entropy_loss_fusion: bool = False
 
     @classmethod
     def from_args(cls, args) -> "OpsConfig":

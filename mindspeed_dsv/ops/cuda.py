@@ -12,6 +12,7 @@ import functools
 
 import torch
 
+from . import cross_entropy as _ce
 from . import moe
 from .rmsnorm import rms_norm as _rms_norm_ref
 from .rotary import apply_rotary as _apply_rotary_ref
@@ -41,3 +42,7 @@ def permute(tokens, indices):
 
 def unpermute(permuted_tokens, sorted_indices, probs):
     return _compiled(moe.unpermute)(permuted_tokens, sorted_indices, probs)
+
+
+def cross_entropy(logits, labels, tp_group=None):
+    return _ce.fused_cross_entropy(logits, labels, tp_group, tuple(_compiled(f) for f in _ce.EAGER_PASSES))

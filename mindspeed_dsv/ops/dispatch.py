@@ -31,6 +31,9 @@ _REGISTRY = {
     ("permute", "torch"): ("moe", {"permute": "permute", "unpermute": "unpermute"}),
     ("permute", "compile"): ("cuda", {"permute": "permute", "unpermute": "unpermute"}),
     ("permute", "npu"): ("npu", {"permute": "permute", "unpermute": "unpermute"}),
+    ("cross_entropy", "torch"): ("cross_entropy", {"cross_entropy": "cross_entropy"}),
+    ("cross_entropy", "fused"): ("cross_entropy", {"cross_entropy": "fused_cross_entropy"}),
+    ("cross_entropy", "compile"): ("cuda", {"cross_entropy": "cross_entropy"}),
 }
 
 
@@ -44,6 +47,7 @@ class Ops:
     grouped_matmul(x [T, K], weights [E, K, N] | list, tokens_per_expert [E]) -> [T, N]
     permute(tokens [T, H], indices [T, topk]) -> (permuted [T*topk, H], sorted_indices [T*topk])
     unpermute(permuted, sorted_indices, probs [T, topk]) -> [T, H]
+    cross_entropy(logits [s, b, V/tp], labels [s, b], tp_group) -> per-token loss [s, b] (fp32)
     """
 
     def __init__(self, impls: dict):

@@ -87,18 +87,70 @@ def grouped_matmul_grouped_mm(x: torch.Tensor, weights, tokens_per_expert: torch
     return _ContiguousGrad.apply(out)
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: at least fp32 (bf16/fp16 rows are summed in fp32, fp64 stays fp64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _Permute(torch.autograd.Function):
+    """Rows gathered by expert. Backward gathers each token's k gradient rows back and sums them in fp32: the
+    autograd of index_select would scatter-add them with atomics (bf16 atomics: ~6x slower on H200)."""
+
+    @staticmethod
+    def forward(ctx, tokens, indices):
+        topk = 1 if indices.dim() == 1 else indices.shape[1]
+        order = torch.argsort(indices.reshape(-1), stable=True)  # output row r holds flattened slot order[r]
+        permuted = tokens.index_select(0, order // topk)
+        sorted_indices = torch.empty_like(order)
+        sorted_indices[order] = torch.arange(order.numel(), device=order.device)
+        ctx.save_for_backward(sorted_indices)
+        ctx.topk = topk
+        sorted_indices = sorted_indices.to(torch.int32)
+        ctx.mark_non_differentiable(sorted_indices)
+        return permuted, sorted_indices
+
+    @staticmethod
+    def backward(ctx, grad_permuted, _grad_indices):
+        (sorted_indices,) = ctx.saved_tensors
+        rows = grad_permuted.index_select(0, sorted_indices).view(-1, ctx.topk, grad_permuted.shape[-1])
+        return rows.sum(dim=1, dtype=_acc(grad_permuted.dtype)).to(grad_permuted.dtype), None
+
+
+class _Unpermute(torch.autograd.Function):
+    """out[t] = sum_k probs[t, k] * permuted[sorted_indices[t*k + k']] in fp32. Saves the (bf16) permuted rows,
+    not the fp32 products; backward writes each row's gradient once (unique indices: no atomics)."""
+
+    @staticmethod
+    def forward(ctx, permuted_tokens, sorted_indices, probs):
+        num_tokens, topk = probs.shape
+        index = sorted_indices.long()
+        rows = permuted_tokens.index_select(0, index).view(num_tokens, topk, -1)
+        acc = _acc(permuted_tokens.dtype)
+        out = (rows.to(acc) * probs.to(acc).unsqueeze(-1)).sum(dim=1)
+        ctx.save_for_backward(permuted_tokens, index, probs)
+        return out.to(permuted_tokens.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        permuted_tokens, index, probs = ctx.saved_tensors
+        num_tokens, topk = probs.shape
+        acc = _acc(permuted_tokens.dtype)
+        grad_probs = None
+        if ctx.needs_input_grad[2]:
+            rows = permuted_tokens.index_select(0, index).view(num_tokens, topk, -1)
+            grad_probs = (rows.to(acc) * grad_out.to(acc).unsqueeze(1)).sum(dim=-1).to(probs.dtype)
+        grad_rows = (grad_out.to(acc).unsqueeze(1) * probs.to(acc).unsqueeze(-1)).to(permuted_tokens.dtype)
+        grad_permuted = torch.empty_like(permuted_tokens).index_copy_(0, index, grad_rows.view(num_tokens * topk, -1))
+        return grad_permuted, None, grad_probs
+
+
 def permute(tokens: torch.Tensor, indices: torch.Tensor):
     """Reference permute (see module docstring). Returns (permuted_tokens, sorted_indices int32)."""
     if tokens.dim() != 2:
         raise ValueError(f"permute: tokens must be [tokens, hidden], got {tuple(tokens.shape)}")
-    topk = 1 if indices.dim() == 1 else indices.shape[1]
     if indices.shape[0] != tokens.shape[0]:
         raise ValueError(f"permute: indices {tuple(indices.shape)} and tokens {tuple(tokens.shape)} differ in rows")
-    order = torch.argsort(indices.reshape(-1), stable=True)  # output row r holds flattened slot order[r]
-    permuted = tokens.index_select(0, order // topk)
-    sorted_indices = torch.empty_like(order)
-    sorted_indices[order] = torch.arange(order.numel(), device=order.device)
-    return permuted, sorted_indices.to(torch.int32)
+    return _Permute.apply(tokens, indices)
 
 
 def unpermute(permuted_tokens: torch.Tensor, sorted_indices: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -108,7 +160,4 @@ def unpermute(permuted_tokens: torch.Tensor, sorted_indices: torch.Tensor, probs
             f"unpermute: probs {tuple(probs.shape)} must be [tokens, topk] with tokens*topk == "
             f"{sorted_indices.numel()} (len(sorted_indices))"
         )
-    num_tokens, topk = probs.shape
-    rows = permuted_tokens.index_select(0, sorted_indices.long()).view(num_tokens, topk, -1)
-    out = (rows.float() * probs.float().unsqueeze(-1)).sum(dim=1)
-    return out.to(permuted_tokens.dtype)
+    return _Unpermute.apply(permuted_tokens, sorted_indices, probs)

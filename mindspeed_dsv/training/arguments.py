@@ -58,7 +58,11 @@ def build_parser(prog: str = "mindspeed_dsv.train") -> argparse.ArgumentParser:
     k.add_argument("--use-fused-swiglu", action="store_true",
                    help="Fused SwiGLU in the grouped experts (cuda: torch.compile, npu: npu_swiglu).")
     k.add_argument("--use-fused-moe-token-permute-and-unpermute", action="store_true",
-                   help="Fused MoE token permute/unpermute in the grouped experts path (npu: npu_moe_token_permute).")
+                   help="Fused MoE token permute/unpermute where all experts are local (EP=1, grouped experts): "
+                   "cuda: torch.compile of the sort-based permute, npu: npu_moe_token_permute/unpermute.")
+    k.add_argument("--cross-entropy-loss-fusion", action="store_true",
+                   help="Fused vocab-parallel cross entropy: two passes over the [tokens, vocab] logits, no fp32 "
+                   "softmax kept (cuda: torch.compile'd; cpu/npu: the same math in torch).")
 
     d = p.add_argument_group("data")
     d.add_argument("--data-path", nargs="*", default=None,
@@ -78,6 +82,9 @@ def build_parser(prog: str = "mindspeed_dsv.train") -> argparse.ArgumentParser:
 
     t = p.add_argument_group("training")
     t.add_argument("--micro-batch-size", type=int, default=1, help="Samples per micro-batch per data-parallel rank.")
+    t.add_argument("--no-gradient-accumulation-fusion", action="store_true",
+                   help="Compute each linear's weight gradient separately and add it to the fp32 gradient buffer, "
+                   "instead of accumulating inside the GEMM (default on cpu/cuda; npu leaves it to MindSpeed).")
     t.add_argument("--global-batch-size", type=int, default=None,
                    help="Samples per optimizer step over all data-parallel ranks. Default: micro-batch × DP.")
     t.add_argument("--train-iters", type=int, default=None, help="Optimizer steps to train.")

@@ -156,24 +156,38 @@ def has_adapters(state: dict) -> bool:
     return any(".lora_" in k for key in state if key.startswith("model") for k in state[key])
 
 
+def _load_distributed_optimizer_shards(optimizer, optim_file: str) -> None:
+    """megatron-core 0.16.1 copies every key of the inner optimizer's per-parameter state from the file; torch
+    AdamW's state also holds 'step', which the file's shards (param, exp_avg, exp_avg_sq) do not (KeyError 'step',
+    seen on 2x H200). 'step' is set aside while the shards load: load_state_dict has already restored it."""
+    steps = []
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for param_state in part.optimizer.state.values():
+            if "step" in param_state:
+                steps.append((param_state, param_state.pop("step")))
+    try:
+        optimizer.load_parameter_state(optim_file)
+    finally:
+        for param_state, step in steps:
+            param_state["step"] = step
+
+
 def restore_training_state(path: str, state: dict, optimizer, scheduler, *, load_optim=True, load_rng=True
                            ) -> tuple[int, int]:
     """Optimizer, scheduler and RNG states of a run; returns (iteration, consumed_samples) to resume from."""
     if state.get("iteration") in (None, "release"):
         return 0, 0
     if load_optim:
-        if _is_distributed(optimizer):
-            # Seen on 2x H200 (2026-11-25, benchmarks/gpu_distopt_check.sh): the saved run trains and saves,
-            # but resuming its moments stops in megatron-core 0.16.1's torch-AdamW path with KeyError 'step'.
-            # Refuse up front rather than fail mid-load; the weights alone still load.
-            raise CheckpointError(
-                f"{path}: resuming the distributed optimizer's state is not supported yet (megatron-core 0.16.1 "
-                "with torch AdamW); resume with --no-load-optim (weights, step, lr schedule and data order are kept) or "
-                "train without --use-distributed-optimizer"
-            )
         if "optimizer" not in state:
             raise CheckpointError(f"{path}: no optimizer state; resume with --no-load-optim or --finetune")
         optimizer.load_state_dict(state["optimizer"])
+        if _is_distributed(optimizer):
+            # the moments and fp32 master weights, sharded over data-parallel ranks (written by save_checkpoint)
+            optim_file = os.path.join(os.path.dirname(path), DISTRIB_OPTIM_FILE)
+            if not os.path.exists(optim_file):
+                raise CheckpointError(f"{optim_file} is missing: the distributed optimizer's state was not saved "
+                                      "with this checkpoint; resume with --no-load-optim")
+            _load_distributed_optimizer_shards(optimizer, optim_file)
     if "opt_param_scheduler" in state:
         # The learning-rate schedule follows the step count, with or without the optimizer's moments.
         scheduler.load_state_dict(state["opt_param_scheduler"])

@@ -91,6 +91,9 @@ def setup(args) -> TrainState:
         moe_token_dispatcher_type=args.moe_token_dispatcher_type,
         mtp_loss_scaling_factor=args.mtp_loss_scaling_factor,
         init_method_std=args.init_method_std,
+        # megatron's linears accumulate their weight gradient into DDP's main_grad inside the GEMM (the shim in
+        # platform/megatron_compat.py provides the kernel on cpu and cuda)
+        gradient_accumulation_fusion=not args.no_gradient_accumulation_fusion and platform.device_type != "npu",
         **_recompute_options(args),
     )
     models = [

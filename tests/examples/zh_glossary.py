@@ -43,7 +43,10 @@ ZH = {
     "--use-fused-rmsnorm": "融合 RMSNorm（cuda：torch.compile，npu：npu_rms_norm）。",
     "--use-fused-rotary-pos-emb": "融合 RoPE（npu：npu_rotary_mul）；MLA 暂用 Megatron 的 RoPE，故对 DeepSeek 暂无影响。",
     "--use-fused-swiglu": "分组专家中的融合 SwiGLU（cuda：torch.compile，npu：npu_swiglu）。",
-    "--use-fused-moe-token-permute-and-unpermute": "分组专家路径中融合的 token 重排/还原（npu：npu_moe_token_permute）。",
+    "--use-fused-moe-token-permute-and-unpermute": "专家全在本卡时（EP=1，分组专家）融合的 token 重排/还原"
+    "（cuda：对排序式重排做 torch.compile，npu：npu_moe_token_permute/unpermute）。",
+    "--cross-entropy-loss-fusion": "融合的词表并行交叉熵：对 [token, 词表] logits 只遍历两次，不保留 fp32 softmax"
+    "（cuda：torch.compile；cpu/npu：同样的 torch 计算）。",
     # data
     "--data-path": "preprocess_data.py 写出的数据前缀，可带权重：'w1 前缀1 w2 前缀2'。",
     "--split": "每个数据集的 训练,验证,测试 比例。",
@@ -56,6 +59,8 @@ ZH = {
     "--no-shuffle": "保持数据顺序（调试用）。",
     # training
     "--micro-batch-size": "每个数据并行 rank 每个微批的样本数。",
+    "--no-gradient-accumulation-fusion": "关闭梯度累加融合：各线性层的权重梯度单独算出再加到 fp32 梯度缓冲区，而不是在 GEMM 内累加"
+    "（cpu/cuda 默认开启；npu 交给 MindSpeed）。",
     "--global-batch-size": "所有数据并行 rank 一次优化步的样本数；默认 微批 × DP。",
     "--train-iters": "训练的优化步数。",
     "--lr": "峰值学习率。",

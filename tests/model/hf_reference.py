@@ -40,15 +40,17 @@ def make_hf_model(hf_cfg: dict, seed: int = 0):
     return model
 
 
-def hf_to_megatron_tp1(hf_model, mg_model, cfg) -> None:
-    """Copy weights name by name. HF layer i -> megatron decoder.layers.i (no noop layers, one stage)."""
+def hf_to_megatron_tp1(hf_model, mg_model, cfg, grouped: bool = False) -> None:
+    """Copy weights name by name. HF layer i -> megatron decoder.layers.i (no noop layers, one stage).
+    grouped: the model's routed experts are GroupedMLPExperts (weight1 / weight2) instead of SequentialMLP."""
     sd = hf_model.state_dict()
     out = {}
     out["embedding.word_embeddings.weight"] = sd["model.embed_tokens.weight"]
     out["decoder.final_layernorm.weight"] = sd["model.norm.weight"]
     out["output_layer.weight"] = sd["lm_head.weight"]
     for i in range(cfg.num_hidden_layers):
-        out.update(_layer(sd, f"model.layers.{i}.", f"decoder.layers.{i}.", cfg, moe=cfg.moe_layer_pattern[i] == 1))
+        out.update(_layer(sd, f"model.layers.{i}.", f"decoder.layers.{i}.", cfg, moe=cfg.moe_layer_pattern[i] == 1,
+                          grouped=grouped))
     missing, unexpected = [], []
     target = mg_model.state_dict()
     for k, v in out.items():
@@ -63,7 +65,7 @@ def hf_to_megatron_tp1(hf_model, mg_model, cfg) -> None:
     assert not unexpected and not missing, (unexpected, missing)
 
 
-def _layer(sd, hf, mg, cfg, moe):
+def _layer(sd, hf, mg, cfg, moe, grouped=False):
     out = {
         mg + "input_layernorm.weight": sd[hf + "input_layernorm.weight"],
         mg + "pre_mlp_layernorm.weight": sd[hf + "post_attention_layernorm.weight"],
@@ -87,7 +89,11 @@ def _layer(sd, hf, mg, cfg, moe):
     out[mg + "mlp.router.expert_bias"] = sd[hf + "mlp.gate.e_score_correction_bias"]
     gate_up = sd[hf + "mlp.experts.gate_up_proj"]  # [E, 2I, H]: gate rows then up rows
     down = sd[hf + "mlp.experts.down_proj"]  # [E, H, I]
-    for e in range(cfg.n_routed_experts):
+    if grouped:  # weight1 [H, E*2I] is read as [E, H, 2I] (a plain view), weight2 [E*I, H] as [E, I, H]
+        w1 = torch.stack([gate_up[e].t() for e in range(cfg.n_routed_experts)])
+        out[mg + "mlp.experts.weight1"] = w1.reshape(cfg.hidden_size, -1)
+        out[mg + "mlp.experts.weight2"] = torch.cat([down[e].t() for e in range(cfg.n_routed_experts)], 0)
+    for e in range(cfg.n_routed_experts if not grouped else 0):
         out[mg + f"mlp.experts.local_experts.{e}.linear_fc1.weight"] = gate_up[e]
         out[mg + f"mlp.experts.local_experts.{e}.linear_fc2.weight"] = down[e]
     if cfg.n_shared_experts:

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 ALL_ON = OpsConfig(
     use_flash_attn=True, use_fused_rmsnorm=True, use_fused_rotary_pos_emb=True, use_fused_swiglu=True,
-    moe_grouped_gemm=True, use_fused_moe_token_permute_and_unpermute=True,
+    moe_grouped_gemm=True, use_fused_moe_token_permute_and_unpermute=True, cross_entropy_loss_fusion=True,
 )  # fmt: skip
 BF16 = dict(rtol=2e-2, atol=2e-2)
 
@@ -76,3 +76,34 @@ def test_permute_unpermute(cuda_ops):
     p2, s2 = ref.permute(tokens, indices)
     assert torch.equal(p1, p2) and torch.equal(s1, s2)
     torch.testing.assert_close(fused.unpermute(p1, s1, probs), ref.unpermute(p2, s2, probs))
+    # bf16 through the compiled path: gradients as the reference's (both sum the k rows in fp32)
+    x = tokens.bfloat16().requires_grad_()
+    pr = probs.requires_grad_()
+    grads = []
+    for impl in (fused, ref):
+        p, s = impl.permute(x, indices)
+        out = impl.unpermute(p * 1.5, s, pr)
+        grads.append(torch.autograd.grad(out.float().pow(2).sum(), (x, pr)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a.float(), b.float(), **BF16)
+
+
+def test_cross_entropy_compiled(cuda_ops):
+    """The compiled two-pass cross entropy on bf16 logits: fp32 F.cross_entropy's loss, its gradient in bf16."""
+    import torch.nn.functional as F
+
+    fused, _ = cuda_ops
+    assert fused.impls["cross_entropy"] == "compile"
+    torch.manual_seed(0)
+    logits = 4 * torch.randn(256, 2, 32000, device="cuda")
+    labels = torch.randint(0, 32000, (256, 2), device="cuda")
+    dloss = torch.rand(256, 2, device="cuda")
+    x = logits.bfloat16().requires_grad_()
+    loss = fused.cross_entropy(x, labels, None)
+    (loss * dloss).sum().backward()
+    y = logits.bfloat16().float().requires_grad_()
+    ref = F.cross_entropy(y.view(-1, 32000), labels.view(-1), reduction="none").view(256, 2)
+    (ref * dloss).sum().backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    assert x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x.grad.float(), y.grad, rtol=1.6e-2, atol=1e-6)

@@ -192,3 +192,26 @@ def test_permute_unpermute_by_hand():
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
     out.sum().backward()
     torch.testing.assert_close(probs.grad, ((tokens * 2 + 1).sum(-1, keepdim=True)).expand(t, topk).detach())
+    # each token reaches the output through its k rows, each scaled by 2 * probs[t, k]
+    torch.testing.assert_close(tokens.grad, (2 * probs.detach().sum(-1, keepdim=True)).expand(t, hdim))
+
+
+def test_permute_unpermute_grads_match_autograd_of_plain_indexing():
+    """The hand-written backward passes (gather-and-sum, index_copy) give autograd's gradients of the same
+    math written with index_select."""
+    torch.manual_seed(7)
+    t, hdim, topk, e = 33, 8, 4, 9
+    tokens = torch.randn(t, hdim, dtype=torch.float64, requires_grad=True)
+    indices = torch.stack([torch.randperm(e)[:topk] for _ in range(t)])
+    probs = torch.rand(t, topk, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(hdim, hdim, dtype=torch.float64)
+    permuted, sorted_indices = ops.permute(tokens, indices)
+    ops.unpermute(torch.tanh(permuted @ w), sorted_indices, probs).pow(2).sum().backward()
+    order = torch.argsort(indices.reshape(-1), stable=True)
+    tokens2 = tokens.detach().clone().requires_grad_()
+    probs2 = probs.detach().clone().requires_grad_()
+    rows = torch.tanh(tokens2.index_select(0, order // topk) @ w)
+    back = rows.index_select(0, sorted_indices.long()).view(t, topk, hdim)
+    (back * probs2.unsqueeze(-1)).sum(1).pow(2).sum().backward()
+    torch.testing.assert_close(tokens.grad, tokens2.grad)
+    torch.testing.assert_close(probs.grad, probs2.grad)

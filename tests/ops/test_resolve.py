@@ -23,6 +23,7 @@ def test_defaults_are_the_torch_reference_everywhere():
         ("use_fused_swiglu", "swiglu", {"cuda": "compile", "npu": "npu"}),
         ("moe_grouped_gemm", "grouped_matmul", {"cpu": "grouped_mm", "cuda": "grouped_mm", "npu": "npu"}),
         ("use_fused_moe_token_permute_and_unpermute", "permute", {"cuda": "compile", "npu": "npu"}),
+        ("cross_entropy_loss_fusion", "cross_entropy", {"cpu": "fused", "cuda": "compile", "npu": "fused"}),
     ],
 )
 def test_each_flag_on_each_device(flag, op, expected, monkeypatch):

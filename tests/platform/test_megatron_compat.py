@@ -121,3 +121,107 @@ def test_shim_is_needed(kind, target, reason, monkeypatch):
     monkeypatch.setenv("LAYOUT_KIND", kind)
     with pytest.raises(RuntimeError, match=re.escape(reason)):
         run_distributed(_build_and_step, 2, [target])
+
+
+def _optimizer_step_on_rank(fused: bool):
+    """One megatron optimizer step on the tiny model; with fused=True through the cuda shims' fused Adam."""
+    import megatron.core.optimizer as mopt
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from mindspeed_dsv.models import DeepSeekConfig, build_model
+    from mindspeed_dsv.platform import init_distributed
+    from mindspeed_dsv.platform.megatron_compat import SHIMS, fused_torch_adam
+    from tests.model.hf_reference import tiny_hf_config
+
+    init_distributed()
+    if fused:  # what apply_megatron_compat does on cuda
+        targets = {s.target for s in SHIMS if s.devices == ("cuda",)}
+        assert targets == {"megatron.core.optimizer:Adam", "megatron.core.optimizer:USING_PYTORCH_OPTIMIZER"}
+        mopt.Adam, mopt.USING_PYTORCH_OPTIMIZER = fused_torch_adam, False
+    cfg = DeepSeekConfig.from_hf(tiny_hf_config(num_nextn_predict_layers=0))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    ddp = DistributedDataParallel(config=model.config, ddp_config=DistributedDataParallelConfig(), module=model)
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.1), [ddp])
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    ddp(ids, torch.arange(16)[None].expand(2, -1), attention_mask=None, labels=ids).mean().backward()
+    opt.step()
+    inner = opt.optimizer
+    # numpy: pickled whole (many tensors through the rank queue would be shared by file descriptors)
+    return type(inner).__name__, inner.defaults.get("fused"), {n: p.detach().numpy().copy() for n, p in
+                                                               model.named_parameters()}
+
+
+def test_fused_adam_shim_gives_torch_fused_adamw_with_the_same_step():
+    (name, fused, params), = run_distributed(_optimizer_step_on_rank, 1, True)
+    (ref_name, ref_fused, ref_params), = run_distributed(_optimizer_step_on_rank, 1, False)
+    assert (name, fused) == ("AdamW", True) and ref_name == "AdamW" and not ref_fused
+    assert set(params) == set(ref_params)
+    for n, p in params.items():
+        torch.testing.assert_close(torch.from_numpy(p), torch.from_numpy(ref_params[n]), rtol=1e-5, atol=1e-6,
+                                   msg=n)
+
+
+def _main_grads_on_rank(fusion: bool):
+    """Two micro-batches through megatron DDP; the fp32 main_grad of every parameter afterwards."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from mindspeed_dsv.models import DeepSeekConfig, build_model
+    from mindspeed_dsv.platform import init_distributed
+    from tests.model.hf_reference import tiny_hf_config
+
+    init_distributed()
+    cfg = DeepSeekConfig.from_hf(tiny_hf_config(num_nextn_predict_layers=0))
+    torch.manual_seed(0)
+    model = build_model(cfg, gradient_accumulation_fusion=fusion)
+    ddp = DistributedDataParallel(config=model.config, ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+                                  module=model)
+    ddp.zero_grad_buffer()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
+        ddp(ids, torch.arange(16)[None].expand(2, -1), attention_mask=None, labels=ids).mean().backward()
+    fused = sorted(n for n, p in model.named_parameters() if getattr(p, "grad_added_to_main_grad", False))
+    return fused, {n: p.main_grad.numpy().copy() for n, p in model.named_parameters()}
+
+
+def test_gradient_accumulation_fusion_accumulates_the_same_gradients():
+    (fused, grads), = run_distributed(_main_grads_on_rank, 1, True)
+    (none, ref), = run_distributed(_main_grads_on_rank, 1, False)
+    assert none == [] and "output_layer.weight" in fused and "decoder.layers.0.mlp.linear_fc1.weight" in fused
+    assert set(grads) == set(ref)
+    for n, gr in grads.items():
+        torch.testing.assert_close(torch.from_numpy(gr), torch.from_numpy(ref[n]), rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_gradient_accumulation_fusion_needs_its_shim():
+    """Without the shim megatron refuses the flag at the first linear, naming Apex's extension."""
+    with pytest.raises(RuntimeError, match="fused_weight_gradient_mlp_cuda"):
+        run_distributed(_build_with_fusion_without_shim, 1)
+
+
+def _build_with_fusion_without_shim():
+    from mindspeed_dsv.models import DeepSeekConfig, build_model
+    from mindspeed_dsv.platform import init_distributed
+    from mindspeed_dsv.platform.megatron_compat import undo_megatron_compat, apply_megatron_compat
+    from tests.model.hf_reference import tiny_hf_config
+
+    init_distributed()
+    undo_megatron_compat()
+    apply_megatron_compat(skip=("megatron.core.tensor_parallel.layers:fused_weight_gradient_mlp_cuda",
+                                "megatron.core.tensor_parallel.layers:_grad_accum_fusion_available"))
+    build_model(DeepSeekConfig.from_hf(tiny_hf_config(num_nextn_predict_layers=0)), gradient_accumulation_fusion=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_wgrad_accumulate_bf16_into_fp32_on_cuda():
+    from mindspeed_dsv.platform.megatron_compat import FUSED_WGRAD
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(512, 384, device="cuda", dtype=torch.bfloat16)
+    main_grad = torch.randn(384, 256, device="cuda")
+    expected = main_grad + dy.float().t() @ x.float()
+    FUSED_WGRAD.wgrad_gemm_accum_fp32(x, dy, main_grad)
+    torch.testing.assert_close(main_grad, expected, rtol=1e-3, atol=1e-3)

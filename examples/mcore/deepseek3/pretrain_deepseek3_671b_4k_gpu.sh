@@ -34,8 +34,12 @@ FALLBACK_MODEL_CONFIG=${MODEL_CONFIG:-${DSV_ROOT}/assets/deepseek3_671b}
 dsv_need_dataset "${DATA_PATH}" pretrain
 dsv_need_tokenizer "${TOKENIZER_PATH}"
 
-KERNEL_ARGS=(   # on CUDA only flash attention pays today (docs/en/ops.md); --moe-grouped-gemm is in the layout
+KERNEL_ARGS=(   # the kernel flags that paid on H200 (docs/en/performance.md); --moe-grouped-gemm is in the layout
     --use-flash-attn
+    --use-fused-rmsnorm
+    --use-fused-swiglu
+    --use-fused-moe-token-permute-and-unpermute
+    --cross-entropy-loss-fusion
 )
 TRAIN_ARGS=(
     --seq-length 4096

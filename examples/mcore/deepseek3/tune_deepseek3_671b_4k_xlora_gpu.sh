@@ -38,8 +38,12 @@ dsv_need_mcore_checkpoint "${CKPT_LOAD_DIR}"
 dsv_need_dataset "${DATA_PATH}" instruction
 dsv_need_tokenizer "${TOKENIZER_PATH}"
 
-KERNEL_ARGS=(   # on CUDA only flash attention pays today (docs/en/ops.md); --moe-grouped-gemm is in the layout
+KERNEL_ARGS=(   # the kernel flags that paid on H200 (docs/en/performance.md); --moe-grouped-gemm is in the layout
     --use-flash-attn
+    --use-fused-rmsnorm
+    --use-fused-swiglu
+    --use-fused-moe-token-permute-and-unpermute
+    --cross-entropy-loss-fusion
 )
 # LoRA flags come from the layout file (LORA_ARGS), shared with ckpt_convert_deepseek3_merge_lora2hf.sh.
 # --lora-ckpt-filter saves the adapters only; merge them into the hf2mcore base with the merge script.
