@@ -23,7 +23,7 @@ import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer, get_default_pg_collection
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
-from mindspeed_dsv.ops import get_ops
+from mindspeed_dsv.ops import count_tokens_per_expert, get_ops
 
 
 class LocalTokenDispatcher(MoETokenDispatcher):
@@ -59,10 +59,11 @@ class LocalTokenDispatcher(MoETokenDispatcher):
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
         self.hidden_shape = hidden_states.shape
         tokens = hidden_states.view(-1, hidden_states.shape[-1])
-        # Each token's k experts (in increasing id): a dropless routing map has exactly k set per row.
+        # Each token's k experts (in increasing id): a dropless routing map has exactly k set per row. (A row with
+        # fewer would add experts of probability 0; the counts below follow `indices`, so the rows stay consistent.)
         indices = torch.argsort(routing_map.to(torch.uint8), dim=1, descending=True, stable=True)[:, : self.topk]
         self.token_probs = probs.gather(1, indices)  # [tokens, k], differentiable towards the router
-        self.tokens_per_expert = routing_map.sum(dim=0)  # stays on the device: no host sync
+        self.tokens_per_expert = count_tokens_per_expert(indices, routing_map.shape[1])  # on the device
         permuted, self.sorted_indices = self.ops.permute(tokens, indices)
         return permuted, None
 

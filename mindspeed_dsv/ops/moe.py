@@ -17,8 +17,11 @@ import torch
 
 
 def count_tokens_per_expert(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[E] int64 counts of routed (token, choice) pairs per expert; stays on the device (no host sync)."""
-    return torch.bincount(indices.reshape(-1), minlength=num_experts)
+    """[E] int64 counts of routed (token, choice) pairs per expert; stays on the device (no host sync: a
+    scatter_add, where CUDA's bincount would read the input's max on the host)."""
+    flat = indices.reshape(-1).long()
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def _check_grouped_args(x, weights, tokens_per_expert):
