@@ -30,12 +30,6 @@ sys.path.insert(0, ROOT)
 PY = sys.executable
 
 
-def _copy_weights(hf, model, cfg, grouped: bool):
-    from tests.model.hf_reference import hf_to_megatron_tp1
-
-    hf_to_megatron_tp1(hf, model, cfg, grouped=grouped)
-
-
 def parity(name: str, hf_cfg: dict, fast: bool, seq: int, batch: int = 2):
     """(rel error ours-bf16 vs hf-fp32, rel error hf-bf16 vs hf-fp32, loss ours, loss hf-fp32)."""
     import torch
@@ -43,7 +37,7 @@ def parity(name: str, hf_cfg: dict, fast: bool, seq: int, batch: int = 2):
     from mindspeed_dsv.models import DeepSeekConfig, build_model
     from mindspeed_dsv.ops import OpsConfig, configure_ops
     from mindspeed_dsv.platform import current_platform, init_distributed
-    from tests.model.hf_reference import make_hf_model
+    from tests.model.hf_reference import hf_to_megatron_tp1, make_hf_model
 
     platform = current_platform()
     device = platform.device()
@@ -60,7 +54,7 @@ def parity(name: str, hf_cfg: dict, fast: bool, seq: int, batch: int = 2):
                             first_k_dense_replace=cfg.first_k_dense_replace, num_experts=cfg.n_routed_experts,
                             moe_grouped_gemm=fast)
     model = build_model(cfg, layout, params_dtype=torch.bfloat16)
-    _copy_weights(hf, model, cfg, grouped=fast)
+    hf_to_megatron_tp1(hf, model, cfg, grouped=fast)
     model = model.to(device).eval()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g).to(device)

@@ -150,6 +150,17 @@ class HFReader:
         self._handles.clear()
 
 
+def read_all(directory: str) -> dict[str, torch.Tensor]:
+    """Every tensor of every `*.safetensors` file in `directory`, under its stored name (no fused-expert
+    renaming, no FP8 dequantization: what is on disk). For small checkpoints: tests and the tiny-checkpoint script."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
+        with safe_open(path, "pt") as f:
+            for name in f.keys():
+                out[name] = f.get_tensor(name)
+    return out
+
+
 def read_config(directory: str) -> dict:
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):

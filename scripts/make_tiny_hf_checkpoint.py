@@ -22,10 +22,10 @@ import shutil
 import sys
 import tempfile
 
+from ckpt_convert.hf_io import copy_side_files, read_all
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "assets", "tiny_deepseek3")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja", "generation_config.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,18 +51,6 @@ def _config_path(path: str) -> str:
     return os.path.join(path, "config.json") if os.path.isdir(path) else path
 
 
-def _read_all(directory: str) -> dict:
-    from safetensors import safe_open
-
-    out = {}
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(directory, name), "pt") as f:
-                for key in f.keys():
-                    out[key] = f.get_tensor(key)
-    return out
-
-
 def mtp_tensors(config, main: dict, seed: int) -> dict:
     """The official MTP tensors for k = num_nextn_predict_layers modules, initialised like transformers does
     (normal(0, initializer_range) linears, unit norms, zero expert bias). The decoder layer of each module is
@@ -81,7 +69,7 @@ def mtp_tensors(config, main: dict, seed: int) -> dict:
     big = DeepseekV3ForCausalLM(big_cfg)
     with tempfile.TemporaryDirectory() as tmp:
         big.save_pretrained(tmp)
-        tensors = _read_all(tmp)
+        tensors = read_all(tmp)
     out = {key: t for key, t in tensors.items()
            if any(key.startswith(f"model.layers.{n + j}.") for j in range(k))}
     h = config.hidden_size
@@ -116,7 +104,7 @@ def write_checkpoint(config_path: str, save_dir: str, seed: int, mtp: bool, toke
     tmp = tempfile.mkdtemp(prefix=os.path.basename(save_dir) + ".partial-", dir=parent)
     try:
         model.save_pretrained(tmp)
-        main = _read_all(tmp)
+        main = read_all(tmp)
         summary = {"main_tensors": len(main), "params": sum(t.numel() for t in main.values()), "mtp_tensors": 0}
         if mtp:
             extra = mtp_tensors(config, main, seed)
@@ -136,10 +124,7 @@ def write_checkpoint(config_path: str, save_dir: str, seed: int, mtp: bool, toke
                 json.dump(index, f, indent=2)
             summary["mtp_tensors"] = len(extra)
         src = tokenizer_dir or os.path.dirname(config_path)
-        copied = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(src, name))]
-        for name in copied:
-            shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
-        summary["tokenizer_files"] = copied
+        summary["tokenizer_files"] = copy_side_files(src, tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         if os.path.exists(save_dir):
             shutil.rmtree(save_dir)

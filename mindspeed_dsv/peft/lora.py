@@ -57,6 +57,7 @@ __all__ = [
     "load_lora_state_dict",
     "merge_lora",
     "mark_only_lora_trainable",
+    "wrap_targets",
 ]
 
 # MindSpeed-LLM names of the linears LoRA may target in a DeepSeek-V3 (MLA + MoE) or GPT model.
@@ -345,25 +346,31 @@ def mark_only_lora_trainable(model: nn.Module) -> None:
         p.requires_grad = ".lora_A." in f".{name}" or ".lora_B." in f".{name}"
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
-    """Wrap every targeted parallel linear of `model` in place, freeze all non-adapter parameters.
-
-    Returns `model`. Raises if no module matched (a typo in --lora-target-modules would otherwise train
-    nothing).
-    """
+def wrap_targets(model: nn.Module, cfg: LoraConfig, wrap, who: str) -> nn.Module:
+    """Replace every parallel linear named in cfg.lora_target_modules by `wrap(module, init_key)` in place and
+    freeze all non-adapter parameters; returns `model`. Raises (naming `who`) if no module matched: a typo in
+    --lora-target-modules would otherwise train nothing. Init keys are taken before any module is replaced."""
     found = list(_iter_targets(model, cfg.lora_target_modules))
     if not found:
         raise ValueError(
-            f"apply_lora: no ColumnParallelLinear/RowParallelLinear named {list(cfg.lora_target_modules)} in the model"
+            f"{who}: no ColumnParallelLinear/RowParallelLinear named {list(cfg.lora_target_modules)} in the model"
         )
     keys = {name: _global_module_key(model, name) for name, _ in found}
     for name, module in found:
-        wrapped = LoraParallelLinear(
-            module, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, init_key=keys[name], init_seed=cfg.init_seed
-        )
-        _set_submodule(model, name, wrapped)
+        _set_submodule(model, name, wrap(module, keys[name]))
     mark_only_lora_trainable(model)
     return model
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+    """Wrap every targeted parallel linear of `model` in a LoraParallelLinear (see wrap_targets)."""
+
+    def wrap(module, init_key):
+        return LoraParallelLinear(
+            module, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, init_key=init_key, init_seed=cfg.init_seed
+        )
+
+    return wrap_targets(model, cfg, wrap, "apply_lora")
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

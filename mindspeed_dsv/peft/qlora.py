@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .lora import LoraConfig, LoraParallelLinear, _global_module_key, _iter_targets, _set_submodule, mark_only_lora_trainable
+from .lora import LoraConfig, LoraParallelLinear, wrap_targets
 from .nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 
 __all__ = ["QLoraParallelLinear", "quantize_linear_weight", "apply_qlora", "dequantize_model_weights", "nf4_state_dict"]
@@ -57,20 +57,14 @@ class QLoraParallelLinear(LoraParallelLinear):
 
 def apply_qlora(model: nn.Module, cfg: LoraConfig, blocksize: int = 64, double_quant: bool = False) -> nn.Module:
     """Quantize the targeted linears' local weight shards to NF4 and add LoRA adapters; freeze the rest."""
-    found = list(_iter_targets(model, cfg.lora_target_modules))
-    if not found:
-        raise ValueError(
-            f"apply_qlora: no ColumnParallelLinear/RowParallelLinear named {list(cfg.lora_target_modules)} in the model"
-        )
-    keys = {name: _global_module_key(model, name) for name, _ in found}
-    for name, module in found:
+
+    def wrap(module, init_key):
         quantize_linear_weight(module, blocksize=blocksize, double_quant=double_quant)
-        wrapped = QLoraParallelLinear(
-            module, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, init_key=keys[name], init_seed=cfg.init_seed
+        return QLoraParallelLinear(
+            module, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, init_key=init_key, init_seed=cfg.init_seed
         )
-        _set_submodule(model, name, wrapped)
-    mark_only_lora_trainable(model)
-    return model
+
+    return wrap_targets(model, cfg, wrap, "apply_qlora")
 
 
 def dequantize_model_weights(model: nn.Module) -> nn.Module:

@@ -225,6 +225,8 @@ def _wgrad_gemm_accumulate(total_input, grad_output, main_grad):
 FUSED_WGRAD = types.SimpleNamespace(
     wgrad_gemm_accum_fp32=_wgrad_gemm_accumulate, wgrad_gemm_accum_fp16=_wgrad_gemm_accumulate
 )
+# Where the shims below provide it; on npu MindSpeed's adaptor owns gradient-accumulation fusion.
+GRAD_ACCUM_FUSION_DEVICES = ("cpu", "cuda")
 
 
 def _cpu_rng_get(device="cuda", clone=False, graph_safe=False):
@@ -303,13 +305,13 @@ SHIMS: tuple[Shim, ...] = (
         "megatron.core.tensor_parallel.layers:fused_weight_gradient_mlp_cuda",
         "gradient-accumulation fusion (the wgrad GEMM accumulates into DDP's fp32 main_grad) calls Apex's CUDA "
         "extension; torch's addmm (out_dtype=fp32 on CUDA) does the same job.",
-        ("cpu", "cuda"),
+        GRAD_ACCUM_FUSION_DEVICES,
         lambda: FUSED_WGRAD,
     ),
     Shim(
         "megatron.core.tensor_parallel.layers:_grad_accum_fusion_available",
         "megatron refuses gradient_accumulation_fusion when Apex's extension failed to import (the shim above).",
-        ("cpu", "cuda"),
+        GRAD_ACCUM_FUSION_DEVICES,
         lambda: True,
     ),
     *(_cpu_torch_shim(m, why) for m, why in CPU_TORCH_MODULES.items()),

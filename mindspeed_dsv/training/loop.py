@@ -16,6 +16,7 @@ from ckpt_convert.mcore_io import McoreCheckpointError
 from mindspeed_dsv.layout import LayoutError, ParallelLayout
 from mindspeed_dsv.models import DeepSeekConfig, build_model, model_transformer_config
 from mindspeed_dsv.platform import current_platform, init_distributed
+from mindspeed_dsv.platform.megatron_compat import GRAD_ACCUM_FUSION_DEVICES
 
 from . import checkpointing
 from .arguments import ArgumentError, build_parser, resolve_model_config_path, tokenizer_dir, validate
@@ -91,9 +92,10 @@ def setup(args) -> TrainState:
         moe_token_dispatcher_type=args.moe_token_dispatcher_type,
         mtp_loss_scaling_factor=args.mtp_loss_scaling_factor,
         init_method_std=args.init_method_std,
-        # megatron's linears accumulate their weight gradient into DDP's main_grad inside the GEMM (the shim in
-        # platform/megatron_compat.py provides the kernel on cpu and cuda)
-        gradient_accumulation_fusion=not args.no_gradient_accumulation_fusion and platform.device_type != "npu",
+        # megatron's linears accumulate their weight gradient into DDP's main_grad inside the GEMM (the kernel
+        # comes from a shim in platform/megatron_compat.py)
+        gradient_accumulation_fusion=(not args.no_gradient_accumulation_fusion
+                                      and platform.device_type in GRAD_ACCUM_FUSION_DEVICES),
         **_recompute_options(args),
     )
     models = [

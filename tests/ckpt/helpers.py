@@ -7,8 +7,9 @@ import os
 import shutil
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
+
+from ckpt_convert.hf_io import read_all
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "assets", "tiny_deepseek3")
@@ -40,21 +41,11 @@ def make_hf_dir(path: str, mtp: bool = True, seed: int = 0, config_overrides: di
     return path
 
 
-def hf_tensors(path: str) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(os.listdir(path)):
-        if f.endswith(".safetensors"):
-            with safe_open(os.path.join(path, f), "pt") as h:
-                for k in h.keys():
-                    out[k] = h.get_tensor(k)
-    return out
-
-
 def add_mtp(path: str, seed: int = 0) -> None:
     """Write the MTP layer (index num_hidden_layers) into its own shard and rewrite an index."""
     cfg = json.load(open(os.path.join(path, "config.json")))
     n, H = cfg["num_hidden_layers"], cfg["hidden_size"]
-    base = hf_tensors(path)
+    base = read_all(path)
     g = torch.Generator().manual_seed(seed + 100)
     mtp = {}
     last = f"model.layers.{n - 1}."

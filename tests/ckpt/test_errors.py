@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from ckpt_convert.cli import main
-from tests.ckpt.helpers import hf_tensors, make_hf_dir
+from ckpt_convert.hf_io import read_all
+from tests.ckpt.helpers import make_hf_dir
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def run(capsys, *args):
 def test_missing_tensor_is_named(hf_dir, tmp_path, capsys):
     d = tmp_path / "broken"
     d.mkdir()
-    t = hf_tensors(hf_dir)
+    t = read_all(hf_dir)
     del t["model.layers.2.mlp.experts.3.up_proj.weight"]
     save_file(t, str(d / "model.safetensors"))
     shutil.copy(os.path.join(hf_dir, "config.json"), d)

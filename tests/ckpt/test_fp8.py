@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 from ckpt_convert.cli import main
 from ckpt_convert.fp8 import dequantize_block_fp8, quantize_block_fp8
 from ckpt_convert.hf_io import HFReader
-from tests.ckpt.helpers import hf_tensors, make_hf_dir
+from ckpt_convert.hf_io import read_all
+from tests.ckpt.helpers import make_hf_dir
 
 
 def reference_dequant(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -48,7 +49,7 @@ def test_block_dequant_matches_reference_on_ragged_shapes(tmp_path):
 def test_fp8_checkpoint_to_mcore_and_back(tmp_path):
     """A tiny DeepSeek-V3 whose linear weights are stored FP8 with scales, as the official checkpoint does."""
     src = make_hf_dir(str(tmp_path / "bf16"), mtp=False)
-    hf = hf_tensors(src)
+    hf = read_all(src)
     fp8, expected = {}, {}
     quantized = 0
     for k, v in hf.items():
@@ -72,7 +73,7 @@ def test_fp8_checkpoint_to_mcore_and_back(tmp_path):
                  "2", "--target-expert-parallel-size", "2", "--no-progress"]) == 0
     assert main(["mcore2hf", "--load-dir", str(tmp_path / "mc"), "--save-dir", str(tmp_path / "out"),
                  "--no-progress"]) == 0
-    out = hf_tensors(str(tmp_path / "out"))
+    out = read_all(str(tmp_path / "out"))
     assert set(out) == set(expected)
     for k in expected:
         assert out[k].dtype == torch.bfloat16 and torch.equal(out[k], expected[k]), k
@@ -81,7 +82,7 @@ def test_fp8_checkpoint_to_mcore_and_back(tmp_path):
     # --save-fp8 writes e4m3 + scales again; they dequantize back to within e4m3 precision
     assert main(["mcore2hf", "--load-dir", str(tmp_path / "mc"), "--save-dir", str(tmp_path / "out8"), "--save-fp8",
                  "--no-progress"]) == 0
-    out8 = hf_tensors(str(tmp_path / "out8"))
+    out8 = read_all(str(tmp_path / "out8"))
     k = "model.layers.1.mlp.experts.3.up_proj.weight"
     assert out8[k].dtype == torch.float8_e4m3fn and out8[k + "_scale_inv"].shape == (1, 1)
     assert out8["model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16

@@ -11,7 +11,8 @@ from ckpt_convert.cli import main
 from ckpt_convert.mcore_io import all_ranks, rank_file, save_rank_file
 from mindspeed_dsv.layout import ParallelLayout
 from mindspeed_dsv.models import names as nm
-from tests.ckpt.helpers import hf_tensors, make_hf_dir
+from ckpt_convert.hf_io import read_all
+from tests.ckpt.helpers import make_hf_dir
 
 R, ALPHA = 4, 8.0
 
@@ -74,7 +75,7 @@ def base(tmp_path_factory):
     src = make_hf_dir(str(root / "hf"), mtp=False)
     assert main(["hf2mcore", "--load-dir", src, "--save-dir", str(root / "mc"), "--target-tensor-parallel-size", "2",
                  "--target-expert-parallel-size", "2", "--target-pipeline-parallel-size", "2", "--no-progress"]) == 0
-    return src, str(root / "mc"), hf_tensors(src)
+    return src, str(root / "mc"), read_all(src)
 
 
 def test_merge_equals_independent_formula(base, tmp_path):
@@ -83,7 +84,7 @@ def test_merge_equals_independent_formula(base, tmp_path):
     assert any(".experts.5." in k for k in expected) and any("o_proj" in k for k in expected)
     assert main(["mcore2hf", "--load-dir", mc, "--lora-load", str(tmp_path / "lora"), "--save-dir",
                  str(tmp_path / "merged"), "--lora-r", str(R), "--lora-alpha", str(ALPHA), "--no-progress"]) == 0
-    out = hf_tensors(str(tmp_path / "merged"))
+    out = read_all(str(tmp_path / "merged"))
     for k, w in hf.items():
         if k in expected:
             a, b = expected[k]

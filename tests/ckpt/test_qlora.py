@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ckpt_convert.cli import main
-from tests.ckpt.helpers import hf_tensors, make_hf_dir
+from ckpt_convert.hf_io import read_all
+from tests.ckpt.helpers import make_hf_dir
 from tests.ckpt.test_lora import ALPHA, R, write_adapter_ckpt
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -32,7 +33,7 @@ def converted(tmp_path_factory):
                  "--qlora-nf4", "--lora-target-modules", *TARGETS, "--no-progress"]) == 0
     assert main(["hf2mcore", "--load-dir", src, "--save-dir", str(root / "plain"), "--target-tensor-parallel-size",
                  "2", "--no-progress"]) == 0
-    return src, root, hf_tensors(src)
+    return src, root, read_all(src)
 
 
 def test_nf4_shards_equal_bitsandbytes(converted):
@@ -76,7 +77,7 @@ def test_merge_against_dequantized_nf4_base(converted, tmp_path):
     expected = write_adapter_ckpt(str(root / "plain"), str(tmp_path / "lora"), hf, with_experts=True)
     assert main(["mcore2hf", "--load-dir", str(root / "nf4"), "--lora-load", str(tmp_path / "lora"), "--save-dir",
                  str(tmp_path / "merged"), "--lora-r", str(R), "--lora-alpha", str(ALPHA), "--no-progress"]) == 0
-    out = hf_tensors(str(tmp_path / "merged"))
+    out = read_all(str(tmp_path / "merged"))
     L0 = "model.layers.0."
     # o_proj: row-split, each TP shard quantized on its own
     w = hf[L0 + "self_attn.o_proj.weight"]

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ckpt_convert.cli import main
-from tests.ckpt.helpers import hf_tensors, make_hf_dir
+from ckpt_convert.hf_io import read_all
+from tests.ckpt.helpers import make_hf_dir
 
 GRID = {
     "tp1": dict(mtp=False),
@@ -56,7 +57,7 @@ def test_hf_mcore_hf_bit_identical(name, hf_dirs, tmp_path):
     assert main(["hf2mcore", "--load-dir", src, "--save-dir", str(tmp_path / "mc")] + flags(case)) == 0
     assert main(["mcore2hf", "--load-dir", str(tmp_path / "mc"), "--save-dir", str(tmp_path / "hf"),
                  "--no-progress"]) == 0
-    a, b = hf_tensors(src), hf_tensors(str(tmp_path / "hf"))
+    a, b = read_all(src), read_all(str(tmp_path / "hf"))
     if case.get("mtp_num_layers") == 0:  # MTP dropped on purpose
         a = {k: v for k, v in a.items() if not k.startswith("model.layers.4.")}
     assert set(a) == set(b), sorted(set(a) ^ set(b))[:10]
@@ -73,7 +74,7 @@ def _load(path):
 def test_shards_equal_independent_slices(hf_dirs, tmp_path):
     """TP2/EP2 and grouped GEMM shards against slices of the HF tensors computed here, not by the converter."""
     src = hf_dirs[True]
-    hf = hf_tensors(src)
+    hf = read_all(src)
     main(["hf2mcore", "--load-dir", src, "--save-dir", str(tmp_path / "a"), "--target-tensor-parallel-size", "2",
           "--target-expert-parallel-size", "2", "--no-progress"])
     r1 = _load(tmp_path / "a/iter_0000001/mp_rank_01_001/model_optim_rng.pt")["model"]
@@ -137,7 +138,7 @@ def test_fused_expert_input(hf_dirs, tmp_path):
     per-expert names."""
     from safetensors.torch import save_file
 
-    hf = hf_tensors(hf_dirs[False])
+    hf = read_all(hf_dirs[False])
     fused = {}
     for k, v in hf.items():
         if ".mlp.experts." in k:
@@ -155,7 +156,7 @@ def test_fused_expert_input(hf_dirs, tmp_path):
     assert main(["hf2mcore", "--load-dir", str(d), "--save-dir", str(tmp_path / "mc"), "--target-tensor-parallel-size",
                  "2", "--target-expert-parallel-size", "2", "--no-progress"]) == 0
     main(["mcore2hf", "--load-dir", str(tmp_path / "mc"), "--save-dir", str(tmp_path / "out"), "--no-progress"])
-    out = hf_tensors(str(tmp_path / "out"))
+    out = read_all(str(tmp_path / "out"))
     assert set(out) == set(hf)
     assert all(torch.equal(out[k], hf[k]) for k in hf)
 
@@ -175,7 +176,7 @@ def test_workers_and_dtype(hf_dirs, tmp_path):
             assert v.dtype == want, k
     main(["mcore2hf", "--load-dir", str(tmp_path / "w"), "--save-dir", str(tmp_path / "hf"), "--workers", "2",
           "--no-progress"])
-    a, b = hf_tensors(src), hf_tensors(str(tmp_path / "hf"))
+    a, b = read_all(src), read_all(str(tmp_path / "hf"))
     for k in a:
         assert torch.equal(b[k], a[k].to(b[k].dtype)), k
 
