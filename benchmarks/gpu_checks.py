@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -121,17 +120,15 @@ def _losses(log):
 
 
 def run_parallel(rows, work, steps=4, only=None):
+    from ckpt_convert.hf_io import copy_side_files
     from tests.model.hf_reference import make_hf_model, tiny_hf_config
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), PYTHONUNBUFFERED="1")
     log = os.path.join(work, "parallel.log")
     hf_dir = os.path.join(work, "hf")
     make_hf_model(tiny_hf_config(num_nextn_predict_layers=0), seed=7).save_pretrained(hf_dir)
-    for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        src = os.path.join(ROOT, "assets", "tiny_deepseek3", fname)
-        if os.path.exists(src):
-            shutil.copy(src, hf_dir)
     tok = os.path.join(ROOT, "assets", "tiny_deepseek3")
+    copy_side_files(tok, hf_dir)
     data = os.path.join(work, "sft")
     rc = _sh([PY, "preprocess_data.py", "--input", "assets/data/alpaca_builtins.jsonl", "--output-prefix", data,
               "--tokenizer-name-or-path", tok, "--handler-name", "AlpacaStyleInstructionHandler", "--prompt-type",

@@ -15,9 +15,9 @@ peak memory (torch max_memory_allocated, rank 0), and the first losses (random t
 ln(vocab) = 11.54; they must agree roughly).
 
     python benchmarks/train_mfu.py                                     # all rows the GPUs allow (not exp:)
-    python benchmarks/train_mfu.py --rows ours ours+fused hf titan     # a subset
+    python benchmarks/train_mfu.py --rows ours titan hf                # a subset
     MFU_PROFILE=1 python benchmarks/train_mfu.py --rows ours hf        # + a torch.profiler table per row (logs)
-    python benchmarks/train_mfu.py --tiny --rows ours hf titan         # a seconds-long smoke run (cpu too)
+    python benchmarks/train_mfu.py --tiny --rows ours-unfused hf titan # a seconds-long smoke run (cpu too)
 
 Each row runs in its own process (torchrun for ours), so one failing stack leaves a row saying why. torchtitan
 is 0.2.2 (0.3.0 needs a newer torch than 2.11); the transformers baseline needs transformers >= 5 for grouped_mm

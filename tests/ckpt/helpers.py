@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import torch
 from safetensors.torch import save_file
 
-from ckpt_convert.hf_io import read_all
+from ckpt_convert.hf_io import copy_side_files, read_all
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "assets", "tiny_deepseek3")
@@ -33,9 +32,7 @@ def make_hf_dir(path: str, mtp: bool = True, seed: int = 0, config_overrides: di
             if "e_score_correction_bias" in name:
                 b.copy_(torch.randn_like(b) * 0.01)
     model.save_pretrained(path)
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if os.path.isfile(os.path.join(TINY, f)):
-            shutil.copyfile(os.path.join(TINY, f), os.path.join(path, f))
+    copy_side_files(TINY, path)
     if mtp:
         add_mtp(path, seed)
     return path

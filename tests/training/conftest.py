@@ -30,15 +30,12 @@ def tiny_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory):
     """A random tiny DeepseekV3ForCausalLM saved the way transformers saves it, with the tokenizer beside it."""
-    import shutil
+    from ckpt_convert.hf_io import copy_side_files
 
     out = tmp_path_factory.mktemp("hf")
     model = make_hf_model(tiny_hf_config(num_nextn_predict_layers=0), seed=7)
     model.save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        src = os.path.join(ROOT, "assets", "tiny_deepseek3", name)
-        if os.path.exists(src):
-            shutil.copy(src, out)
+    copy_side_files(os.path.join(ROOT, "assets", "tiny_deepseek3"), str(out))
     return str(out)
 
 
