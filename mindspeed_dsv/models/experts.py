@@ -139,7 +139,7 @@ class GroupedMLPExperts(GroupedMLP):
             # fp8=None: 0.16.1 sets `self.fp8 = fp8 is not None`, so the default (False) would take the TE-only fp8
             # branch and hit an undefined FP8GlobalStateManager without Transformer Engine.
             self.activation_checkpoint = tensor_parallel.CheckpointWithoutOutput(fp8=None)
-        if self.config.moe_apply_probs_on_input and permuted_probs is not None:
+        if self.config.moe_apply_probs_on_input:  # never with LocalTokenDispatcher (its applies() excludes it)
             if self.config.moe_router_topk != 1:
                 raise ValueError("moe_apply_probs_on_input only works with moe_router_topk=1")
             original_dtype = permuted_local_hidden_states.dtype
