@@ -4,6 +4,9 @@ Stacks (same HF config, same token batches, same micro-batch / global batch / se
   ours   mindspeed_dsv's trainer (its `setup` and `train_step`: megatron-core schedules, DDP, mixed-precision
          Adam with fp32 master weights), one row per named variant (kernel flags, recompute, EP=2, TP=2)
   titan  torchtitan 0.2.2's DeepSeekV3Model (PyPI; sdpa, grouped_mm), bf16 parameters, fused torch AdamW, eager
+  titan-compile  the same, compiled as torchtitan's trainer does with `compile.enable` (its own apply_compile:
+         torch.compile per transformer block, per MoE sub-module, and of the grouped-experts function) and a
+         compiled loss: torchtitan as its users run it
   hf     transformers' DeepseekV3ForCausalLM (sdpa attention, grouped_mm experts), bf16 parameters,
          fused torch AdamW: the plain loop FSDP/DeepSpeed recipes wrap
 
@@ -16,6 +19,8 @@ ln(vocab) = 11.54; they must agree roughly).
 
     python benchmarks/train_mfu.py                                     # all rows the GPUs allow (not exp:)
     python benchmarks/train_mfu.py --rows ours titan hf                # a subset
+    python benchmarks/train_mfu.py --rows ours titan-compile hf --layers 8
+    python benchmarks/train_mfu.py --proxy real --rows ours titan-compile hf   # DeepSeek-V3's real widths
     MFU_PROFILE=1 python benchmarks/train_mfu.py --rows ours hf        # + a torch.profiler table per row (logs)
     python benchmarks/train_mfu.py --tiny --rows ours-unfused hf titan # a seconds-long smoke run (cpu too)
 
@@ -79,6 +84,14 @@ PROXY = {
     "torch_dtype": "bfloat16",
 }
 
+# DeepSeek-V3's real widths (hidden 7168, 128 heads, q/kv LoRA 1536/512, dense 18432, expert 2048, vocab 129280)
+# with fewer experts (32, top-8 from 4 of 8 groups, 1 shared) and, by default, 2 layers (1 dense + 1 MoE), so a
+# step fits one GPU. Its GEMMs have the real shapes: it measures the kernels a 671B run spends its time in.
+REAL = dict(PROXY, vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+            num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+            n_routed_experts=32, num_experts_per_tok=8, n_group=8, topk_group=4, n_shared_experts=1)
+PROXIES = {"v2lite": (PROXY, 4), "real": (REAL, 2)}  # name -> (config, default layers)
+
 TINY = dict(PROXY, vocab_size=4096, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
             num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16, n_group=4, topk_group=2,
             num_experts_per_tok=4, kv_lora_rank=32, qk_rope_head_dim=16, v_head_dim=32, qk_nope_head_dim=32,
@@ -110,7 +123,7 @@ OURS_ROWS = {
     "ours-ep2": (2, FUSED + ["--expert-model-parallel-size", "2"]),
     "ours-tp2": (2, FUSED + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
 }
-BASELINES = ("titan", "hf")
+BASELINES = ("titan", "titan-compile", "hf")
 
 
 # ---------------------------------------------------------------------------------------------- shared bits
@@ -241,11 +254,13 @@ def worker_ours(a, hf_cfg, flags):
 
     losses, sec = _timed_loop(step, a.steps, a.warmup, device)
     mem = _peak_mem_gb(device)
+    params = sum(p.numel() for m in state.models for p in m.parameters())  # this rank's share
     opt_s = sorted(opt_times[a.warmup:])[len(opt_times[a.warmup:]) // 2]
     if os.environ.get("MFU_PROFILE"):
         _profile(lambda: step(0), device)
     if dist.get_rank() == 0:
-        _write(a, dict(losses=losses, step_s=sec, opt_s=opt_s, world=dist.get_world_size(), peak_mem_gb=mem))
+        _write(a, dict(losses=losses, step_s=sec, opt_s=opt_s, world=dist.get_world_size(), peak_mem_gb=mem,
+                       params=params))
     from mindspeed_dsv.platform import destroy_distributed
 
     destroy_distributed()
@@ -273,10 +288,15 @@ def _experiment_patches(name: str):
         mdist.DistributedDataParallelConfig = ddp_config
 
 
-def _baseline_loop(a, model, forward_logits, device, vocab):
+def _cross_entropy(logits, labels):
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def _baseline_loop(a, model, forward_logits, device, vocab, loss_fn=_cross_entropy):
     """Plain loop: gradient accumulation over the global batch's micro-batches, clip 1.0, fused AdamW."""
     import torch
-    import torch.nn.functional as F
 
     tokens = make_tokens(vocab, a.gbs // a.mbs, a.mbs, a.seq).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -291,7 +311,7 @@ def _baseline_loop(a, model, forward_logits, device, vocab):
         total = torch.zeros((), device=device)
         for t in tokens:
             logits = forward_logits(t[:, :-1])
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), t[:, 1:].reshape(-1))
+            loss = loss_fn(logits, t[:, 1:])
             (loss / len(tokens)).backward()
             total += loss.detach() / len(tokens)
         _sync(device)
@@ -306,7 +326,8 @@ def _baseline_loop(a, model, forward_logits, device, vocab):
     opt_s = sorted(opt_times[a.warmup:])[len(opt_times[a.warmup:]) // 2]
     if os.environ.get("MFU_PROFILE"):
         _profile(lambda: step(0), device)
-    _write(a, dict(losses=losses, step_s=sec, opt_s=opt_s, world=1, peak_mem_gb=_peak_mem_gb(device)))
+    _write(a, dict(losses=losses, step_s=sec, opt_s=opt_s, world=1, peak_mem_gb=_peak_mem_gb(device),
+                   params=sum(p.numel() for p in params)))
 
 
 def worker_hf(a, hf_cfg):
@@ -384,11 +405,22 @@ def titan_model(hf_cfg, device):
     return model
 
 
-def worker_titan(a, hf_cfg):
+def worker_titan(a, hf_cfg, compile_model: bool = False):
     device = _device()
     model = titan_model(hf_cfg, device)
-    print("titan: torchtitan 0.2.2 DeepSeekV3Model, sdpa attention, grouped_mm experts", flush=True)
-    _baseline_loop(a, model, lambda x: model(x), device, hf_cfg["vocab_size"])
+    loss_fn = _cross_entropy
+    if compile_model:
+        import torch
+        from torchtitan.config.job_config import Compile
+        from torchtitan.models.llama4.infra.parallelize import apply_compile
+
+        # torchtitan's own recipe (its DeepSeek-V3 parallelize_fn calls this apply_compile when compile.enable
+        # is set; components default to model and loss): per-block / per-MoE-submodule torch.compile.
+        apply_compile(model, Compile(enable=True), ep_enabled=False)
+        loss_fn = torch.compile(_cross_entropy)
+    print(f"titan: torchtitan 0.2.2 DeepSeekV3Model, sdpa attention, grouped_mm experts, "
+          f"{'compiled (apply_compile + compiled loss)' if compile_model else 'eager'}", flush=True)
+    _baseline_loop(a, model, lambda x: model(x), device, hf_cfg["vocab_size"], loss_fn)
 
 
 def _profile(step, device, top: int = 45):
@@ -425,12 +457,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def expected_params(hf_cfg) -> int:
+    """Trainable parameters of the configured shape, counted from the planner's tensor inventory (no MTP)."""
+    from mindspeed_dsv import plan
+    from mindspeed_dsv.models import DeepSeekConfig
+
+    m = DeepSeekConfig.from_hf(hf_cfg)
+    tensors = plan.embedding_tensors(m) + plan.output_tensors(m)
+    for i in range(m.num_hidden_layers):
+        tensors += plan.decoder_layer_tensors(m, dense=i < m.first_k_dense_replace)
+    return sum(t.numel for t in tensors if t.trainable)
+
+
 def _run_row(name, a, workdir, env):
     result = os.path.join(workdir, f"{name}.json")
     if os.path.exists(result):
         os.remove(result)
+    # Every model-shape option goes to every row: a worker builds its model from exactly these.
     common = ["--worker", name, "--workdir", workdir, "--result", result, "--seq", str(a.seq), "--mbs", str(a.mbs),
-              "--gbs", str(a.gbs), "--steps", str(a.steps), "--warmup", str(a.warmup)]
+              "--gbs", str(a.gbs), "--steps", str(a.steps), "--warmup", str(a.warmup), "--proxy", a.proxy,
+              "--layers", str(a.layers)]
     if a.tiny:
         common.append("--tiny")
     me = os.path.abspath(__file__)
@@ -460,7 +506,11 @@ def main(argv=None):
     p.add_argument("--rows", nargs="*", default=None,
                    help=f"Rows to run, in order; known: {', '.join([*OURS_ROWS, *BASELINES])}. Default: all but the "
                    "exp: rows that fit the visible GPUs.")
-    p.add_argument("--layers", type=int, default=4, help="Decoder layers of the proxy (first one dense).")
+    p.add_argument("--proxy", choices=sorted(PROXIES), default="v2lite",
+                   help="Model widths: v2lite (DeepSeek-V2-Lite widths, V3 routing; 4 layers by default) or real "
+                   "(DeepSeek-V3's real widths, 32 experts; 2 layers by default).")
+    p.add_argument("--layers", type=int, default=None, help="Decoder layers of the proxy (first one dense); "
+                   "default: the proxy's own (4 for v2lite, 2 for real).")
     p.add_argument("--seq", type=int, default=4096, help="Sequence length.")
     p.add_argument("--mbs", type=int, default=2, help="Micro-batch size.")
     p.add_argument("--gbs", type=int, default=8, help="Global batch size (samples per optimizer step).")
@@ -476,14 +526,16 @@ def main(argv=None):
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
 
-    hf_cfg = dict(TINY if a.tiny else PROXY, num_hidden_layers=a.layers)
+    base, default_layers = PROXIES[a.proxy]
+    a.layers = a.layers or default_layers
+    hf_cfg = dict(TINY if a.tiny else base, num_hidden_layers=a.layers)
     if a.worker:
         if a.worker in OURS_ROWS:
             worker_ours(a, hf_cfg, OURS_ROWS[a.worker][1])
         elif a.worker == "hf":
             worker_hf(a, hf_cfg)
-        elif a.worker == "titan":
-            worker_titan(a, hf_cfg)
+        elif a.worker in ("titan", "titan-compile"):
+            worker_titan(a, hf_cfg, compile_model=a.worker == "titan-compile")
         else:
             raise SystemExit(f"unknown worker {a.worker}")
         return 0
@@ -501,8 +553,10 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     fpt = _flops_per_token(hf_cfg, a.seq)
     tokens_per_step = a.gbs * a.seq
+    want_params = expected_params(hf_cfg)
     print(f"device: {gpus} x {name}; measured bf16 matmul peak: {peak and round(peak, 1)} TFLOP/s; "
-          f"proxy: {a.layers} layers, seq {a.seq}, mbs {a.mbs}, gbs {a.gbs} ({tokens_per_step} tokens/step); "
+          f"proxy: {a.proxy}{' (tiny)' if a.tiny else ''}, {a.layers} layers, {want_params / 1e9:.3f} B parameters, "
+          f"seq {a.seq}, mbs {a.mbs}, gbs {a.gbs} ({tokens_per_step} tokens/step); "
           f"train FLOPs/token {fpt / 1e9:.3f} G", flush=True)
     workdir = tempfile.mkdtemp(prefix="train_mfu_")
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -513,6 +567,11 @@ def main(argv=None):
     results = {}
     for r in rows:
         rec = _run_row(r, a, workdir, env)
+        # A row whose model is not the configured shape measures something else: fail it. Multi-GPU rows hold a
+        # share of the parameters per rank and are not compared.
+        if "error" not in rec and rec["world"] == 1 and rec.get("params") != want_params:
+            rec = {"error": f"built {rec.get('params')} parameters, the configured shape has {want_params}",
+                   "wall_s": rec["wall_s"]}
         if "error" not in rec:
             tps = tokens_per_step / rec["step_s"]
             rec["tokens_per_s"] = tps
@@ -522,17 +581,18 @@ def main(argv=None):
         print(f"{r}: {json.dumps(rec)}", flush=True)
     one = results.get("ours", {}).get("tokens_per_s")
     print()
-    print(f"| row | GPUs | step s | of which optimizer s | tokens/s | TFLOP/s/GPU | MFU | peak mem GB | losses (steps 1-3) | scaling |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| row | GPUs | parameters | step s | of which optimizer s | tokens/s | TFLOP/s/GPU | MFU | peak mem GB | losses (steps 1-3) | scaling |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r, rec in results.items():
         if "error" in rec:
-            print(f"| {r} | | | | | | | | failed: {rec['error']} | |")
+            print(f"| {r} | | | | | | | | | failed: {rec['error']} | |")
             continue
         scale = f"{rec['tokens_per_s'] / (rec['world'] * one) * 100:.0f}%" if (one and rec["world"] > 1) else ""
         mfu = f"{rec['mfu'] * 100:.1f}%" if rec["mfu"] is not None else "n/a"
         mem = f"{rec['peak_mem_gb']:.1f}" if rec["peak_mem_gb"] is not None else "n/a"
         losses = ", ".join(f"{x:.3f}" for x in rec["losses"][:3])
-        print(f"| {r} | {rec['world']} | {rec['step_s']:.3f} | {rec.get('opt_s', float('nan')):.3f} | {rec['tokens_per_s']:.0f} | {rec['tflops_per_gpu']:.1f} "
+        params = f"{rec['params'] / 1e9:.3f} B" + (" (rank 0)" if rec["world"] > 1 else "")
+        print(f"| {r} | {rec['world']} | {params} | {rec['step_s']:.3f} | {rec.get('opt_s', float('nan')):.3f} | {rec['tokens_per_s']:.0f} | {rec['tflops_per_gpu']:.1f} "
               f"| {mfu} | {mem} | {losses} | {scale} |")
     print(f"\n{gpus} x {name}; bf16 matmul peak measured {peak and round(peak, 1)} TFLOP/s; scaling = tokens/s over "
           f"(GPUs x tokens/s of 'ours' on 1 GPU)")
