@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-target-modules", nargs="+", default=None,
                    help="With --qlora-nf4: the Megatron linears to quantize, the same names as training's "
                         "--lora-target-modules (linear_q_up_proj linear_kv_up_proj linear_proj linear_fc1 ...).")
+    p.add_argument("--no-verify-checksums", action="store_true",
+                   help="Do not compare the shards with the sha256 that an index written by mcore2hf records "
+                        "(a mismatch is otherwise an error naming the shard). Default: verify.")
     _common_target(p)
 
     p = sub.add_parser("reshard", help="Megatron-Core layout -> another layout, without going through HF",
@@ -164,14 +167,14 @@ def cmd_hf2mcore(ns) -> int:
     cfg = hf_io.read_config(ns.load_dir)
     nextn = int(cfg.get("num_nextn_predict_layers") or 0)
     if ns.mtp_num_layers is None and nextn:
-        reader = hf_io.HFReader(ns.load_dir)
+        reader = hf_io.HFReader(ns.load_dir, verify_checksums=False)  # names only; write_mcore's reader verifies
         if f"model.layers.{cfg['num_hidden_layers']}.eh_proj.weight" not in reader:
             print(f"note: config.json has num_nextn_predict_layers {nextn} but {ns.load_dir} holds no MTP weights "
                   f"(model.layers.{cfg['num_hidden_layers']}.*); converting without MTP (--mtp-num-layers 0)",
                   file=sys.stderr)
             ns.mtp_num_layers = 0
     layout = target_layout(ns, cfg)
-    spec = {"kind": "hf", "dir": ns.load_dir}
+    spec = {"kind": "hf", "dir": ns.load_dir, "verify_checksums": not ns.no_verify_checksums}
     stats = write_mcore(spec, cfg, layout, ns.save_dir, _dtype(ns), ns.mla_mm_split, ns.workers,
                         record={"source_dir": os.path.abspath(ns.load_dir), "command": "hf2mcore"},
                         side_files_from=ns.load_dir, progress=not ns.no_progress, qlora=qlora,

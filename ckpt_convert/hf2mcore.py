@@ -31,7 +31,8 @@ class ConversionError(ValueError):
 def make_reader(spec: dict):
     """Readers are rebuilt in each worker process from a picklable spec."""
     if spec["kind"] == "hf":
-        return hf_io.HFReader(spec["dir"], fp8_dtype=DTYPES[spec.get("fp8_dtype", "bf16")])
+        return hf_io.HFReader(spec["dir"], fp8_dtype=DTYPES[spec.get("fp8_dtype", "bf16")],
+                              verify_checksums=spec.get("verify_checksums", True))
     layout = ParallelLayout.from_dict(spec["layout"])
     return McoreReader(spec["dir"], layout, spec["cfg"], mla_mm_split=spec.get("mla_mm_split", False),
                        verify_checksums=spec.get("verify_checksums", True))

@@ -37,17 +37,23 @@ class HFCheckpointError(ValueError):
 
 
 class HFReader:
-    def __init__(self, directory: str, fp8_dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, directory: str, fp8_dtype: torch.dtype = torch.bfloat16, verify_checksums: bool = True):
         self.dir = directory
         self.fp8_dtype = fp8_dtype
         self.file_of: dict[str, str] = {}
+        # shard path -> sha256 recorded in the index by our mcore2hf; checked when the shard is first opened
+        self._sha256: dict[str, str] = {}
         index = os.path.join(directory, INDEX)
         if os.path.isfile(index):
             with open(index) as f:
                 try:
-                    weight_map = json.load(f)["weight_map"]
+                    idx = json.load(f)
+                    weight_map = idx["weight_map"]
                 except (json.JSONDecodeError, KeyError) as e:
                     raise HFCheckpointError(f"{index}: not a safetensors index ({e})") from None
+            if verify_checksums:
+                recorded = (idx.get("metadata") or {}).get("sha256") or {}
+                self._sha256 = {os.path.join(directory, k): v for k, v in recorded.items()}
             for name, file in weight_map.items():
                 self.file_of[name] = os.path.join(directory, file)
         else:
@@ -83,6 +89,10 @@ class HFReader:
         path = self.file_of[name]
         h = self._handles.get(path)
         if h is None:
+            want = self._sha256.pop(path, None)
+            if want is not None and sha256_file(path) != want:
+                raise HFCheckpointError(f"{path}: sha256 differs from the one recorded in {INDEX}: the shard is "
+                                        "corrupt (flipped or changed bytes); pass --no-verify-checksums to read it anyway")
             if len(self._handles) > 16:
                 self._handles.clear()
             h = self._handles[path] = safe_open(path, "pt")
