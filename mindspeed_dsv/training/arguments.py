@@ -192,6 +192,10 @@ def validate(args: argparse.Namespace, world_size: int, model_cfg: dict | None =
         problems.append("--save-interval needs --save")
     if args.finetune and not args.load:
         problems.append("--finetune needs --load")
+    if args.overwrite and not args.save:
+        problems.append("--overwrite needs --save")
+    if args.no_verify_checksums and not (args.load or args.lora_load):
+        problems.append("--no-verify-checksums needs --load or --lora-load")
     if args.lora_r == 0 and (args.lora_target_modules or args.lora_ckpt_filter or args.lora_load or args.qlora_nf4):
         problems.append("LoRA flags (--lora-target-modules/--lora-ckpt-filter/--lora-load/--qlora-nf4) need --lora-r > 0")
     if args.lora_r and not args.lora_target_modules:
