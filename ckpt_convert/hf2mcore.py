@@ -150,6 +150,19 @@ def check_save_dir(save_dir: str, load_dir: str, overwrite: bool) -> None:
                               "--overwrite to replace its iteration 1 (other iterations are left as they are)")
 
 
+def _check_kept_iterations(save_dir: str, layout: ParallelLayout) -> None:
+    """--overwrite keeps iterations other than 1, but layout.json is one record for the whole directory: refuse a
+    new layout that would no longer describe them."""
+    kept = [h for h in checkpoint_contents(save_dir) if h not in (TRACKER, iter_dir_name(1))]
+    if not kept or not os.path.isfile(os.path.join(save_dir, "layout.json")):
+        return
+    diff = ParallelLayout.load(save_dir).diff(layout)
+    if diff:
+        raise ConversionError(f"--overwrite: {save_dir} keeps {', '.join(kept[:3])}{' ...' if len(kept) > 3 else ''}, "
+                              "written for another layout (" + "; ".join(diff) + "); layout.json would no longer "
+                              "describe them. Convert into another directory")
+
+
 def write_mcore(spec: dict, cfg: dict, layout: ParallelLayout, save_dir: str, params_dtype: str | None = None,
                 mla_mm_split: bool = False, workers: int = 1, record: dict | None = None,
                 side_files_from: str | None = None, progress: bool = True, qlora: dict | None = None,
@@ -159,6 +172,7 @@ def write_mcore(spec: dict, cfg: dict, layout: ParallelLayout, save_dir: str, pa
     `save_dir` is refused unless `overwrite`; then only iteration 1, the records and the tracker are replaced."""
     t0 = time.time()
     check_save_dir(save_dir, spec["dir"], overwrite)
+    _check_kept_iterations(save_dir, layout)
     reader = make_reader(spec)
     check_source(reader, cfg, layout, mla_mm_split, check_shapes=spec["kind"] == "hf")
     _READERS.clear()

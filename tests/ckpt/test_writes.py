@@ -72,6 +72,12 @@ def test_hf2mcore_refuses_a_trained_directory_and_overwrite_keeps_other_iteratio
     assert "--save-dir" in err and ckpt in err and "--overwrite" in err and "tracker at 3" in err, err
     assert _snapshot(ckpt) == before  # nothing written
 
+    # layout.json describes the whole directory: a new layout would misdescribe the kept iterations
+    assert _hf2mcore(b, ckpt, "--overwrite", "--target-tensor-parallel-size", "2") == 2
+    err = capsys.readouterr().err
+    assert "iter_0000002" in err and "(tp): 1 != 2" in err, err
+    assert _snapshot(ckpt) == before
+
     assert _hf2mcore(b, ckpt, "--overwrite") == 0
     after = _snapshot(ckpt)
     for rel, digest in before.items():  # other iterations byte for byte as they were
