@@ -16,8 +16,9 @@ from tqdm import tqdm
 
 from ckpt_convert import hf_io
 from ckpt_convert.files import crash_point, inside, is_empty_dir, replace_dir, sha256_file, write_json_atomic
-from ckpt_convert.mcore_io import (TRACKER, McoreReader, all_ranks, args_record, checkpoint_contents, clean_stale_temporaries,
-                                   iter_dir_name, read_iteration, save_rank_file, write_checksums, write_record, write_tracker)
+from ckpt_convert.mcore_io import (TRACKER, McoreReader, all_ranks, args_record, checkpoint_contents,
+                                   clean_stale_temporaries, iter_dir_name, read_iteration, save_rank_file,
+                                   write_checksums, write_record, write_tracker)
 from mindspeed_dsv.layout import ParallelLayout
 from mindspeed_dsv.models import names as nm
 

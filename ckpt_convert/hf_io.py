@@ -23,7 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ckpt_convert.files import crash_point, fsync_path, inside, is_empty_dir, replace_dir, sha256_file, write_json_atomic
+from ckpt_convert.files import (crash_point, fsync_path, inside, is_empty_dir, replace_dir, sha256_file,
+                                write_json_atomic)
 from ckpt_convert.fp8 import BLOCK, dequantize_block_fp8, quantize_block_fp8
 
 INDEX = "model.safetensors.index.json"
@@ -262,6 +263,7 @@ def staged_dir(save_dir: str):
     does not write is hard-linked (copied where links fail) into the new directory, the two directories are
     swapped atomically, and the old one is removed. A reader of `save_dir` therefore sees the old export or the
     new one, never old weight files beside new ones. A staging directory left by a killed run is removed here."""
+    save_dir = os.path.realpath(save_dir)  # a symlinked --save-dir: replace the directory it points to
     prefix = _staging_name(save_dir)
     for stale in glob.glob(glob.escape(prefix) + "*"):
         shutil.rmtree(stale, ignore_errors=True)

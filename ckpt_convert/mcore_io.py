@@ -87,26 +87,24 @@ def checkpoint_contents(save_dir: str) -> list[str]:
     """The saved iterations (and tracker) in `save_dir`, temporaries excluded: what a save there could replace."""
     if not os.path.isdir(save_dir):
         return []
-    return sorted(n for n in os.listdir(save_dir)
-                  if n == TRACKER or (re.fullmatch(r"iter_\d+|release", n) and os.path.isdir(os.path.join(save_dir, n))))
+    return sorted(n for n in os.listdir(save_dir) if n == TRACKER
+                  or (re.fullmatch(r"iter_\d+|release", n) and os.path.isdir(os.path.join(save_dir, n))))
 
 
 # ---------------------------------------------------------------------------------------------- checksums
 def write_checksums(iter_dir: str, digests: dict[str, str]) -> None:
     """Record the sha256 of every file of an iteration (paths relative to it) in iter_dir/checksums.json;
     written inside the iteration before it is renamed in, so the record and the files move together."""
-    write_json_atomic(os.path.join(iter_dir, CHECKSUMS), {"algorithm": "sha256", "sha256": dict(sorted(digests.items()))})
+    write_json_atomic(os.path.join(iter_dir, CHECKSUMS),
+                      {"algorithm": "sha256", "sha256": dict(sorted(digests.items()))})
 
 
 def verify_file(path: str) -> None:
-    """Compare a rank file with the sha256 recorded in its iteration's checksums.json (two or one directories up).
+    """Compare a file of a rank directory (iter_N/mp_rank_XX/FILE) with the sha256 recorded in iter_N/checksums.json.
     Iterations written before checksums were recorded have no record and pass. Raises naming the file."""
-    d = os.path.dirname(os.path.abspath(path))
-    for iter_dir in (os.path.dirname(d), d):
-        rec = os.path.join(iter_dir, CHECKSUMS)
-        if os.path.isfile(rec):
-            break
-    else:
+    iter_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    rec = os.path.join(iter_dir, CHECKSUMS)
+    if not os.path.isfile(rec):
         return
     try:
         with open(rec) as f:
