@@ -189,3 +189,22 @@ def test_checksums_recorded_and_a_flipped_byte_names_the_file(hfs, tmp_path, cap
     assert _hf2mcore(hf, str(tmp_path / "back")) == 2
     assert shard in capsys.readouterr().err
     assert _hf2mcore(hf, str(tmp_path / "back2"), "--no-verify-checksums") == 0
+
+
+def test_peft_export_refuses_a_non_empty_directory_and_overwrite_replaces_its_weights(hfs, tmp_path, capsys):
+    from tests.ckpt.test_lora import ALPHA, R, write_adapter_ckpt
+
+    a, _ = hfs
+    mc, lora, out = str(tmp_path / "mc"), str(tmp_path / "lora"), tmp_path / "peft"
+    assert _hf2mcore(a, mc) == 0
+    write_adapter_ckpt(mc, lora, read_all(a), with_experts=False, with_mlp=False)
+    os.makedirs(out)
+    (out / "adapter_model.bin").write_bytes(b"an earlier export")
+    (out / "notes.txt").write_text("mine")
+    argv = ["--save-lora-to-hf", "--lora-r", str(R), "--lora-alpha", str(ALPHA)]
+    capsys.readouterr()
+    assert _mcore2hf(lora, str(out), *argv) == 2
+    assert "adapter_model.bin" in capsys.readouterr().err
+    assert _mcore2hf(lora, str(out), *argv, "--overwrite") == 0
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "notes.txt"]
+    assert json.load(open(out / "adapter_config.json"))["r"] == R
