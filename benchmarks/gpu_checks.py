@@ -132,7 +132,7 @@ def run_parallel(rows, work, steps=4, only=None):
     data = os.path.join(work, "sft")
     rc = _sh([PY, "preprocess_data.py", "--input", "assets/data/alpaca_builtins.jsonl", "--output-prefix", data,
               "--tokenizer-name-or-path", tok, "--handler-name", "AlpacaStyleInstructionHandler", "--prompt-type",
-              "deepseek3", "--seq-length", "128", "--pack", "--no-progress"], log, env)
+              "deepseek3", "--seq-length", "128", "--pack", "--no-progress", "--overwrite"], log, env)  # reused --workdir
     if rc:
         rows.append(("parallel: preprocess", "FAIL", f"exit {rc}, see {log}"))
         return False
@@ -152,7 +152,7 @@ def run_parallel(rows, work, steps=4, only=None):
     for name, (conv, train) in layouts.items():
         ckpt = os.path.join(work, "ckpt_" + re.sub(r"\W", "", name))
         rc = _sh([PY, "-m", "ckpt_convert", "hf2mcore", "--load-dir", hf_dir, "--save-dir", ckpt, "--no-progress",
-                  "--moe-grouped-gemm", *conv], log, env)
+                  "--moe-grouped-gemm", "--overwrite", *conv], log, env)
         run_log = os.path.join(work, "train_" + re.sub(r"\W", "", name) + ".log")
         n = 1 if name == "1 GPU" else 2
         if os.path.exists(run_log):  # a reused --workdir: read this run's losses only

@@ -32,6 +32,14 @@ def _common_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1,
                    help="Processes writing rank files in parallel; peak memory grows with it. Default 1.")
     p.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Write into a --save-dir that already holds files: iteration 1, layout.json, config.json, "
+                        "convert.json and the tracker are replaced (the tracker then says 1); other iterations "
+                        "are left as they are. Default: a non-empty --save-dir is refused.")
+
+
+VERIFY_HELP = ("Do not compare rank files with the sha256 recorded in their iteration's checksums.json before "
+               "reading them (a mismatch is otherwise an error naming the file). Default: verify.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-target-modules", nargs="+", default=None,
                    help="With --qlora-nf4: the Megatron linears to quantize, the same names as training's "
                         "--lora-target-modules (linear_q_up_proj linear_kv_up_proj linear_proj linear_fc1 ...).")
+    p.add_argument("--no-verify-checksums", action="store_true",
+                   help="Do not compare the shards with the sha256 that an index written by mcore2hf records "
+                        "(a mismatch is otherwise an error naming the shard). Default: verify.")
     _common_target(p)
 
     p = sub.add_parser("reshard", help="Megatron-Core layout -> another layout, without going through HF",
@@ -61,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "source layout comes from its layout.json; the flags give the target.")
     p.add_argument("--load-dir", required=True, help="Source Megatron checkpoint (with layout.json).")
     p.add_argument("--save-dir", required=True, help="Output Megatron checkpoint directory.")
+    p.add_argument("--no-verify-checksums", action="store_true", help=VERIFY_HELP)
     _common_target(p)
 
     p = sub.add_parser("mcore2hf", help="Megatron-Core -> HF safetensors (optionally merging LoRA / PEFT export)",
@@ -90,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Copy tokenizer files from here if the checkpoint has none. Default: the recorded HF source.")
     p.add_argument("--workers", type=int, default=1, help="Processes writing HF shards in parallel. Default 1.")
     p.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Write into a --save-dir that already holds files: once the new export is complete, every "
+                        "weight file of the directory that is not part of it (*.safetensors, *.bin, their index) "
+                        "is removed; other files stay. Default: a non-empty --save-dir is refused.")
+    p.add_argument("--no-verify-checksums", action="store_true", help=VERIFY_HELP)
 
     p = sub.add_parser("verify", help="Compare logits of the HF model and of the Megatron checkpoint",
                        description="Load --hf-dir with transformers and --mcore-dir with our model in the "
@@ -107,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.save the Megatron logits here (float32 [batch, seq, vocab], TP-gathered).")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                    help="Compute dtype of both models. Default fp32.")
+    p.add_argument("--no-verify-checksums", action="store_true", help=VERIFY_HELP)
     return top
 
 
@@ -149,17 +167,18 @@ def cmd_hf2mcore(ns) -> int:
     cfg = hf_io.read_config(ns.load_dir)
     nextn = int(cfg.get("num_nextn_predict_layers") or 0)
     if ns.mtp_num_layers is None and nextn:
-        reader = hf_io.HFReader(ns.load_dir)
+        reader = hf_io.HFReader(ns.load_dir, verify_checksums=False)  # names only; write_mcore's reader verifies
         if f"model.layers.{cfg['num_hidden_layers']}.eh_proj.weight" not in reader:
             print(f"note: config.json has num_nextn_predict_layers {nextn} but {ns.load_dir} holds no MTP weights "
                   f"(model.layers.{cfg['num_hidden_layers']}.*); converting without MTP (--mtp-num-layers 0)",
                   file=sys.stderr)
             ns.mtp_num_layers = 0
     layout = target_layout(ns, cfg)
-    spec = {"kind": "hf", "dir": ns.load_dir}
+    spec = {"kind": "hf", "dir": ns.load_dir, "verify_checksums": not ns.no_verify_checksums}
     stats = write_mcore(spec, cfg, layout, ns.save_dir, _dtype(ns), ns.mla_mm_split, ns.workers,
                         record={"source_dir": os.path.abspath(ns.load_dir), "command": "hf2mcore"},
-                        side_files_from=ns.load_dir, progress=not ns.no_progress, qlora=qlora)
+                        side_files_from=ns.load_dir, progress=not ns.no_progress, qlora=qlora,
+                        overwrite=ns.overwrite)
     print(json.dumps({"save_dir": ns.save_dir, **stats}))
     return 0
 
@@ -173,13 +192,11 @@ def cmd_reshard(ns) -> int:
     cfg = hf_io.read_config(ns.load_dir)
     rec = read_record(ns.load_dir)
     layout = target_layout(ns, cfg)
-    if os.path.abspath(ns.load_dir) == os.path.abspath(ns.save_dir):
-        raise SystemExit("error: --save-dir must differ from --load-dir")
     spec = {"kind": "mcore", "dir": ns.load_dir, "layout": src.to_dict(), "cfg": cfg,
-            "mla_mm_split": bool(rec.get("mla_mm_split", False))}
+            "mla_mm_split": bool(rec.get("mla_mm_split", False)), "verify_checksums": not ns.no_verify_checksums}
     record = {"source_dir": rec.get("source_dir"), "command": "reshard", "resharded_from": os.path.abspath(ns.load_dir)}
     stats = write_mcore(spec, cfg, layout, ns.save_dir, _dtype(ns), ns.mla_mm_split, ns.workers, record=record,
-                        side_files_from=ns.load_dir, progress=not ns.no_progress)
+                        side_files_from=ns.load_dir, progress=not ns.no_progress, overwrite=ns.overwrite)
     print(json.dumps({"save_dir": ns.save_dir, **stats}))
     return 0
 
@@ -194,6 +211,8 @@ def cmd_mcore2hf(ns) -> int:
     given["moe_grouped_gemm"] = ns.moe_grouped_gemm or None
     given["moe_tp_extend_ep"] = ns.moe_tp_extend_ep or None
     given["dualpipev"] = True if ns.schedules_method == "dualpipev" else None
+    hf_io.check_save_dir(ns.save_dir, [ns.load_dir] + ([ns.lora_load] if ns.lora_load else []), ns.overwrite)
+    verify = not ns.no_verify_checksums
     if ns.save_lora_to_hf:
         if ns.lora_r is None or ns.lora_alpha is None:
             raise SystemExit("error: --save-lora-to-hf needs --lora-r and --lora-alpha")
@@ -201,14 +220,17 @@ def cmd_mcore2hf(ns) -> int:
         mcore2hf._check_flags(layout, given, ns.load_dir)
         cfg = hf_io.read_config(ns.load_dir)
         rec = read_record(ns.load_dir)
-        reader = McoreReader(ns.load_dir, layout, cfg, mla_mm_split=bool(rec.get("mla_mm_split", False)))
+        reader = McoreReader(ns.load_dir, layout, cfg, mla_mm_split=bool(rec.get("mla_mm_split", False)),
+                             verify_checksums=verify)
         from ckpt_convert.lora import export_peft
 
-        stats = export_peft(reader, cfg, layout, ns.save_dir, ns.lora_r, ns.lora_alpha, ns.lora_target_modules,
-                            base_model=rec.get("source_dir"))
+        with hf_io.staged_dir(ns.save_dir) as stage:  # published whole, like mcore2hf.convert's export
+            stats = export_peft(reader, cfg, layout, stage, ns.lora_r, ns.lora_alpha, ns.lora_target_modules,
+                                base_model=rec.get("source_dir"))
     else:
         stats = mcore2hf.convert(ns.load_dir, ns.save_dir, given, ns.lora_load, ns.lora_r, ns.lora_alpha,
-                                 ns.save_fp8, ns.workers, not ns.no_progress, ns.mla_mm_split, ns.tokenizer_dir)
+                                 ns.save_fp8, ns.workers, not ns.no_progress, ns.mla_mm_split, ns.tokenizer_dir,
+                                 verify_checksums=verify)
     print(json.dumps({"save_dir": ns.save_dir, **stats}))
     return 0
 

@@ -8,7 +8,6 @@ time (per worker process): peak memory is about one rank file plus one HF tensor
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -16,8 +15,10 @@ import torch
 from tqdm import tqdm
 
 from ckpt_convert import hf_io
-from ckpt_convert.mcore_io import (TRACKER, McoreReader, all_ranks, args_record, iter_dir_name, save_rank_file,
-                                   write_record)
+from ckpt_convert.files import crash_point, inside, is_empty_dir, replace_dir, sha256_file, write_json_atomic
+from ckpt_convert.mcore_io import (TRACKER, McoreReader, all_ranks, args_record, checkpoint_contents,
+                                   clean_stale_temporaries, iter_dir_name, read_iteration, save_rank_file,
+                                   write_checksums, write_record, write_tracker)
 from mindspeed_dsv.layout import ParallelLayout
 from mindspeed_dsv.models import names as nm
 
@@ -31,9 +32,11 @@ class ConversionError(ValueError):
 def make_reader(spec: dict):
     """Readers are rebuilt in each worker process from a picklable spec."""
     if spec["kind"] == "hf":
-        return hf_io.HFReader(spec["dir"], fp8_dtype=DTYPES[spec.get("fp8_dtype", "bf16")])
+        return hf_io.HFReader(spec["dir"], fp8_dtype=DTYPES[spec.get("fp8_dtype", "bf16")],
+                              verify_checksums=spec.get("verify_checksums", True))
     layout = ParallelLayout.from_dict(spec["layout"])
-    return McoreReader(spec["dir"], layout, spec["cfg"], mla_mm_split=spec.get("mla_mm_split", False))
+    return McoreReader(spec["dir"], layout, spec["cfg"], mla_mm_split=spec.get("mla_mm_split", False),
+                       verify_checksums=spec.get("verify_checksums", True))
 
 
 def layout_str(layout: ParallelLayout) -> str:
@@ -112,13 +115,15 @@ def build_rank(reader, cfg, layout, tp, pp, ep, mla_mm_split, dtype, qlora: dict
 
 
 def _write_one(spec, cfg, layout_dict, tp, pp, ep, mla_mm_split, dtype_name, tmp_iter, args, qlora=None
-               ) -> tuple[str, int]:
+               ) -> tuple[str, int, str]:
+    """Build and write one rank file; returns (path relative to the iteration, tensor bytes, sha256)."""
     layout = ParallelLayout.from_dict(layout_dict)
     reader = _worker_reader(spec)
     chunks = build_rank(reader, cfg, layout, tp, pp, ep, mla_mm_split, DTYPES.get(dtype_name), qlora)
-    path = os.path.join(tmp_iter, layout.rank_dir_name(tp, pp, ep), "model_optim_rng.pt")
+    rel = f"{layout.rank_dir_name(tp, pp, ep)}/model_optim_rng.pt"
+    path = os.path.join(tmp_iter, rel)
     nbytes = save_rank_file(path, chunks, args)
-    return path, nbytes
+    return rel, nbytes, sha256_file(path)
 
 
 _READERS: dict = {}
@@ -132,22 +137,52 @@ def _worker_reader(spec):
     return _READERS[key]
 
 
+def check_save_dir(save_dir: str, load_dir: str, overwrite: bool) -> None:
+    """Refuse, before anything is read or written, a --save-dir that holds files (unless --overwrite) or that is
+    (inside) --load-dir."""
+    if inside(save_dir, load_dir):
+        raise ConversionError(f"--save-dir {save_dir} is (inside) --load-dir {load_dir}: write to another directory")
+    if not is_empty_dir(save_dir) and not overwrite:
+        held = checkpoint_contents(save_dir)
+        iters = [h for h in held if h != TRACKER]
+        latest = read_iteration(save_dir) if TRACKER in held else "none"
+        what = f"a checkpoint ({len(iters)} iteration(s), tracker at {latest})" if held else "files"
+        raise ConversionError(f"--save-dir {save_dir} already holds {what}: choose an empty directory, or pass "
+                              "--overwrite to replace its iteration 1 (other iterations are left as they are)")
+
+
+def _check_kept_iterations(save_dir: str, layout: ParallelLayout) -> None:
+    """--overwrite keeps iterations other than 1, but layout.json is one record for the whole directory: refuse a
+    new layout that would no longer describe them."""
+    kept = [h for h in checkpoint_contents(save_dir) if h not in (TRACKER, iter_dir_name(1))]
+    if not kept or not os.path.isfile(os.path.join(save_dir, "layout.json")):
+        return
+    diff = ParallelLayout.load(save_dir).diff(layout)
+    if diff:
+        raise ConversionError(f"--overwrite: {save_dir} keeps {', '.join(kept[:3])}{' ...' if len(kept) > 3 else ''}, "
+                              "written for another layout (" + "; ".join(diff) + "); layout.json would no longer "
+                              "describe them. Convert into another directory")
+
+
 def write_mcore(spec: dict, cfg: dict, layout: ParallelLayout, save_dir: str, params_dtype: str | None = None,
                 mla_mm_split: bool = False, workers: int = 1, record: dict | None = None,
-                side_files_from: str | None = None, progress: bool = True, qlora: dict | None = None) -> dict:
+                side_files_from: str | None = None, progress: bool = True, qlora: dict | None = None,
+                overwrite: bool = False) -> dict:
     """Convert the source described by `spec` into `save_dir` for `layout`. Returns stats. `qlora`
-    ({'target_modules': [...], 'blocksize': 64}) stores those linears as NF4 (see build_rank)."""
+    ({'target_modules': [...], 'blocksize': 64}) stores those linears as NF4 (see build_rank). A non-empty
+    `save_dir` is refused unless `overwrite`; then only iteration 1, the records and the tracker are replaced."""
     t0 = time.time()
+    check_save_dir(save_dir, spec["dir"], overwrite)
+    _check_kept_iterations(save_dir, layout)
     reader = make_reader(spec)
     check_source(reader, cfg, layout, mla_mm_split, check_shapes=spec["kind"] == "hf")
     _READERS.clear()
     _READERS[repr(sorted((k, str(v)) for k, v in spec.items()))] = reader
 
     os.makedirs(save_dir, exist_ok=True)
+    clean_stale_temporaries(save_dir)
     final_iter = os.path.join(save_dir, iter_dir_name(1))
     tmp_iter = final_iter + f".partial-{os.getpid()}"
-    if os.path.exists(tmp_iter):
-        shutil.rmtree(tmp_iter)
     dtype_name = params_dtype
     args = args_record(cfg, layout, params_dtype or str(cfg.get("torch_dtype", "keep")), mla_mm_split,
                        qlora_nf4=bool(qlora))
@@ -155,39 +190,38 @@ def write_mcore(spec: dict, cfg: dict, layout: ParallelLayout, save_dir: str, pa
     total = 0
     bar = tqdm(total=len(jobs), desc="hf2mcore rank files", unit="file", disable=not progress)
     ld = layout.to_dict()
+    digests = {}
     if workers <= 1:
         for tp, pp, ep in jobs:
-            _, n = _write_one(spec, cfg, ld, tp, pp, ep, mla_mm_split, dtype_name, tmp_iter, args, qlora)
+            rel, n, digest = _write_one(spec, cfg, ld, tp, pp, ep, mla_mm_split, dtype_name, tmp_iter, args, qlora)
             total += n
+            digests[rel] = digest
             bar.update(1)
     else:
         with ProcessPoolExecutor(max_workers=workers) as ex:
             futs = [ex.submit(_write_one, spec, cfg, ld, tp, pp, ep, mla_mm_split, dtype_name, tmp_iter, args, qlora)
                     for tp, pp, ep in jobs]
             for f in as_completed(futs):
-                total += f.result()[1]
+                rel, n, digest = f.result()
+                total += n
+                digests[rel] = digest
                 bar.update(1)
     bar.close()
+    write_checksums(tmp_iter, digests)
+    crash_point("hf2mcore:iteration_written")
 
-    # Complete: swap the iteration directory in, then the records, the tracker file last.
-    if os.path.exists(final_iter):
-        shutil.rmtree(final_iter)
-    os.replace(tmp_iter, final_iter)
+    # Complete: swap the iteration directory in (atomically), then the records, the tracker file last.
+    replace_dir(tmp_iter, final_iter)
+    crash_point("hf2mcore:iteration_in_place")
     layout.save(save_dir)
-    import json
-
-    with open(os.path.join(save_dir, "config.json.tmp"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    os.replace(os.path.join(save_dir, "config.json.tmp"), os.path.join(save_dir, "config.json"))
+    write_json_atomic(os.path.join(save_dir, "config.json"), cfg)
     if side_files_from:
         hf_io.copy_side_files(side_files_from, save_dir)
     rec = dict(record or {})
     rec.update(params_dtype=params_dtype, mla_mm_split=mla_mm_split, layout=ld,
                qlora_nf4=None if not qlora else dict(qlora, double_quant=False))
     write_record(save_dir, rec)
-    tmp = os.path.join(save_dir, TRACKER + ".tmp")
-    with open(tmp, "w") as f:
-        f.write("1")
-    os.replace(tmp, os.path.join(save_dir, TRACKER))
+    write_tracker(save_dir, 1)
+    crash_point("hf2mcore:tracker_written")
     secs = time.time() - t0
     return {"bytes": total, "seconds": secs, "files": len(jobs)}

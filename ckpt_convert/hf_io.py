@@ -11,16 +11,20 @@ columns of it, at a time. It accepts
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import re
+import shutil
 from typing import Iterable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ckpt_convert.files import (crash_point, fsync_path, inside, is_empty_dir, replace_dir, sha256_file,
+                                write_json_atomic)
 from ckpt_convert.fp8 import BLOCK, dequantize_block_fp8, quantize_block_fp8
 
 INDEX = "model.safetensors.index.json"
@@ -34,17 +38,23 @@ class HFCheckpointError(ValueError):
 
 
 class HFReader:
-    def __init__(self, directory: str, fp8_dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, directory: str, fp8_dtype: torch.dtype = torch.bfloat16, verify_checksums: bool = True):
         self.dir = directory
         self.fp8_dtype = fp8_dtype
         self.file_of: dict[str, str] = {}
+        # shard path -> sha256 recorded in the index by our mcore2hf; checked when the shard is first opened
+        self._sha256: dict[str, str] = {}
         index = os.path.join(directory, INDEX)
         if os.path.isfile(index):
             with open(index) as f:
                 try:
-                    weight_map = json.load(f)["weight_map"]
+                    idx = json.load(f)
+                    weight_map = idx["weight_map"]
                 except (json.JSONDecodeError, KeyError) as e:
                     raise HFCheckpointError(f"{index}: not a safetensors index ({e})") from None
+            if verify_checksums:
+                recorded = (idx.get("metadata") or {}).get("sha256") or {}
+                self._sha256 = {os.path.join(directory, k): v for k, v in recorded.items()}
             for name, file in weight_map.items():
                 self.file_of[name] = os.path.join(directory, file)
         else:
@@ -80,6 +90,10 @@ class HFReader:
         path = self.file_of[name]
         h = self._handles.get(path)
         if h is None:
+            want = self._sha256.pop(path, None)
+            if want is not None and sha256_file(path) != want:
+                raise HFCheckpointError(f"{path}: sha256 differs from the one recorded in {INDEX}: the shard is "
+                                        "corrupt (flipped or changed bytes); pass --no-verify-checksums to read it anyway")
             if len(self._handles) > 16:
                 self._handles.clear()
             h = self._handles[path] = safe_open(path, "pt")
@@ -191,25 +205,94 @@ def save_shard(tensors: dict[str, torch.Tensor], path: str, fp8: bool = False) -
             out[name] = t.contiguous()
     tmp = path + ".tmp"
     save_file(out, tmp, metadata={"format": "pt"})
+    fsync_path(tmp)
     os.replace(tmp, path)
     return out
 
 
-def write_index(directory: str, weight_map: dict[str, str], total_size: int) -> None:
-    tmp = os.path.join(directory, INDEX + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, f,
-                  indent=2)
-    os.replace(tmp, os.path.join(directory, INDEX))
+def write_index(directory: str, weight_map: dict[str, str], total_size: int,
+                checksums: dict[str, str] | None = None) -> None:
+    """The safetensors index; `checksums` (shard file -> sha256) go into its metadata, where transformers
+    ignores them and HFReader verifies them."""
+    meta = {"total_size": total_size}
+    if checksums:
+        meta["sha256"] = dict(sorted(checksums.items()))
+    write_json_atomic(os.path.join(directory, INDEX), {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))})
 
 
 def copy_side_files(src: str, dst: str, names: Iterable[str] = TOKENIZER_FILES) -> list[str]:
-    import shutil
-
     copied = []
     for n in names:
         p = os.path.join(src, n)
         if os.path.isfile(p):
-            shutil.copyfile(p, os.path.join(dst, n))
+            tmp = os.path.join(dst, n + ".tmp")
+            shutil.copyfile(p, tmp)
+            os.replace(tmp, os.path.join(dst, n))
             copied.append(n)
     return copied
+
+
+# Files whose presence makes transformers (or our HFReader) read weights from a directory.
+WEIGHT_FILE = re.compile(r"\.(safetensors|bin|pt|pth|ckpt|h5|msgpack)$|\.index\.json$")
+
+
+def check_save_dir(save_dir: str, load_dirs: Iterable[str], overwrite: bool) -> None:
+    """Before anything is read or written: --save-dir is neither a source directory nor inside one, and holds no
+    files unless --overwrite."""
+    for d in load_dirs:
+        if inside(save_dir, d):
+            raise HFCheckpointError(f"--save-dir {save_dir} is (inside) the source checkpoint {d}: write the HF "
+                                    "export to another directory")
+    if not is_empty_dir(save_dir) and not overwrite:
+        weights = sorted(n for n in os.listdir(save_dir) if WEIGHT_FILE.search(n))
+        what = f"weight files ({', '.join(weights[:4])}{', ...' if len(weights) > 4 else ''})" if weights else "files"
+        raise HFCheckpointError(f"--save-dir {save_dir} already holds {what}: choose an empty directory, or pass "
+                                "--overwrite to replace the weights there (files that are not weights are kept)")
+
+
+def _staging_name(save_dir: str) -> str:
+    parent, base = os.path.split(os.path.abspath(save_dir))
+    return os.path.join(parent, f".{base}.partial-")
+
+
+@contextlib.contextmanager
+def staged_dir(save_dir: str):
+    """Yield an empty sibling directory to write a whole HF export into; on success publish it as `save_dir`.
+
+    Publishing: every entry of the old `save_dir` that is not a weight file (WEIGHT_FILE) and that the export
+    does not write is hard-linked (copied where links fail) into the new directory, the two directories are
+    swapped atomically, and the old one is removed. A reader of `save_dir` therefore sees the old export or the
+    new one, never old weight files beside new ones. A staging directory left by a killed run is removed here."""
+    save_dir = os.path.realpath(save_dir)  # a symlinked --save-dir: replace the directory it points to
+    prefix = _staging_name(save_dir)
+    for stale in glob.glob(glob.escape(prefix) + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    stage = prefix + str(os.getpid())
+    os.makedirs(stage)
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    crash_point("hf_export:written")
+    if os.path.isdir(save_dir):
+        for name in os.listdir(save_dir):
+            src, dst = os.path.join(save_dir, name), os.path.join(stage, name)
+            if WEIGHT_FILE.search(name) or name.startswith(".partial-") or os.path.lexists(dst):
+                continue
+            if os.path.isdir(src) and not os.path.islink(src):
+                shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(src, dst)
+        shutil.copymode(save_dir, stage)
+        if not os.listdir(save_dir):
+            os.rmdir(save_dir)
+    replace_dir(stage, save_dir)
+    crash_point("hf_export:published")
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)

@@ -8,12 +8,12 @@ W_k + s * B @ A_k (row), which is exactly the corresponding slice of W + s * B @
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 from safetensors.torch import save_file
 
+from ckpt_convert.files import fsync_path, write_json_atomic
 from mindspeed_dsv.layout import ParallelLayout
 from mindspeed_dsv.models import names as nm
 from mindspeed_dsv.peft.lora import merge_lora
@@ -78,6 +78,7 @@ def export_peft(reader, cfg: dict, layout: ParallelLayout, save_dir: str, lora_r
     os.makedirs(save_dir, exist_ok=True)
     tmp = os.path.join(save_dir, PEFT_WEIGHTS + ".tmp")
     save_file(out, tmp, metadata={"format": "pt"})
+    fsync_path(tmp)
     os.replace(tmp, os.path.join(save_dir, PEFT_WEIGHTS))
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora_r, "lora_alpha": lora_alpha,
@@ -85,8 +86,7 @@ def export_peft(reader, cfg: dict, layout: ParallelLayout, save_dir: str, lora_r
         "inference_mode": True, "base_model_name_or_path": base_model, "use_rslora": False, "use_dora": False,
         "init_lora_weights": True, "modules_to_save": None,
     }
-    with open(os.path.join(save_dir, PEFT_CONFIG), "w") as f:
-        json.dump(config, f, indent=2)
+    write_json_atomic(os.path.join(save_dir, PEFT_CONFIG), config)
     return {"tensors": len(out), "modules": len(leaves)}
 
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from tqdm import tqdm
 
 from ckpt_convert import hf_io
+from ckpt_convert.files import sha256_file, write_json_atomic
 from ckpt_convert.mcore_io import McoreCheckpointError, McoreReader, read_record
 from mindspeed_dsv.layout import ParallelLayout
 from mindspeed_dsv.models import names as nm
@@ -31,7 +30,8 @@ def hf_groups(reader: McoreReader, cfg: dict, layout: ParallelLayout) -> list[tu
 def _reader(spec) -> McoreReader:
     layout = ParallelLayout.from_dict(spec["layout"])
     return McoreReader(spec["dir"], layout, spec["cfg"], mla_mm_split=spec["mla_mm_split"],
-                       lora_dir=spec["lora_dir"], lora_alpha=spec["lora_alpha"], lora_r=spec["lora_r"])
+                       lora_dir=spec["lora_dir"], lora_alpha=spec["lora_alpha"], lora_r=spec["lora_r"],
+                       verify_checksums=spec["verify_checksums"])
 
 
 _R: dict = {}  # the process's reader (the parent's in serial mode, one per worker process otherwise)
@@ -46,12 +46,16 @@ def _write_group(spec, names, shared, path, fp8):
         src = shared.get(n, n)
         tensors[n] = reader.read_full(src).clone()
     written = hf_io.save_shard(tensors, path, fp8=fp8)
-    return {n: (tuple(t.shape), t.numel() * t.element_size()) for n, t in written.items()}, len(reader.lora_used)
+    info = {n: (tuple(t.shape), t.numel() * t.element_size()) for n, t in written.items()}
+    return info, len(reader.lora_used), sha256_file(path)
 
 
 def convert(load_dir: str, save_dir: str, given_layout: dict, lora_load: str | None = None, lora_r=None,
             lora_alpha=None, save_fp8: bool = False, workers: int = 1, progress: bool = True,
-            mla_mm_split: bool | None = None, tokenizer_dir: str | None = None) -> dict:
+            mla_mm_split: bool | None = None, tokenizer_dir: str | None = None, verify_checksums: bool = True
+            ) -> dict:
+    """Write the HF export of `load_dir` as `save_dir`, which is replaced as a whole once the export is complete
+    (hf_io.staged_dir); the caller has checked `save_dir` (hf_io.check_save_dir)."""
     t0 = time.time()
     layout = ParallelLayout.load(load_dir)
     _check_flags(layout, given_layout, load_dir)
@@ -66,7 +70,7 @@ def convert(load_dir: str, save_dir: str, given_layout: dict, lora_load: str | N
             raise McoreCheckpointError(f"--lora-load {lora_load}: its layout differs from the base checkpoint:\n  "
                                        + "\n  ".join(ll.diff(layout)))
     spec = dict(dir=load_dir, layout=layout.to_dict(), cfg=cfg, mla_mm_split=recorded_split, lora_dir=lora_load,
-                lora_alpha=lora_alpha, lora_r=lora_r)
+                lora_alpha=lora_alpha, lora_r=lora_r, verify_checksums=verify_checksums)
     reader = _reader(spec)
     extra = reader.unexpected_keys()
     if extra:
@@ -77,9 +81,17 @@ def convert(load_dir: str, save_dir: str, given_layout: dict, lora_load: str | N
     for k in range(layout.mtp_num_layers or 0):
         shared.update(nm.mtp_shared_names(cfg, k))
 
-    os.makedirs(save_dir, exist_ok=True)
-    tmp_dir = os.path.join(save_dir, f".partial-{os.getpid()}")
-    os.makedirs(tmp_dir, exist_ok=True)
+    with hf_io.staged_dir(save_dir) as stage:
+        total, n, copied = _write_export(stage, spec, reader, groups, shared, record, load_dir, lora_load, save_fp8,
+                                         workers, progress, tokenizer_dir)
+    reader.close()
+    return {"bytes": total, "seconds": time.time() - t0, "files": n, "tokenizer_files": copied}
+
+
+def _write_export(out_dir, spec, reader, groups, shared, record, load_dir, lora_load, save_fp8, workers, progress,
+                  tokenizer_dir):
+    """Shards, index (with each shard's sha256), config.json and tokenizer files into the staging `out_dir`."""
+    cfg = spec["cfg"]
     n = len(groups)
     files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     weight_map, total = {}, 0
@@ -90,43 +102,40 @@ def convert(load_dir: str, save_dir: str, given_layout: dict, lora_load: str | N
     if workers <= 1:
         results = []
         for (stem, names), fname in zip(groups, files):
-            results.append((fname, _write_group(spec, names, shared, os.path.join(tmp_dir, fname), save_fp8)))
+            results.append((fname, _write_group(spec, names, shared, os.path.join(out_dir, fname), save_fp8)))
             bar.update(1)
     else:
         _R.clear()
         results = []
         with ProcessPoolExecutor(max_workers=workers) as ex:
-            futs = {ex.submit(_write_group, spec, names, shared, os.path.join(tmp_dir, fname), save_fp8): fname
+            futs = {ex.submit(_write_group, spec, names, shared, os.path.join(out_dir, fname), save_fp8): fname
                     for (stem, names), fname in zip(groups, files)}
             for f in as_completed(futs):
                 results.append((futs[f], f.result()))
                 bar.update(1)
     bar.close()
-    for fname, (info, used) in results:
+    checksums = {}
+    for fname, (info, used, digest) in results:
         lora_merged = max(lora_merged, used)
+        checksums[fname] = digest
         for name, (_, nbytes) in info.items():
             weight_map[name] = fname
             total += nbytes
     if lora_load is not None and workers <= 1 and lora_merged == 0:
         raise McoreCheckpointError(f"--lora-load {lora_load}: no LoRA weights matched any base tensor")
-    for fname in files:
-        os.replace(os.path.join(tmp_dir, fname), os.path.join(save_dir, fname))
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    hf_io.write_index(save_dir, weight_map, total)
+    hf_io.write_index(out_dir, weight_map, total, checksums)
     out_cfg = dict(cfg)
     if save_fp8:
         out_cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                           "weight_block_size": [128, 128]}
     else:
         out_cfg.pop("quantization_config", None)
-    with open(os.path.join(save_dir, "config.json"), "w") as f:
-        json.dump(out_cfg, f, indent=2)
-    copied = hf_io.copy_side_files(load_dir, save_dir)
+    write_json_atomic(os.path.join(out_dir, "config.json"), out_cfg)
+    copied = hf_io.copy_side_files(load_dir, out_dir)
     for src in (tokenizer_dir, record.get("source_dir")):
         if not copied and src and os.path.isdir(src):
-            copied = hf_io.copy_side_files(src, save_dir)
-    reader.close()
-    return {"bytes": total, "seconds": time.time() - t0, "files": n, "tokenizer_files": copied}
+            copied = hf_io.copy_side_files(src, out_dir)
+    return total, n, copied
 
 
 def _check_flags(layout: ParallelLayout, given: dict, where: str) -> None:

@@ -10,6 +10,12 @@ Layout on disk::
     SAVE/iter_0000001/mp_rank_XX[_YYY][_ZZZ]/model_optim_rng.pt
         {'model' | 'model0', 'model1', ...: {megatron name: tensor},
          'checkpoint_version': 3.0, 'iteration': 1, 'args': argparse.Namespace(...)}
+    SAVE/iter_0000001/checksums.json            {"sha256": {"mp_rank_00/model_optim_rng.pt": hex digest, ...}}
+
+Writes never leave the tracker pointing at a missing or half-written iteration: the iteration is written under
+a temporary name (`iter_N.tmp`, `iter_N.partial-PID`), fsynced and renamed (swapped in atomically where the
+iteration already exists), then the tracker moves (temporary file, fsync, rename), then what is replaced goes.
+Temporaries an interrupted save left behind are removed by the next save into the same directory.
 """
 
 from __future__ import annotations
@@ -18,15 +24,22 @@ import argparse
 import collections
 import json
 import os
+import re
+import shutil
 
 import torch
 
+from ckpt_convert.files import fsync_path, sha256_file, write_json_atomic, write_text_atomic
 from mindspeed_dsv.layout import ParallelLayout
 from mindspeed_dsv.models import names as nm
 
 CKPT_FILE = "model_optim_rng.pt"
 TRACKER = "latest_checkpointed_iteration.txt"
 RECORD = "convert.json"
+CHECKSUMS = "checksums.json"
+# what an interrupted save leaves: iter_N.tmp (training), iter_N.partial-PID (hf2mcore/reshard),
+# iter_N.old-PID (replace_dir without atomic exchange), NAME.tmp files (atomic single-file writes)
+_STALE = re.compile(r"^(iter_\d+|release)\.(tmp|partial-\d+|old-\d+)$|\.tmp$")
 
 
 class McoreCheckpointError(ValueError):
@@ -48,6 +61,80 @@ def read_iteration(load_dir: str) -> str:
         return str(int(text))
     except ValueError:
         raise McoreCheckpointError(f"{path}: expected an iteration number or 'release', got {text!r}") from None
+
+
+def write_tracker(save_dir: str, iteration: int | str) -> None:
+    """Point the directory at `iteration` (temporary file, fsync, rename): call once that iteration is complete."""
+    write_text_atomic(os.path.join(save_dir, TRACKER), str(iteration))
+
+
+def clean_stale_temporaries(save_dir: str) -> list[str]:
+    """Remove what an interrupted save into `save_dir` left behind (see _STALE). Returns the removed names."""
+    removed = []
+    for name in sorted(os.listdir(save_dir)) if os.path.isdir(save_dir) else []:
+        if not _STALE.search(name):
+            continue
+        path = os.path.join(save_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+        removed.append(name)
+    return removed
+
+
+def checkpoint_contents(save_dir: str) -> list[str]:
+    """The saved iterations (and tracker) in `save_dir`, temporaries excluded: what a save there could replace."""
+    if not os.path.isdir(save_dir):
+        return []
+    return sorted(n for n in os.listdir(save_dir) if n == TRACKER
+                  or (re.fullmatch(r"iter_\d+|release", n) and os.path.isdir(os.path.join(save_dir, n))))
+
+
+# ---------------------------------------------------------------------------------------------- checksums
+def write_checksums(iter_dir: str, digests: dict[str, str]) -> None:
+    """Record the sha256 of every file of an iteration (paths relative to it) in iter_dir/checksums.json;
+    written inside the iteration before it is renamed in, so the record and the files move together."""
+    write_json_atomic(os.path.join(iter_dir, CHECKSUMS),
+                      {"algorithm": "sha256", "sha256": dict(sorted(digests.items()))})
+
+
+def verify_file(path: str) -> None:
+    """Compare a file of a rank directory (iter_N/mp_rank_XX/FILE) with the sha256 recorded in iter_N/checksums.json.
+    Iterations written before checksums were recorded have no record and pass. Raises naming the file."""
+    iter_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    rec = os.path.join(iter_dir, CHECKSUMS)
+    if not os.path.isfile(rec):
+        return
+    try:
+        with open(rec) as f:
+            recorded = json.load(f)["sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise McoreCheckpointError(f"{rec}: not a checksum record ({e})") from None
+    rel = os.path.relpath(os.path.abspath(path), iter_dir).replace(os.sep, "/")
+    if rel not in recorded:
+        return
+    got = sha256_file(path)
+    if got != recorded[rel]:
+        raise McoreCheckpointError(
+            f"{path}: sha256 {got} differs from {recorded[rel]} recorded in {rec}: the file is corrupt (flipped or "
+            "changed bytes); restore it, or pass --no-verify-checksums to load it anyway")
+
+
+def verify_iteration(load_dir: str) -> int:
+    """Check every file recorded in the current iteration's checksums.json; returns how many were checked."""
+    iter_dir = os.path.join(load_dir, iter_dir_name(read_iteration(load_dir)))
+    rec = os.path.join(iter_dir, CHECKSUMS)
+    if not os.path.isfile(rec):
+        return 0
+    with open(rec) as f:
+        names = list(json.load(f).get("sha256", {}))
+    for rel in names:
+        path = os.path.join(iter_dir, rel)
+        if not os.path.isfile(path):
+            raise McoreCheckpointError(f"{path}: listed in {rec} but missing")
+        verify_file(path)
+    return len(names)
 
 
 def rank_file(root: str, layout: ParallelLayout, tp: int, pp: int, ep: int, iteration: int | str = 1) -> str:
@@ -102,12 +189,13 @@ def args_record(cfg: dict, layout: ParallelLayout, params_dtype: str, mla_mm_spl
 
 def save_rank_file(path: str, chunks: dict[str, dict[str, torch.Tensor]], args: argparse.Namespace,
                    iteration: int = 1) -> int:
-    """torch.save through a temporary name. Returns bytes of tensor data written."""
+    """torch.save through a temporary name, fsynced. Returns bytes of tensor data written."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     state = dict(chunks)
     state.update(checkpoint_version=3.0, iteration=iteration, args=args)
     tmp = path + ".tmp"
     torch.save(state, tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
     return sum(_nbytes(t) for c in chunks.values() for t in c.values())
 
@@ -132,9 +220,12 @@ def dense_state(sd: dict) -> dict:
     return {k: dense(v) for k, v in sd.items()}
 
 
-def load_rank_file(path: str) -> dict:
+def load_rank_file(path: str, verify: bool = True) -> dict:
+    """Memory-map a rank file; with `verify`, first compare its bytes with the iteration's checksums.json."""
     if not os.path.isfile(path):
         raise McoreCheckpointError(f"missing rank file {path}")
+    if verify:
+        verify_file(path)
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
@@ -150,8 +241,10 @@ class McoreReader:
 
     def __init__(self, load_dir: str, layout: ParallelLayout, cfg: dict, mla_mm_split: bool = False,
                  lora_dir: str | None = None, lora_alpha: float | None = None, lora_r: int | None = None,
-                 merge_lora_in_base: bool = True):
+                 merge_lora_in_base: bool = True, verify_checksums: bool = True):
         self.dir = load_dir
+        self.verify_checksums = verify_checksums
+        self._verified: set[str] = set()  # hashed once, however often the LRU below reloads a file
         self.layout = layout
         self.cfg = cfg
         # Each directory has its own latest iteration (adapters are saved at the training step, the base at 1).
@@ -189,7 +282,8 @@ class McoreReader:
         path = rank_file(root, self.layout, tp, pp, ep, self.iterations[root])
         f = self._files.get(path)
         if f is None:
-            f = load_rank_file(path)
+            f = load_rank_file(path, verify=self.verify_checksums and path not in self._verified)
+            self._verified.add(path)
             self._files[path] = f
             while len(self._files) > max(8, 2 * self.layout.tp * self.layout.ep):
                 self._files.popitem(last=False)
@@ -304,10 +398,7 @@ class McoreReader:
 
 
 def write_record(save_dir: str, record: dict) -> None:
-    tmp = os.path.join(save_dir, RECORD + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2, default=str)
-    os.replace(tmp, os.path.join(save_dir, RECORD))
+    write_json_atomic(os.path.join(save_dir, RECORD), record, default=str)
 
 
 def read_record(load_dir: str) -> dict:

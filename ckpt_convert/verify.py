@@ -69,7 +69,7 @@ def _load_chunks(mcore_dir: str, layout, cfg, dtype: torch.dtype) -> list:
     if layout.moe_tp_extend_ep:
         ep //= layout.tp
     path = rank_file(mcore_dir, layout, tp, pp, ep, read_iteration(mcore_dir))
-    state = load_rank_file(path)
+    state = load_rank_file(path, verify=False)  # run_verify checked the whole iteration first
     models = []
     for c in range(chunks):
         if chunks > 1:
@@ -208,6 +208,10 @@ def run_verify(ns) -> int:
     from mindspeed_dsv.layout import ParallelLayout
 
     layout = check_layout(ParallelLayout.load(ns.mcore_dir), ns.mcore_dir)
+    if not ns.no_verify_checksums:
+        from ckpt_convert.mcore_io import verify_iteration
+
+        verify_iteration(ns.mcore_dir)
     tokens = read_tokens(ns.tokens_file)
     dtype = torch.bfloat16 if ns.dtype == "bf16" else torch.float32
     world = world_size_of(layout)

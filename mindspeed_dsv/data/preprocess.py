@@ -51,6 +51,7 @@ class PreprocessConfig:
     on_bad_sample: str = "fatal"
     log_interval: int = 100
     progress: bool = True
+    overwrite: bool = False
 
     def validate(self) -> None:
         if self.workers < 1:
@@ -136,6 +137,12 @@ class _Dataset:
                 os.remove(p)
 
 
+def existing_outputs(cfg: PreprocessConfig) -> List[str]:
+    """Files this config would write that already exist (refused unless --overwrite)."""
+    paths = [p + ext for p in output_prefixes(cfg) for ext in (".bin", ".idx")] + [cfg.output_prefix + "_summary.json"]
+    return [p for p in paths if os.path.exists(p)]
+
+
 def output_prefixes(cfg: PreprocessConfig) -> List[str]:
     """The dataset prefixes ``preprocess`` writes for this config (without .bin/.idx)."""
     from mindspeed_dsv.data.handlers import HANDLERS
@@ -175,6 +182,11 @@ def preprocess(cfg: PreprocessConfig) -> Dict[str, Any]:
     cfg.validate()
     if cfg.handler_name not in HANDLERS:
         raise ValueError(f"--handler-name {cfg.handler_name!r} is not known (choices: {', '.join(HANDLERS)})")
+    existing = existing_outputs(cfg)
+    if existing and not cfg.overwrite:
+        raise ValueError(f"--output-prefix {cfg.output_prefix}: {len(existing)} output file(s) exist "
+                         f"({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}); pass --overwrite to "
+                         "replace them, or choose another prefix")
     files = resolve_inputs(cfg.input)
     counts = [count_records(f) for f in files]
     total = None if any(c is None for c in counts) else sum(counts)
@@ -375,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refresh the throughput shown on the progress bar every N documents")
     g.add_argument("--no-progress", dest="progress", action="store_false",
                    help="hide the progress bar (progress shown: %(default)s)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the dataset files of an existing --output-prefix (default: refuse to)")
     return p
 
 

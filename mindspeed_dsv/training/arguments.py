@@ -138,6 +138,13 @@ def build_parser(prog: str = "mindspeed_dsv.train") -> argparse.ArgumentParser:
     c.add_argument("--no-load-optim", action="store_true", help="Do not load optimizer state.")
     c.add_argument("--no-save-rng", action="store_true", help="Do not save RNG states.")
     c.add_argument("--no-load-rng", action="store_true", help="Do not load RNG states.")
+    c.add_argument("--overwrite", action="store_true",
+                   help="Save into a --save directory that holds checkpoints this run did not load from (or, with "
+                   "--finetune, loaded from): iterations of the same number are replaced and the tracker moves to "
+                   "this run's. Default: refused before training starts.")
+    c.add_argument("--no-verify-checksums", action="store_true",
+                   help="Load --load/--lora-load rank files without comparing them with the sha256 recorded in "
+                   "their iteration's checksums.json. Default: a mismatch stops with an error naming the file.")
 
     e = p.add_argument_group("evaluation and logging")
     e.add_argument("--eval-interval", type=int, default=None, help="Validate every N steps.")
@@ -185,6 +192,10 @@ def validate(args: argparse.Namespace, world_size: int, model_cfg: dict | None =
         problems.append("--save-interval needs --save")
     if args.finetune and not args.load:
         problems.append("--finetune needs --load")
+    if args.overwrite and not args.save:
+        problems.append("--overwrite needs --save")
+    if args.no_verify_checksums and not (args.load or args.lora_load):
+        problems.append("--no-verify-checksums needs --load or --lora-load")
     if args.lora_r == 0 and (args.lora_target_modules or args.lora_ckpt_filter or args.lora_load or args.qlora_nf4):
         problems.append("LoRA flags (--lora-target-modules/--lora-ckpt-filter/--lora-load/--qlora-nf4) need --lora-r > 0")
     if args.lora_r and not args.lora_target_modules:

@@ -1,24 +1,25 @@
 """Save and load training checkpoints in the layout ckpt_convert writes (MindSpeed / Megatron legacy format).
 
 One file per (tp, pp, ep) rank under iter_XXXXXXX/, written by the expert-data-parallel rank 0 of that
-position; the whole iteration directory is written under a temporary name and renamed once every rank has
-finished, and latest_checkpointed_iteration.txt moves last, so an interrupted save never replaces a good one.
+position; the whole iteration directory (with checksums.json: the sha256 of every file) is written under a
+temporary name, fsynced and renamed once every rank has finished, and latest_checkpointed_iteration.txt moves
+last (ckpt_convert.files), so an interrupted save never replaces a good one; its leftovers go at the next save.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import shutil
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
+from ckpt_convert.files import crash_point, replace_dir, sha256_file, write_json_atomic
 from ckpt_convert.hf_io import copy_side_files
-from ckpt_convert.mcore_io import CKPT_FILE, TRACKER, iter_dir_name, load_rank_file, read_iteration
+from ckpt_convert.mcore_io import (CKPT_FILE, TRACKER, checkpoint_contents, clean_stale_temporaries, iter_dir_name,
+                                   load_rank_file, read_iteration, verify_file, write_checksums, write_tracker)
 from mindspeed_dsv.layout import ParallelLayout
 from mindspeed_dsv.models.names import chunk_key
 
@@ -76,6 +77,35 @@ def model_state(models, lora_only: bool = False) -> list[dict]:
     return out
 
 
+def check_save_dir(save: str | None, load: str | None, lora_load: str | None, finetune: bool, overwrite: bool
+                   ) -> None:
+    """Before training: --save may hold checkpoints only when this run continues them (it was loaded from that
+    directory with --load or --lora-load, without --finetune) or with --overwrite. Otherwise a save would replace
+    another run's iterations and move its tracker back."""
+    if not save or overwrite:
+        return
+    held = checkpoint_contents(save)
+    if not held:
+        return
+    if not finetune and any(d and os.path.realpath(d) == os.path.realpath(save) for d in (load, lora_load)):
+        return
+    iters = [h for h in held if h != TRACKER]
+    latest = read_iteration(save) if TRACKER in held else "none"
+    why = "with --finetune, which restarts at step 0" if finetune and load else "that this run does not load from"
+    raise CheckpointError(
+        f"--save {save} already holds checkpoints ({len(iters)} iteration(s), latest {latest}) {why}: saving there "
+        "would replace them and move its tracker. Choose another --save directory, resume with --load "
+        f"{save}, or pass --overwrite")
+
+
+def _file_digests(rank_dir: str) -> dict[str, str]:
+    """sha256 of every file this rank's position wrote (relative to the iteration directory)."""
+    out = {}
+    for name in sorted(os.listdir(rank_dir)):
+        out[f"{os.path.basename(rank_dir)}/{name}"] = sha256_file(os.path.join(rank_dir, name))
+    return out
+
+
 def save_checkpoint(save_dir, iteration, models, optimizer, scheduler, consumed_samples, layout: ParallelLayout,
                     args, model_config: dict, lora_only=False, save_optim=True, save_rng=True, tokenizer_dir=None):
     rank = dist.get_rank()
@@ -83,7 +113,7 @@ def save_checkpoint(save_dir, iteration, models, optimizer, scheduler, consumed_
     tmp = final + ".tmp"
     if rank == 0:
         os.makedirs(save_dir, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        clean_stale_temporaries(save_dir)  # an interrupted save's iter_N.tmp, and this one's if it exists
         os.makedirs(tmp)
     dist.barrier()
     optim_state = optimizer.state_dict() if (save_optim and optimizer is not None) else None
@@ -110,31 +140,35 @@ def save_checkpoint(save_dir, iteration, models, optimizer, scheduler, consumed_
             state["rng_state"] = _rng_state()
         torch.save(state, os.path.join(rank_dir, CKPT_FILE))
     dist.barrier()
+    # Each position's writer hashes its own files (in parallel); rank 0 records them inside the iteration.
+    mine = _file_digests(rank_dir) if parallel_state.get_expert_data_parallel_rank() == 0 else {}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
     if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        write_checksums(tmp, {k: v for d in gathered for k, v in d.items()})
+        crash_point("train_save:iteration_written")
+        replace_dir(tmp, final)  # fsyncs it; an existing iteration of this number is swapped out atomically
+        crash_point("train_save:iteration_in_place")
         layout.save(save_dir)
-        with open(os.path.join(save_dir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(model_config, f, indent=2)
+        write_json_atomic(os.path.join(save_dir, "config.json"), model_config)
         if tokenizer_dir and os.path.isdir(tokenizer_dir):
             # So mcore2hf can hand transformers a complete model directory.
             copy_side_files(tokenizer_dir, save_dir)
-        tracker_tmp = os.path.join(save_dir, TRACKER + ".tmp")
-        with open(tracker_tmp, "w") as f:
-            f.write(str(iteration))
-        os.replace(tracker_tmp, os.path.join(save_dir, TRACKER))
+        write_tracker(save_dir, iteration)
+        crash_point("train_save:tracker_written")
     dist.barrier()
     return final
 
 
-def read_checkpoint(load_dir, layout: ParallelLayout) -> tuple[str, dict]:
-    """This rank's file of the checkpoint in `load_dir`, after checking its recorded layout against ours."""
+def read_checkpoint(load_dir, layout: ParallelLayout, verify: bool = True) -> tuple[str, dict]:
+    """This rank's file of the checkpoint in `load_dir`, after checking its recorded layout against ours (and,
+    with `verify`, its bytes against the iteration's checksums.json)."""
     recorded = ParallelLayout.load(load_dir)
     layout.check_checkpoint(recorded, where=load_dir)
     iteration = read_iteration(load_dir)
     tp, pp, ep = _ranks()
     path = os.path.join(load_dir, iter_dir_name(iteration), layout.rank_dir_name(tp, pp, ep), CKPT_FILE)
-    return path, load_rank_file(path)
+    return path, load_rank_file(path, verify=verify)
 
 
 def load_weights(path: str, state: dict, models, layout: ParallelLayout, *, adapters: bool) -> None:
@@ -172,8 +206,8 @@ def _load_distributed_optimizer_shards(optimizer, optim_file: str) -> None:
             param_state["step"] = step
 
 
-def restore_training_state(path: str, state: dict, optimizer, scheduler, *, load_optim=True, load_rng=True
-                           ) -> tuple[int, int]:
+def restore_training_state(path: str, state: dict, optimizer, scheduler, *, load_optim=True, load_rng=True,
+                           verify=True) -> tuple[int, int]:
     """Optimizer, scheduler and RNG states of a run; returns (iteration, consumed_samples) to resume from."""
     if state.get("iteration") in (None, "release"):
         return 0, 0
@@ -187,6 +221,8 @@ def restore_training_state(path: str, state: dict, optimizer, scheduler, *, load
             if not os.path.exists(optim_file):
                 raise CheckpointError(f"{optim_file} is missing: the distributed optimizer's state was not saved "
                                       "with this checkpoint; resume with --no-load-optim")
+            if verify:
+                verify_file(optim_file)
             _load_distributed_optimizer_shards(optimizer, optim_file)
     if "opt_param_scheduler" in state:
         # The learning-rate schedule follows the step count, with or without the optimizer's moments.

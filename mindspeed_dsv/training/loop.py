@@ -65,6 +65,7 @@ def setup(args) -> TrainState:
     with open(resolve_model_config_path(args), encoding="utf-8") as f:
         hf_config = json.load(f)
     layout = validate(args, _world_size(), hf_config)
+    checkpointing.check_save_dir(args.save, args.load, args.lora_load, args.finetune, args.overwrite)
     if args.use_distributed_optimizer and not platform.is_accelerator:
         raise ArgumentError(
             "--use-distributed-optimizer needs cuda or npu: megatron-core 0.16.1's distributed optimizer "
@@ -108,7 +109,7 @@ def setup(args) -> TrainState:
     # checkpoint's. The optimizer is built afterwards, so its fp32 master copies start from the loaded weights.
     resume = None  # (path, file state) whose optimizer/scheduler/iteration the run continues from
     if args.load:
-        path, loaded = checkpointing.read_checkpoint(args.load, layout)
+        path, loaded = checkpointing.read_checkpoint(args.load, layout, verify=not args.no_verify_checksums)
         checkpointing.load_weights(path, loaded, models, layout, adapters=False)
         resume = (path, loaded)
     if args.lora_r:
@@ -116,7 +117,7 @@ def setup(args) -> TrainState:
         if resume is not None and checkpointing.has_adapters(resume[1]):
             checkpointing.load_weights(*resume, models, layout, adapters=True)
         if args.lora_load:
-            path, adapters = checkpointing.read_checkpoint(args.lora_load, layout)
+            path, adapters = checkpointing.read_checkpoint(args.lora_load, layout, verify=not args.no_verify_checksums)
             checkpointing.load_weights(path, adapters, models, layout, adapters=True)
             resume = (path, adapters)
 
@@ -176,8 +177,8 @@ def setup(args) -> TrainState:
         print(f"kernels: {describe(OpsConfig.from_args(args), ops.impls)}", flush=True)
     if resume is not None and not args.finetune:
         state.iteration, state.consumed_samples = checkpointing.restore_training_state(
-            *resume, optimizer, scheduler, load_optim=not args.no_load_optim, load_rng=not args.no_load_rng
-        )
+            *resume, optimizer, scheduler, load_optim=not args.no_load_optim, load_rng=not args.no_load_rng,
+            verify=not args.no_verify_checksums)
     return state
 
 

@@ -126,6 +126,12 @@ ZH = {
     "--workers": "并行进程数（分词 / 写 rank 文件 / 写 HF 分片）；内存随之增长。",
     "--on-bad-sample": "遇到损坏或缺字段的记录：fatal 报错并给出文件与行号；skip 跳过并计入汇总。",
     "--no-progress": "不显示进度条。",
+    "--overwrite": "允许写入已有内容的输出位置（默认拒绝）：hf2mcore/reshard 只替换第 1 次迭代、layout.json、config.json、"
+                   "convert.json 与 tracker，其它迭代不动；mcore2hf 在新导出完整后删除目录中不属于它的权重文件（其它文件保留）；"
+                   "训练允许 --save 目录含有本次未加载（或 --finetune 加载）的检查点，同编号迭代被替换；数据预处理替换已有 "
+                   "--output-prefix 的文件。",
+    "--no-verify-checksums": "读取前不与记录的 sha256 比对（rank 文件：所在迭代的 checksums.json；HF 分片：mcore2hf "
+                             "写入 index 的 metadata）。默认比对，不一致时报错并指出文件。",
     # convert
     "--load-dir": "输入目录（HF 权重或 Megatron 权重）。",
     "--save-dir": "输出目录。",

@@ -33,7 +33,7 @@ stage "1/6: tiny HF checkpoint (random init, seeded, with the MTP layer) -> ${OU
 stage "2/6: instruction data (${SFT_DATA##*/}, DeepSeek-V3 chat template, packed to 256 tokens) -> ${OUT}/data"
 INPUT="${SFT_DATA}" HANDLER=AlpacaStyleInstructionHandler TOKENIZER_PATH="${OUT}/hf" \
 OUTPUT_PREFIX="${OUT}/data/alpaca" SEQ_LENGTH=256 WORKERS=1 \
-    bash "${HERE}/data_convert_deepseek3_instruction.sh" --no-progress
+    bash "${HERE}/data_convert_deepseek3_instruction.sh" --no-progress --overwrite
 
 stage "3/6: hf2mcore (layout ${LAYOUT}) -> ${OUT}/mcore"
 rm -rf "${OUT}/mcore"
