@@ -108,6 +108,42 @@ def build_parser() -> argparse.ArgumentParser:
                         "is removed; other files stay. Default: a non-empty --save-dir is refused.")
     p.add_argument("--no-verify-checksums", action="store_true", help=VERIFY_HELP)
 
+    # MindSpeed-LLM checkpoints (ckpt_convert/mindspeed.py): their source flags are the ones their mcore2hf takes.
+    p = sub.add_parser("mindspeed2mcore", help="MindSpeed-LLM DeepSeek-V3 checkpoint -> ours (any target layout)",
+                       description="Read MindSpeed-LLM rank files (their names: fused linear_qkv, "
+                                   "mtp.final_layernorms) and write ours. The source layout comes from the "
+                                   "checkpoint's saved args, or from the --source-*/layout flags (as typed for "
+                                   "MindSpeed-LLM's mcore2hf); --target-* flags change TP/PP/EP/VPP/dualpipev/noop "
+                                   "layers of the output (default: the source layout). Weights only: optimizer and "
+                                   "RNG state are not converted; the output is iteration 1.")
+    _mindspeed_source(p)
+    p.add_argument("--save-dir", required=True, help="Output directory for our checkpoint (new or empty).")
+    _mindspeed_target(p)
+    p.add_argument("--params-dtype", choices=["fp32", "bf16", "fp16"], default=None, help=DTYPE_HELP)
+    p.add_argument("--workers", type=int, default=1, help="Processes writing rank files in parallel. Default 1.")
+    p.add_argument("--no-progress", action="store_true", help="No progress bar.")
+
+    p = sub.add_parser("mindspeed2hf", help="MindSpeed-LLM DeepSeek-V3 checkpoint -> HF safetensors",
+                       description="Read MindSpeed-LLM rank files (layout from saved args or the --source-* flags) "
+                                   "and write HF safetensors + index + config.json (+ tokenizer files of "
+                                   "--model-config).")
+    _mindspeed_source(p)
+    p.add_argument("--save-dir", required=True, help="Output HF directory (new or empty).")
+    p.add_argument("--save-fp8", action="store_true",
+                   help="Write linear weights as FP8 e4m3 with 128x128 weight_scale_inv blocks (official format).")
+    p.add_argument("--workers", type=int, default=1, help="Processes writing HF shards in parallel. Default 1.")
+    p.add_argument("--no-progress", action="store_true", help="No progress bar.")
+
+    p = sub.add_parser("mcore2mindspeed", help="Our checkpoint -> MindSpeed-LLM DeepSeek-V3 rank files",
+                       description="Write our checkpoint (layout from its layout.json) as MindSpeed-LLM rank files, "
+                                   "in the layout changed by the --target-* flags (default: the same). The saved "
+                                   "args carry the layout, so mindspeed2mcore reads it back without flags.")
+    p.add_argument("--load-dir", required=True, help="Our checkpoint (hf2mcore, reshard or training output).")
+    p.add_argument("--save-dir", required=True, help="Output directory for MindSpeed-LLM rank files (new or empty).")
+    _mindspeed_target(p)
+    p.add_argument("--workers", type=int, default=1, help="Processes resharding in parallel. Default 1.")
+    p.add_argument("--no-progress", action="store_true", help="No progress bar.")
+
     p = sub.add_parser("verify", help="Compare logits of the HF model and of the Megatron checkpoint",
                        description="Load --hf-dir with transformers and --mcore-dir with our model in the "
                                    "checkpoint's recorded layout (layout.json) on the same token ids; print max/mean "
@@ -128,10 +164,75 @@ def build_parser() -> argparse.ArgumentParser:
     return top
 
 
+def _mindspeed_source(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--load-dir", required=True, help="MindSpeed-LLM checkpoint: latest_checkpointed_iteration.txt "
+                                                     "+ iter_*/mp_rank_*/model_optim_rng.pt.")
+    p.add_argument("--model-config", default=None, metavar="DIR",
+                   help="Directory with the model's HF config.json (and tokenizer files). Default: --load-dir "
+                        "(MindSpeed-LLM does not store config.json there; give the HF model directory).")
+    g = add_layout_args(p, prefix="source-")
+    p.set_defaults(**{a.dest: None for a in g._group_actions})
+    p.add_argument("--mla-mm-split", action="store_true", default=None,
+                   help="The checkpoint stores MLA's up-projections as four (MindSpeed-LLM --mla-mm-split). "
+                        "Default: from the saved args, else off.")
+
+
+MINDSPEED_TARGET = {  # ParallelLayout field -> --target-* flag of mindspeed2mcore / mcore2mindspeed
+    "tp": "--target-tensor-parallel-size", "pp": "--target-pipeline-parallel-size",
+    "ep": "--target-expert-parallel-size", "vpp": "--target-num-layers-per-virtual-pipeline-stage",
+    "num_layer_list": "--target-num-layer-list", "noop_layers": "--target-noop-layers",
+    "schedules_method": "--target-schedules-method", "num_layers": "--target-num-layers",
+}
+
+
+def _mindspeed_target(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("target layout (default: the source's)")
+    for field, flag in MINDSPEED_TARGET.items():
+        kind = str if field in ("num_layer_list", "noop_layers", "schedules_method") else int
+        extra = {"choices": ["dualpipev", "none"]} if field == "schedules_method" else {}
+        g.add_argument(flag, type=kind, default=None, help=f"Output layout: {flag[len('--target-'):]} "
+                       "(same meaning as in hf2mcore). Default: the source checkpoint's value.", **extra)
+
+
+def _mindspeed_given(ns) -> tuple[dict, dict]:
+    given = {field: getattr(ns, dest.format(p="source_"), None) for dest, field in LAYOUT_DESTS.items()}
+    given["moe_grouped_gemm"] = ns.moe_grouped_gemm
+    given["moe_tp_extend_ep"] = ns.moe_tp_extend_ep
+    given["schedules_method"] = ns.schedules_method
+    given["mla_mm_split"] = ns.mla_mm_split
+    return given, _mindspeed_target_values(ns)
+
+
+def _mindspeed_target_values(ns) -> dict:
+    return {field: getattr(ns, flag[2:].replace("-", "_"), None) for field, flag in MINDSPEED_TARGET.items()}
+
+
+def cmd_mindspeed(ns) -> int:
+    from ckpt_convert import hf_io, mindspeed
+
+    if ns.command == "mcore2mindspeed":
+        stats = mindspeed.mcore2mindspeed(ns.load_dir, ns.save_dir, _mindspeed_target_values(ns), ns.workers,
+                                          not ns.no_progress)
+    else:
+        cfg_dir = ns.model_config or ns.load_dir
+        if not os.path.isfile(os.path.join(cfg_dir, "config.json")):
+            raise ValueError(f"no config.json in {cfg_dir}: give the HF model directory as --model-config DIR")
+        cfg = hf_io.read_config(cfg_dir)
+        given, target = _mindspeed_given(ns)
+        if ns.command == "mindspeed2mcore":
+            stats = mindspeed.mindspeed2mcore(ns.load_dir, ns.save_dir, cfg, given, target, cfg_dir,
+                                              _dtype(ns), ns.workers, not ns.no_progress)
+        else:
+            stats = mindspeed.mindspeed2hf(ns.load_dir, ns.save_dir, cfg, given, cfg_dir, ns.workers,
+                                           not ns.no_progress, ns.save_fp8)
+    print(json.dumps({"save_dir": ns.save_dir, **stats}, default=str))
+    return 0
+
+
 def _dtype(ns) -> str | None:
-    if ns.bf16:
+    if getattr(ns, "bf16", False):
         return "bf16"
-    if ns.fp16:
+    if getattr(ns, "fp16", False):
         return "fp16"
     return ns.params_dtype
 
@@ -243,7 +344,8 @@ def cmd_verify(ns) -> int:
 
 def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
-    fn = {"hf2mcore": cmd_hf2mcore, "reshard": cmd_reshard, "mcore2hf": cmd_mcore2hf, "verify": cmd_verify}
+    fn = {"hf2mcore": cmd_hf2mcore, "reshard": cmd_reshard, "mcore2hf": cmd_mcore2hf, "verify": cmd_verify,
+          "mindspeed2mcore": cmd_mindspeed, "mindspeed2hf": cmd_mindspeed, "mcore2mindspeed": cmd_mindspeed}
     try:
         return fn[ns.command](ns)
     except (ValueError, FileNotFoundError) as e:  # our errors are ValueErrors that name what is wrong

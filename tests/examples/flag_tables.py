@@ -24,7 +24,8 @@ _SHARD = {"--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--e
           "--num-layers", "--mtp-num-layers", "--first-k-dense-replace", "--num-experts", "--moe-grouped-gemm",
           "--moe-tp-extend-ep", "--target-tensor-parallel-size", "--target-pipeline-parallel-size",
           "--target-expert-parallel-size", "--source-tensor-parallel-size", "--source-pipeline-parallel-size",
-          "--source-expert-parallel-size", "--mla-mm-split"}
+          "--source-expert-parallel-size", "--mla-mm-split", "--target-num-layers-per-virtual-pipeline-stage",
+          "--target-num-layer-list", "--target-noop-layers", "--target-schedules-method", "--target-num-layers"}
 _LORA = {"--lora-r", "--lora-alpha", "--lora-target-modules"}
 _CONFIG = {"--hidden-size", "--num-attention-heads", "--ffn-hidden-size", "--moe-ffn-hidden-size", "--moe-router-topk",
            "--q-lora-rank", "--kv-lora-rank", "--qk-head-dim", "--qk-pos-emb-head-dim", "--v-head-dim", "--vocab-size"}

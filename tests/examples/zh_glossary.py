@@ -18,6 +18,11 @@ ZH = {
     "--init-method-std": "从头预训练时正态初始化的标准差。",
     # layout
     "--tensor-model-parallel-size": "张量并行度 TP：注意力头、dense/共享专家 MLP、词表以及（未开 --moe-tp-extend-ep 时）每个专家按 TP 切分。",
+    "--target-num-layers-per-virtual-pipeline-stage": "输出布局的每个虚拟流水段层数（0 表示不用 VPP）；默认沿用源权重。",
+    "--target-num-layer-list": "输出布局的各流水段层数列表；默认沿用源权重。",
+    "--target-noop-layers": "输出布局的空层编号（空字符串表示无）；默认沿用源权重。",
+    "--target-schedules-method": "输出布局的调度：dualpipev 或 none；默认沿用源权重。",
+    "--target-num-layers": "输出布局的层数（含空层）；默认沿用源权重。",
     "--target-tensor-parallel-size": "张量并行度 TP（转换目标）；须与训练的 --tensor-model-parallel-size 一致。",
     "--source-tensor-parallel-size": "张量并行度 TP（源权重）；给出时须与 layout.json 一致。",
     "--pipeline-model-parallel-size": "流水线并行度 PP：解码层切分为的阶段数。",
