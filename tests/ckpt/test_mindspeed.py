@@ -50,7 +50,7 @@ def rank_files(root):
     it = open(os.path.join(root, "latest_checkpointed_iteration.txt")).read().strip()
     idir = os.path.join(root, f"iter_{int(it):07d}")
     return {d: torch.load(os.path.join(idir, d, "model_optim_rng.pt"), weights_only=False)
-            for d in sorted(os.listdir(idir))}
+            for d in sorted(os.listdir(idir)) if d.startswith("mp_rank_")}
 
 
 def assert_same_models(a, b):
