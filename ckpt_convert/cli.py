@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-target-modules", nargs="+", default=None,
                    help="With --qlora-nf4: the Megatron linears to quantize, the same names as training's "
                         "--lora-target-modules (linear_q_up_proj linear_kv_up_proj linear_proj linear_fc1 ...).")
+    p.add_argument("--allow-unused-weights", action="store_true",
+                   help="Convert even when the HF directory holds tensors the target model does not use (listed "
+                        "in the output as 'unused'; e.g. MTP layers with --mtp-num-layers 0). Default off: such "
+                        "tensors are listed and the conversion is refused.")
     _common_target(p)
 
     p = sub.add_parser("reshard", help="Megatron-Core layout -> another layout, without going through HF",
@@ -159,7 +163,11 @@ def cmd_hf2mcore(ns) -> int:
     spec = {"kind": "hf", "dir": ns.load_dir}
     stats = write_mcore(spec, cfg, layout, ns.save_dir, _dtype(ns), ns.mla_mm_split, ns.workers,
                         record={"source_dir": os.path.abspath(ns.load_dir), "command": "hf2mcore"},
-                        side_files_from=ns.load_dir, progress=not ns.no_progress, qlora=qlora)
+                        side_files_from=ns.load_dir, progress=not ns.no_progress, qlora=qlora,
+                        allow_unused=ns.allow_unused_weights)
+    if stats["unused"]:
+        print(f"note: --allow-unused-weights: {len(stats['unused'])} tensor(s) of {ns.load_dir} were not converted "
+              f"(listed under 'unused')", file=sys.stderr)
     print(json.dumps({"save_dir": ns.save_dir, **stats}))
     return 0
 

@@ -73,7 +73,6 @@ class HFReader:
                     self._virtual[f"{prefix}.{e}.up_proj.weight"] = (name, e, "up")
                 else:
                     self._virtual[f"{prefix}.{e}.down_proj.weight"] = (name, e, "down")
-        self.used: set[str] = set()
 
     # ------------------------------------------------------------------ raw access
     def _handle(self, name: str):
@@ -92,8 +91,10 @@ class HFReader:
         return self._handle(name).get_slice(name).get_dtype()
 
     def names(self) -> list[str]:
-        """Every readable tensor name (per-expert names for fused experts; scales hidden)."""
-        out = [n for n in self.file_of if not _FUSED.match(n) and not n.endswith("_scale_inv")]
+        """Every readable tensor name (per-expert names for fused experts; the FP8 scale of a stored tensor is
+        part of that tensor and hidden, a scale without its tensor is listed)."""
+        out = [n for n in self.file_of
+               if not _FUSED.match(n) and not (n.endswith("_scale_inv") and n[: -len("_scale_inv")] in self.file_of)]
         return out + list(self._virtual)
 
     def __contains__(self, name: str) -> bool:
@@ -115,10 +116,8 @@ class HFReader:
         """Tensor `name`, or rows/cols of it (dim 0 / dim 1 slices), as a fresh CPU tensor."""
         rows = rows or slice(None)
         cols = cols or slice(None)
-        self.used.add(name)
         if name in self._virtual:
             fused, e, part = self._virtual[name]
-            self.used.add(fused)
             shape = self._raw_shape(fused)
             if part in ("gate", "up"):
                 half = shape[1] // 2
@@ -133,7 +132,6 @@ class HFReader:
             scale_name = name + "_scale_inv"
             if scale_name not in self.file_of:
                 raise HFCheckpointError(f"{self.dir}: FP8 tensor {name} has no {scale_name}")
-            self.used.add(scale_name)
             q = h.get_tensor(name)
             s = self._handle(scale_name).get_tensor(scale_name)
             try:

@@ -111,6 +111,7 @@ ZH = {
     "--lora-target-modules": "要加 LoRA 的 Megatron 模块名，如 linear_q_down_proj linear_q_up_proj linear_kv_down_proj linear_kv_up_proj linear_proj linear_fc1 linear_fc2。",
     "--lora-load": "只含 LoRA 适配器的权重目录（训练时续训 / 转换时与 base 合并）。",
     "--lora-ckpt-filter": "只保存 LoRA 适配器权重。",
+    "--allow-unused-weights": "HF 目录中有目标模型不使用的张量时（例如 --mtp-num-layers 0 时的 MTP 层）仍然转换，并在输出的 'unused' 中逐一列出。默认关闭：列出这些张量并拒绝转换。",
     "--qlora-nf4": "QLoRA：被适配的线性层的冻结 base 权重以 NF4 存储（训练时在加载后量化）。",
     "--qlora-save-dequantize": "保存时把 NF4 base 权重反量化后一并保存。",
     # preprocess
