@@ -15,18 +15,16 @@ import glob
 import json
 import os
 import re
-from typing import Iterable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ckpt_convert.fp8 import BLOCK, dequantize_block_fp8, quantize_block_fp8
+from mindspeed_dsv.rankfiles import TOKENIZER_FILES, copy_side_files  # noqa: F401 (re-exported)
 
 INDEX = "model.safetensors.index.json"
 _FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "generation_config.json", "chat_template.jinja")
 
 
 class HFCheckpointError(ValueError):
@@ -200,14 +198,3 @@ def write_index(directory: str, weight_map: dict[str, str], total_size: int) -> 
                   indent=2)
     os.replace(tmp, os.path.join(directory, INDEX))
 
-
-def copy_side_files(src: str, dst: str, names: Iterable[str] = TOKENIZER_FILES) -> list[str]:
-    import shutil
-
-    copied = []
-    for n in names:
-        p = os.path.join(src, n)
-        if os.path.isfile(p):
-            shutil.copyfile(p, os.path.join(dst, n))
-            copied.append(n)
-    return copied

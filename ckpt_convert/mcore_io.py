@@ -23,31 +23,11 @@ import torch
 
 from mindspeed_dsv.layout import ParallelLayout
 from mindspeed_dsv.models import names as nm
+# The format itself lives where training can import it too (mindspeed_dsv.rankfiles); re-exported here.
+from mindspeed_dsv.rankfiles import (CKPT_FILE, TRACKER, McoreCheckpointError, iter_dir_name,  # noqa: F401
+                                     load_rank_file, read_iteration)
 
-CKPT_FILE = "model_optim_rng.pt"
-TRACKER = "latest_checkpointed_iteration.txt"
 RECORD = "convert.json"
-
-
-class McoreCheckpointError(ValueError):
-    pass
-
-
-def iter_dir_name(iteration: int | str) -> str:
-    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
-
-
-def read_iteration(load_dir: str) -> str:
-    path = os.path.join(load_dir, TRACKER)
-    if not os.path.isfile(path):
-        raise McoreCheckpointError(f"{load_dir}: no {TRACKER}; not a Megatron checkpoint directory")
-    text = open(path).read().strip()
-    if text == "release":
-        return "release"
-    try:
-        return str(int(text))
-    except ValueError:
-        raise McoreCheckpointError(f"{path}: expected an iteration number or 'release', got {text!r}") from None
 
 
 def rank_file(root: str, layout: ParallelLayout, tp: int, pp: int, ep: int, iteration: int | str = 1) -> str:
@@ -130,15 +110,6 @@ def dense(value) -> torch.Tensor:
 
 def dense_state(sd: dict) -> dict:
     return {k: dense(v) for k, v in sd.items()}
-
-
-def load_rank_file(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise McoreCheckpointError(f"missing rank file {path}")
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise McoreCheckpointError(f"{path}: cannot be read as a torch checkpoint ({e})") from None
 
 
 class McoreReader:

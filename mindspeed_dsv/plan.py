@@ -166,11 +166,11 @@ def output_tensors(m: DeepSeekConfig) -> list[Tensor]:
     return out
 
 
-def mtp_layer_tensors(m: DeepSeekConfig, hf_index: int) -> list[Tensor]:
+def mtp_layer_tensors(m: DeepSeekConfig) -> list[Tensor]:
     """One MTP module: enorm, hnorm, eh_proj (2h -> h, column split), a full decoder layer, final norm.
     It shares the word embedding and output layer with the main model (Megatron; HF stores copies)."""
     h = m.hidden_size
-    layer = decoder_layer_tensors(m, dense=hf_index < m.first_k_dense_replace)
+    layer = decoder_layer_tensors(m, dense=not m.mtp_layer_is_moe)
     return ([Tensor("mtp.enorm", (h,), "rep", "norm"), Tensor("mtp.hnorm", (h,), "rep", "norm"),
              Tensor("mtp.eh_proj", (h, 2 * h), "col", "mtp", linear=True)]
             + [Tensor("mtp." + t.name, t.shape, t.split, t.group, t.count, t.linear, t.trainable) for t in layer]
@@ -385,7 +385,7 @@ def make_plan(model_cfg: Any, layout: ParallelLayout, train_args: TrainArgs | No
     dense_t = decoder_layer_tensors(m, dense=True)
     moe_t = decoder_layer_tensors(m, dense=False)
     emb_t, out_t = embedding_tensors(m), output_tensors(m)
-    mtp_t = [mtp_layer_tensors(m, m.num_hidden_layers + i) for i in range(mtp_layers)]
+    mtp_t = [mtp_layer_tensors(m) for _ in range(mtp_layers)]
 
     def numel(ts): return sum(t.numel for t in ts)
     def local(ts): return sum(t.local_numel(layout) for t in ts)
@@ -398,7 +398,7 @@ def make_plan(model_cfg: Any, layout: ParallelLayout, train_args: TrainArgs | No
                  + real_moe * activated_numel(moe_t, m))
     mtp_total = sum(numel(ts) for ts in mtp_t)
     # HF checkpoints store every num_nextn_predict_layers module with its own embed_tokens and shared_head.head.
-    all_mtp_hf = [mtp_layer_tensors(m, m.num_hidden_layers + i) for i in range(m.num_nextn_predict_layers)]
+    all_mtp_hf = [mtp_layer_tensors(m) for _ in range(m.num_nextn_predict_layers)]
     hf_total = total + sum(numel(ts) for ts in all_mtp_hf) + m.num_nextn_predict_layers * 2 * m.vocab_size * m.hidden_size
     groups: dict[str, int] = {}
     for ts, n in ((emb_t, 1), (out_t, 1), (dense_t, real_dense), (moe_t, real_moe)):
@@ -525,7 +525,7 @@ def _activations(m, layout, train, r, per_chunk_layer_acts, chunks, num_mb) -> f
     if any(ch.output for ch in chunks):
         logits = T * m.vocab_size / layout.tp * 4
         mtp = layout.mtp_num_layers or 0
-        mtp_layer, mtp_extra = _layer_activation_elems(m, layout, train, dense=False)
+        mtp_layer, mtp_extra = _layer_activation_elems(m, layout, train, dense=not m.mtp_layer_is_moe)
         total += logits * (1 + mtp) + mtp * (mtp_layer * a_bytes + mtp_extra + 3 * layer_input)
     if any(ch.embedding for ch in chunks):
         total += layer_input

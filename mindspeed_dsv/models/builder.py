@@ -90,7 +90,7 @@ def build_model(
     block = decoder_block_spec(layer_kinds(cfg, layout, pp_rank, chunk), provider, experts)
     mtp = None
     if layout.mtp_num_layers and layout.has_mtp(pp_rank, chunk):
-        mtp = mtp_block_spec(layout.mtp_num_layers, provider, experts, moe=bool(cfg.moe_layer_pattern[-1]))
+        mtp = mtp_block_spec(layout.mtp_num_layers, provider, experts, moe=cfg.mtp_layer_is_moe)
     return DeepSeekGPTModel(
         config=config,
         transformer_layer_spec=block,

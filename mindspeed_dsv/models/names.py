@@ -194,9 +194,8 @@ def rank_maps(
                 TensorMap(mp + "eh_proj.weight", (hp + "eh_proj.weight",), COLUMN, tp, tp_rank if tp > 1 else 0,
                           hf_layer=h, lora_module=None),
             ]
-            # MTP layers are MoE unless the whole model is dense (DeepSeek-V3: MoE).
-            mtp_dense = d.n_routed_experts == 0
-            out += layer_maps(d, layout, h, mp + "transformer_layer.", tp_rank, ep_rank, mtp_dense, mla_mm_split)
+            out += layer_maps(d, layout, h, mp + "transformer_layer.", tp_rank, ep_rank, not d.mtp_layer_is_moe,
+                              mla_mm_split)
             out.append(TensorMap(mp + "final_layernorm.weight", (hp + "shared_head.norm.weight",), REPLICATED,
                                  hf_layer=h))
     if layout.has_output(pp_rank, chunk):

@@ -17,10 +17,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from ckpt_convert.hf_io import copy_side_files
-from ckpt_convert.mcore_io import CKPT_FILE, TRACKER, iter_dir_name, load_rank_file, read_iteration
 from mindspeed_dsv.layout import ParallelLayout
 from mindspeed_dsv.models.names import chunk_key
+from mindspeed_dsv.rankfiles import CKPT_FILE, TRACKER, copy_side_files, iter_dir_name, load_rank_file, read_iteration
 
 
 class CheckpointError(RuntimeError):
