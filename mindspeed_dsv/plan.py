@@ -18,6 +18,7 @@ formulas are written next to the code that applies them (``_layer_activation_ele
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from mindspeed_dsv.models import names as nm
 from mindspeed_dsv.models.config import DeepSeekConfig
 from mindspeed_dsv.layout import LayoutError, ParallelLayout, add_layout_args
 
@@ -111,70 +113,73 @@ class Tensor:
         return (r * in_f / etp + r * out_f) * local
 
 
-def attention_tensors(m: DeepSeekConfig) -> list[Tensor]:
-    """MLA. The down projections are replicated over TP (as Megatron's TE spec and MindSpeed do)."""
-    h, nh = m.hidden_size, m.num_attention_heads
-    qk = m.qk_nope_head_dim + m.qk_rope_head_dim
-    out = [Tensor("input_layernorm", (h,), "rep", "norm")]
-    if m.q_lora_rank:
-        out += [Tensor("linear_q_down_proj", (m.q_lora_rank, h), "rep", "mla", linear=True),
-                Tensor("q_layernorm", (m.q_lora_rank,), "rep", "norm"),
-                Tensor("linear_q_up_proj", (nh * qk, m.q_lora_rank), "col", "mla", linear=True)]
-    else:
-        out += [Tensor("linear_q_proj", (nh * qk, h), "col", "mla", linear=True)]
-    out += [Tensor("linear_kv_down_proj", (m.kv_lora_rank + m.qk_rope_head_dim, h), "rep", "mla", linear=True),
-            Tensor("kv_layernorm", (m.kv_lora_rank,), "rep", "norm"),
-            Tensor("linear_kv_up_proj", (nh * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank), "col", "mla",
-                   linear=True),
-            Tensor("linear_proj", (h, nh * m.v_head_dim), "row", "mla", linear=True),
-            Tensor("pre_mlp_layernorm", (h,), "rep", "norm")]
-    return out
+# The planner's split names for the name map's TP split rules (models/names.py, the one place for both).
+_SPLIT = {nm.REPLICATED: "rep", nm.COLUMN: "col", nm.GLU: "col", nm.HEAD_PART: "col", nm.ROW: "row"}
 
 
-def dense_mlp_tensors(m: DeepSeekConfig) -> list[Tensor]:
-    h, i = m.hidden_size, m.intermediate_size
-    return [Tensor("mlp.linear_fc1", (2 * i, h), "col", "dense_mlp", linear=True),
-            Tensor("mlp.linear_fc2", (h, i), "row", "dense_mlp", linear=True)]
+def _group(name: str) -> str:
+    if name.endswith("norm.weight"):
+        return "norm"
+    if "self_attention." in name:
+        return "mla"
+    if ".router." in name:
+        return "router"
+    if ".experts." in name:
+        return "routed_experts"
+    if ".shared_experts." in name:
+        return "shared_experts"
+    if name.startswith("mlp."):
+        return "dense_mlp"
+    return "mtp"
 
 
-def moe_tensors(m: DeepSeekConfig) -> list[Tensor]:
-    h, i, e = m.hidden_size, m.moe_intermediate_size, m.n_routed_experts
-    out = [Tensor("mlp.router.weight", (e, h), "rep", "router"),
-           # A buffer in Megatron (updated by the load-balancing rule, not by the optimizer).
-           Tensor("mlp.router.expert_bias", (e,), "rep", "router", trainable=False),
-           Tensor("mlp.experts.linear_fc1", (2 * i, h), "expert_col", "routed_experts", count=e, linear=True),
-           Tensor("mlp.experts.linear_fc2", (h, i), "expert_row", "routed_experts", count=e, linear=True)]
-    if m.n_shared_experts:
-        si = i * m.n_shared_experts
-        out += [Tensor("mlp.shared_experts.linear_fc1", (2 * si, h), "col", "shared_experts", linear=True),
-                Tensor("mlp.shared_experts.linear_fc2", (h, si), "row", "shared_experts", linear=True)]
-    return out
+def _tensor(m: DeepSeekConfig, e: nm.TensorMap, prefix: str = "") -> Tensor:
+    return Tensor(prefix + e.mcore[: -len(".weight")] if e.mcore.endswith(".weight") else prefix + e.mcore,
+                  nm.full_shape(m, e), _SPLIT[e.split], _group(e.mcore), linear=e.lora_module is not None,
+                  # A buffer in Megatron (updated by the load-balancing rule, not by the optimizer).
+                  trainable=not e.mcore.endswith("router.expert_bias"))
 
 
 def decoder_layer_tensors(m: DeepSeekConfig, dense: bool) -> list[Tensor]:
-    return attention_tensors(m) + (dense_mlp_tensors(m) if dense else moe_tensors(m))
+    """One decoder layer from the name map (names.whole_layer_maps): the same tensors, shapes and TP split rules
+    as the rank files. Routed experts become one entry of `count` experts split over EP ('expert_col' /
+    'expert_row': then over the expert TP like a column / row parallel linear)."""
+    out, experts = [], {}
+    for e in nm.whole_layer_maps(m, dense):
+        if e.expert is None:
+            out.append(_tensor(m, e))
+            continue
+        fc = e.mcore.rsplit(".", 2)[-2]  # linear_fc1 / linear_fc2
+        if fc not in experts:
+            experts[fc] = Tensor(f"mlp.experts.{fc}", nm.full_shape(m, e),
+                                 "expert_col" if e.split == nm.GLU else "expert_row", "routed_experts", count=0,
+                                 linear=e.lora_module is not None)
+        experts[fc] = dataclasses.replace(experts[fc], count=experts[fc].count + 1)
+    return out + list(experts.values())
 
 
 def embedding_tensors(m: DeepSeekConfig) -> list[Tensor]:
-    return [Tensor("embedding.word_embeddings", (m.vocab_size, m.hidden_size), "vocab", "embedding")]
+    e = nm.embedding_map()
+    return [Tensor("embedding.word_embeddings", nm.full_shape(m, e), "vocab", "embedding")]
 
 
 def output_tensors(m: DeepSeekConfig) -> list[Tensor]:
-    out = [Tensor("decoder.final_layernorm", (m.hidden_size,), "rep", "norm")]
+    out = [_tensor(m, nm.final_norm_map())]
     if not m.tie_word_embeddings:
-        out.append(Tensor("output_layer", (m.vocab_size, m.hidden_size), "vocab", "output", linear=False))
+        e = nm.output_map()
+        out.append(Tensor("output_layer", nm.full_shape(m, e), "vocab", "output", linear=False))
     return out
 
 
 def mtp_layer_tensors(m: DeepSeekConfig) -> list[Tensor]:
     """One MTP module: enorm, hnorm, eh_proj (2h -> h, column split), a full decoder layer, final norm.
     It shares the word embedding and output layer with the main model (Megatron; HF stores copies)."""
-    h = m.hidden_size
+    before, after = nm.mtp_own_maps(m, 0)
     layer = decoder_layer_tensors(m, dense=not m.mtp_layer_is_moe)
-    return ([Tensor("mtp.enorm", (h,), "rep", "norm"), Tensor("mtp.hnorm", (h,), "rep", "norm"),
-             Tensor("mtp.eh_proj", (h, 2 * h), "col", "mtp", linear=True)]
-            + [Tensor("mtp." + t.name, t.shape, t.split, t.group, t.count, t.linear, t.trainable) for t in layer]
-            + [Tensor("mtp.final_layernorm", (h,), "rep", "norm")])
+    return ([dataclasses.replace(_tensor(m, e), name="mtp." + e.mcore.split(".", 3)[-1][: -len(".weight")])
+             for e in before]
+            + [dataclasses.replace(t, name="mtp." + t.name) for t in layer]
+            + [dataclasses.replace(_tensor(m, after), name="mtp.final_layernorm")])
 
 
 def activated_numel(tensors: list[Tensor], m: DeepSeekConfig) -> int:

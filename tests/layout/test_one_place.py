@@ -1,5 +1,6 @@
-"""One place decides the MTP layer's dense/MoE kind (DeepSeekConfig.mtp_layer_is_moe): the name map, the planner
-and the FLOP count agree with it, for DeepSeek-V3's MoE MTP and for a model whose last decoder layer is dense."""
+"""One place per model fact. The MTP layer's dense/MoE kind (DeepSeekConfig.mtp_layer_is_moe): the name map, the
+planner and the FLOP count agree with it, for DeepSeek-V3's MoE MTP and for a model whose last decoder layer is
+dense. Tensor shapes and TP split rules (models/names.py): the planner prices exactly the rank files' tensors."""
 
 import pytest
 
@@ -34,3 +35,26 @@ def test_every_consumer_agrees_on_the_mtp_kind(first_k_dense, moe):
     attn = attention_flops_per_token(cfg, 128)
     extra = forward_flops_per_token(cfg, 128, mtp_num_layers=1) - forward_flops_per_token(cfg, 128)
     assert extra == pytest.approx(4 * H * H + attn + mlp + 2 * H * V)
+
+
+@pytest.mark.parametrize("sizes", [dict(tp=2, ep=2, sequence_parallel=True), dict(tp=1, ep=4),
+                                   dict(tp=2, ep=2, moe_tp_extend_ep=True, sequence_parallel=True)])
+def test_planner_prices_exactly_the_rank_files_tensors(sizes):
+    """The planner's parameters per device equal the elements of the tensors hf2mcore's name map puts in that
+    rank's file (shapes and TP split rules from one module: models/names.py)."""
+    import math
+
+    import torch
+
+    hf = tiny_hf_config(num_nextn_predict_layers=1)
+    cfg = DeepSeekConfig.from_hf(hf)
+    layout = ParallelLayout(**sizes).with_model_defaults(cfg)
+    shape_of = lambda name: nm.expected_hf_shape(cfg, name)  # noqa: E731
+
+    def read(name, rows=None, cols=None):
+        t = torch.empty(shape_of(name), device="meta")
+        return t[rows or slice(None)] if t.dim() == 1 else t[rows or slice(None), cols or slice(None)]
+
+    rank_numel = sum(math.prod(nm.shard_for_rank(m, read, shape_of).shape) for m in nm.rank_maps(hf, layout, 0, 0, 0))
+    p = plan.make_plan(cfg, layout, plan.TrainArgs())
+    assert p.stages[0].params_per_device == rank_numel
