@@ -8,7 +8,8 @@ chunk, the layers, parameter counts and an estimate of device memory, without bu
         --bf16 --use-distributed-optimizer --recompute-granularity full --recompute-method block \
         --recompute-num-layers 8
 
-Parameters are counted exactly from the config shapes (Megatron/MindSpeed tensor split rules: MLA down
+Parameters are counted exactly from the config shapes, tensor by tensor from the conversion's name map
+(models/names.py: the one place for shapes and split rules; MLA down
 projections and norms replicated over TP, up/out projections, dense and shared MLP and vocabulary split over
 TP, routed experts split over EP and, unless --moe-tp-extend-ep, each over TP). Memory is an estimate; the
 formulas are written next to the code that applies them (``_layer_activation_elems``, ``_in_flight``,
