@@ -13,7 +13,7 @@ LAYOUT_DESTS = {  # argparse dest (with prefix) -> ParallelLayout field
     "{p}tensor_parallel_size": "tp", "{p}pipeline_parallel_size": "pp", "{p}expert_parallel_size": "ep",
     "num_layers_per_virtual_pipeline_stage": "vpp", "num_layer_list": "num_layer_list", "noop_layers": "noop_layers",
     "num_layers": "num_layers", "mtp_num_layers": "mtp_num_layers", "first_k_dense_replace": "first_k_dense_replace",
-    "num_experts": "num_experts",
+    "num_experts": "num_experts", "make_vocab_size_divisible_by": "make_vocab_size_divisible_by",
 }
 
 DTYPE_HELP = ("Data type of the written Megatron weights: fp32, bf16 or fp16. Default: keep the source dtype "

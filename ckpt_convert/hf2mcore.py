@@ -65,7 +65,7 @@ def check_source(reader, cfg: dict, layout: ParallelLayout, mla_mm_split: bool, 
                     if want is not None and shape != tuple(want):
                         raise ConversionError(f"{h}: shape {list(shape)} but config.json implies {list(want)}")
                     dim = {nm.ROW: 1, nm.GROUPED_W2: 1}.get(m.split, 0)
-                    if m.tp > 1 and m.split != nm.REPLICATED and shape[dim] % m.tp:
+                    if m.tp > 1 and m.split != nm.REPLICATED and m.rows is None and shape[dim] % m.tp:
                         raise ConversionError(
                             f"{h}: shape {list(shape)} does not fit the layout {layout_str(layout)}: dim {dim} "
                             f"({shape[dim]}) is not divisible by TP {m.tp} (needed for {m.mcore})")

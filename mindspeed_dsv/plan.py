@@ -159,15 +159,16 @@ def decoder_layer_tensors(m: DeepSeekConfig, dense: bool) -> list[Tensor]:
     return out + list(experts.values())
 
 
-def embedding_tensors(m: DeepSeekConfig) -> list[Tensor]:
-    e = nm.embedding_map()
+def embedding_tensors(m: DeepSeekConfig, rows: tuple[int, int] | None = None) -> list[Tensor]:
+    """`rows` (names.vocab_rows): the padded vocabulary the device holds; None: the HF rows."""
+    e = nm.embedding_map(rows=rows)
     return [Tensor("embedding.word_embeddings", nm.full_shape(m, e), "vocab", "embedding")]
 
 
-def output_tensors(m: DeepSeekConfig) -> list[Tensor]:
+def output_tensors(m: DeepSeekConfig, rows: tuple[int, int] | None = None) -> list[Tensor]:
     out = [_tensor(m, nm.final_norm_map())]
     if not m.tie_word_embeddings:
-        e = nm.output_map()
+        e = nm.output_map(rows=rows)
         out.append(Tensor("output_layer", nm.full_shape(m, e), "vocab", "output", linear=False))
     return out
 
@@ -390,7 +391,10 @@ def make_plan(model_cfg: Any, layout: ParallelLayout, train_args: TrainArgs | No
     mtp_layers = layout.mtp_num_layers or 0
     dense_t = decoder_layer_tensors(m, dense=True)
     moe_t = decoder_layer_tensors(m, dense=False)
-    emb_t, out_t = embedding_tensors(m), output_tensors(m)
+    emb_t, out_t = embedding_tensors(m), output_tensors(m)  # model counts: the HF vocabulary
+    # What the devices hold: --make-vocab-size-divisible-by pads the vocabulary rows (zeros, never predicted).
+    padded = nm.vocab_rows(m, layout)
+    emb_dev, out_dev = embedding_tensors(m, padded), output_tensors(m, padded)
     mtp_t = [mtp_layer_tensors(m) for _ in range(mtp_layers)]
 
     def numel(ts): return sum(t.numel for t in ts)
@@ -428,15 +432,15 @@ def make_plan(model_cfg: Any, layout: ParallelLayout, train_args: TrainArgs | No
             ts: list[Tensor] = []
             ts += dense_t * len(dense) + moe_t * len(moe)
             if layout.has_embedding(r, c):
-                ts += emb_t
+                ts += emb_dev
             if layout.has_output(r, c):
-                ts += out_t
+                ts += out_dev
             if layout.has_mtp(r, c):
                 for one in mtp_t:
                     ts += one
                 if not holds_embedding:
                     # Megatron keeps a copy of the word embedding next to MTP when it is on another stage.
-                    ts += [Tensor("mtp.embedding_replica", (m.vocab_size, m.hidden_size), "vocab", "embedding")]
+                    ts += [dataclasses.replace(emb_dev[0], name="mtp.embedding_replica")]
             stage_tensors += ts
             chunks.append(ChunkPlan(
                 pp_rank=r, chunk=c, virtual_stage=layout._virtual_stage(r, c), layers=ids, noop=noop, dense=dense,
@@ -529,7 +533,7 @@ def _activations(m, layout, train, r, per_chunk_layer_acts, chunks, num_mb) -> f
                 working = max(working, max(full_bytes[:k]))
     total = per_mb * _in_flight(layout, r, num_mb) + working
     if any(ch.output for ch in chunks):
-        logits = T * m.vocab_size / layout.tp * 4
+        logits = T * layout.padded_vocab_size(m.vocab_size) / layout.tp * 4
         mtp = layout.mtp_num_layers or 0
         mtp_layer, mtp_extra = _layer_activation_elems(m, layout, train, dense=not m.mtp_layer_is_moe)
         total += logits * (1 + mtp) + mtp * (mtp_layer * a_bytes + mtp_extra + 3 * layer_input)

@@ -94,7 +94,8 @@ def build_model(
     return DeepSeekGPTModel(
         config=config,
         transformer_layer_spec=block,
-        vocab_size=cfg.vocab_size,
+        vocab_size=layout.padded_vocab_size(cfg.vocab_size),  # Megatron's padded rows (layout.padded_vocab_size)
+        real_vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=layout.has_embedding(pp_rank, chunk),
         post_process=layout.has_output(pp_rank, chunk),

@@ -55,6 +55,9 @@ class TensorMap:
     # For LoRA: the linear module (mcore path without '.weight') and the HF linear modules it covers
     lora_module: str | None = None
     expert: int | None = None  # global routed-expert id (SequentialMLP), for messages
+    # Vocabulary padding (--make-vocab-size-divisible-by), embedding / output layer only: (HF rows, padded rows).
+    # The Megatron tensor has the padded rows (zeros past the HF ones), split over TP; unshard strips them.
+    rows: tuple[int, int] | None = None
 
 
 # --------------------------------------------------------------------------------------------- model dims
@@ -163,17 +166,23 @@ def layer_maps(
     return out
 
 
-def embedding_map(tp: int = 1, tp_rank: int = 0) -> TensorMap:
+def vocab_rows(d: DeepSeekConfig, layout) -> tuple[int, int] | None:
+    """(HF rows, padded rows) of the embedding / output layer under `layout`, None when nothing is padded."""
+    padded = layout.padded_vocab_size(d.vocab_size) if layout is not None else d.vocab_size
+    return None if padded == d.vocab_size else (d.vocab_size, padded)
+
+
+def embedding_map(tp: int = 1, tp_rank: int = 0, rows: tuple[int, int] | None = None) -> TensorMap:
     return TensorMap("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), COLUMN, tp,
-                     tp_rank if tp > 1 else 0)
+                     tp_rank if tp > 1 else 0, rows=rows)
 
 
 def final_norm_map() -> TensorMap:
     return TensorMap("decoder.final_layernorm.weight", ("model.norm.weight",), REPLICATED)
 
 
-def output_map(tp: int = 1, tp_rank: int = 0) -> TensorMap:
-    return TensorMap("output_layer.weight", ("lm_head.weight",), COLUMN, tp, tp_rank if tp > 1 else 0)
+def output_map(tp: int = 1, tp_rank: int = 0, rows: tuple[int, int] | None = None) -> TensorMap:
+    return TensorMap("output_layer.weight", ("lm_head.weight",), COLUMN, tp, tp_rank if tp > 1 else 0, rows=rows)
 
 
 def mtp_own_maps(d: DeepSeekConfig, k: int, tp: int = 1, tp_rank: int = 0) -> tuple[list[TensorMap], TensorMap]:
@@ -197,9 +206,10 @@ def rank_maps(
     tp = layout.tp
     out: list[TensorMap] = []
     has_mtp = layout.has_mtp(pp_rank, chunk)
+    rows = vocab_rows(d, layout)
     # Megatron builds the embedding on the first stage and, for MTP, also on the stage that holds MTP.
     if layout.has_embedding(pp_rank, chunk) or has_mtp:
-        out.append(embedding_map(tp, tp_rank))
+        out.append(embedding_map(tp, tp_rank, rows))
     for i, layer_id in enumerate(layout.stage_layers(pp_rank, chunk)):
         hf = layout.hf_layer_index(layer_id)
         if hf is None:  # noop layer: an identity module without parameters
@@ -216,7 +226,7 @@ def rank_maps(
                               ep_rank, not d.mtp_layer_is_moe, mla_mm_split)
             out.append(after)
     if layout.has_output(pp_rank, chunk):
-        out.append(output_map(tp, tp_rank))
+        out.append(output_map(tp, tp_rank, rows))
     return out
 
 
@@ -251,6 +261,13 @@ def shard_for_rank(m: TensorMap, read: Reader, shape_of: Callable[[str], Sequenc
     where = f"{m.mcore} (from {', '.join(m.hf[:2])}{', ...' if len(m.hf) > 2 else ''}) with TP {tp}"
     if m.split == REPLICATED:
         return read(m.hf[0])
+    if m.split == COLUMN and m.rows is not None:  # padded vocabulary: this rank's rows, zeros past the HF ones
+        real, padded = m.rows
+        want = _range(padded, tp, k, where)
+        have = slice(min(want.start, real), min(want.stop, real))
+        t = read(m.hf[0], rows=have if have.stop > have.start else slice(0, 1))[: have.stop - have.start]
+        pad = t.new_zeros((want.stop - want.start - t.shape[0],) + tuple(t.shape[1:]))
+        return torch.cat([t, pad]) if pad.shape[0] else t
     if m.split == COLUMN:
         rows = None if tp == 1 else _range(shape_of(m.hf[0])[0], tp, k, where)
         return read(m.hf[0], rows=rows)
@@ -294,7 +311,12 @@ def unshard(m: TensorMap, shards: Sequence[torch.Tensor]) -> dict[str, torch.Ten
     if m.split == REPLICATED:
         return {m.hf[0]: shards[0]}
     if m.split == COLUMN:
-        return {m.hf[0]: shards[0] if m.tp == 1 else torch.cat(list(shards), 0)}
+        full = shards[0] if m.tp == 1 else torch.cat(list(shards), 0)
+        if m.rows is not None:  # padded vocabulary: the HF rows only
+            if full.shape[0] != m.rows[1]:
+                raise NameMapError(f"{m.mcore}: {full.shape[0]} rows over TP, the padded vocabulary has {m.rows[1]}")
+            full = full[: m.rows[0]].contiguous()
+        return {m.hf[0]: full}
     if m.split == ROW:
         return {m.hf[0]: shards[0] if m.tp == 1 else torch.cat(list(shards), 1)}
     if m.split == GLU:
@@ -417,6 +439,8 @@ def full_shape(cfg: Any, m: TensorMap) -> tuple[int, ...]:
     hf = [expected_hf_shape(d, h) for h in m.hf]
     if any(s is None for s in hf):
         raise NameMapError(f"{m.mcore}: no shape known for {[h for h, s in zip(m.hf, hf) if s is None]}")
+    if m.split == COLUMN and m.rows is not None:
+        return (m.rows[1],) + tuple(hf[0][1:])
     if m.split in (REPLICATED, COLUMN, ROW):
         return tuple(hf[0])
     if m.split == GLU:
