@@ -13,7 +13,7 @@ LAYOUT_DESTS = {  # argparse dest (with prefix) -> ParallelLayout field
     "{p}tensor_parallel_size": "tp", "{p}pipeline_parallel_size": "pp", "{p}expert_parallel_size": "ep",
     "num_layers_per_virtual_pipeline_stage": "vpp", "num_layer_list": "num_layer_list", "noop_layers": "noop_layers",
     "num_layers": "num_layers", "mtp_num_layers": "mtp_num_layers", "first_k_dense_replace": "first_k_dense_replace",
-    "num_experts": "num_experts",
+    "num_experts": "num_experts", "make_vocab_size_divisible_by": "make_vocab_size_divisible_by",
 }
 
 DTYPE_HELP = ("Data type of the written Megatron weights: fp32, bf16 or fp16. Default: keep the source dtype "
@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify-checksums", action="store_true",
                    help="Do not compare the shards with the sha256 that an index written by mcore2hf records "
                         "(a mismatch is otherwise an error naming the shard). Default: verify.")
+    p.add_argument("--allow-unused-weights", action="store_true",
+                   help="Convert even when the HF directory holds tensors the target model does not use (listed "
+                        "in the output as 'unused'; e.g. MTP layers with --mtp-num-layers 0). Default off: such "
+                        "tensors are listed and the conversion is refused.")
     _common_target(p)
 
     p = sub.add_parser("reshard", help="Megatron-Core layout -> another layout, without going through HF",
@@ -279,7 +283,10 @@ def cmd_hf2mcore(ns) -> int:
     stats = write_mcore(spec, cfg, layout, ns.save_dir, _dtype(ns), ns.mla_mm_split, ns.workers,
                         record={"source_dir": os.path.abspath(ns.load_dir), "command": "hf2mcore"},
                         side_files_from=ns.load_dir, progress=not ns.no_progress, qlora=qlora,
-                        overwrite=ns.overwrite)
+                        overwrite=ns.overwrite, allow_unused=ns.allow_unused_weights)
+    if stats["unused"]:
+        print(f"note: --allow-unused-weights: {len(stats['unused'])} tensor(s) of {ns.load_dir} were not converted "
+              f"(listed under 'unused')", file=sys.stderr)
     print(json.dumps({"save_dir": ns.save_dir, **stats}))
     return 0
 

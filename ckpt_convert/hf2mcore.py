@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from ckpt_convert import hf_io
-from ckpt_convert.files import crash_point, inside, is_empty_dir, replace_dir, sha256_file, write_json_atomic
+from mindspeed_dsv.files import crash_point, inside, is_empty_dir, replace_dir, sha256_file, write_json_atomic
 from ckpt_convert.mcore_io import (TRACKER, McoreReader, all_ranks, args_record, checkpoint_contents,
                                    clean_stale_temporaries, iter_dir_name, read_iteration, save_rank_file,
                                    write_checksums, write_record, write_tracker)
@@ -68,7 +68,7 @@ def check_source(reader, cfg: dict, layout: ParallelLayout, mla_mm_split: bool, 
                     if want is not None and shape != tuple(want):
                         raise ConversionError(f"{h}: shape {list(shape)} but config.json implies {list(want)}")
                     dim = {nm.ROW: 1, nm.GROUPED_W2: 1}.get(m.split, 0)
-                    if m.tp > 1 and m.split != nm.REPLICATED and shape[dim] % m.tp:
+                    if m.tp > 1 and m.split != nm.REPLICATED and m.rows is None and shape[dim] % m.tp:
                         raise ConversionError(
                             f"{h}: shape {list(shape)} does not fit the layout {layout_str(layout)}: dim {dim} "
                             f"({shape[dim]}) is not divisible by TP {m.tp} (needed for {m.mcore})")
@@ -76,6 +76,65 @@ def check_source(reader, cfg: dict, layout: ParallelLayout, mla_mm_split: bool, 
         lines = [f"  {h} (for {where})" for h, where in list(missing.items())[:10]]
         more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
         raise ConversionError(f"{getattr(reader, 'dir', 'source')}: missing tensor(s):\n" + "\n".join(lines) + more)
+
+
+def needed_names(cfg: dict, layout: ParallelLayout, mla_mm_split: bool) -> set[str]:
+    """Every HF tensor some rank file of `layout` is built from."""
+    out: set[str] = set()
+    for tp, pp, ep in all_ranks(layout):
+        for c in range(layout.num_model_chunks):
+            for m in nm.rank_maps(cfg, layout, tp, pp, ep, c, mla_mm_split):
+                out.update(m.hf)
+    return out
+
+
+# Rows compared at a time when checking an MTP copy against the main tensor (bounds memory for a 129k vocabulary).
+_COMPARE_ROWS = 8192
+
+
+def check_mtp_copies(reader, cfg: dict, layout: ParallelLayout) -> set[str]:
+    """Megatron's MTP layers reuse the main embedding and output layer; HF stores a copy of each per MTP layer
+    (`model.layers.{N+k}.embed_tokens` / `shared_head.head`). A copy that differs from the main tensor would be
+    lost silently, so each present copy is compared bit for bit. Returns the copies checked (they count as used);
+    raises ConversionError naming both tensors and the first differing row."""
+    checked = set()
+    for k in range(layout.mtp_num_layers or 0):
+        for copy, main in nm.mtp_shared_names(cfg, k).items():
+            if copy not in reader:
+                continue
+            if main not in reader:
+                raise ConversionError(f"{reader.dir}: {copy} is present but the main tensor {main} is missing")
+            a, b = reader.shape(copy), reader.shape(main)
+            if list(a) != list(b):
+                raise ConversionError(f"{reader.dir}: {copy} has shape {list(a)} but {main} has {list(b)}; Megatron's "
+                                      f"MTP layer uses {main} itself, so the two must be equal")
+            for r0 in range(0, a[0], _COMPARE_ROWS):
+                rows = slice(r0, min(r0 + _COMPARE_ROWS, a[0]))
+                x, y = reader.read(copy, rows=rows), reader.read(main, rows=rows)
+                if not torch.equal(x, y):
+                    bad = int((x != y).reshape(x.shape[0], -1).any(1).nonzero()[0, 0]) + r0
+                    raise ConversionError(
+                        f"{reader.dir}: {copy} differs from {main} (first at row {bad}, max |diff| "
+                        f"{(x.float() - y.float()).abs().max().item():.3g}); Megatron's MTP layer {k} uses {main} "
+                        f"itself, so converting would drop the MTP copy. Make them equal or convert without MTP "
+                        f"(--mtp-num-layers 0 --allow-unused-weights)")
+            checked.add(copy)
+    return checked
+
+
+def check_unused(reader, cfg: dict, layout: ParallelLayout, mla_mm_split: bool, allow: bool = False) -> list[str]:
+    """Every tensor of the HF source that no rank file is built from (FP8 scales of used tensors count as used).
+    Refused with a ConversionError listing them unless `allow` (--allow-unused-weights); returns the list."""
+    used = needed_names(cfg, layout, mla_mm_split) | check_mtp_copies(reader, cfg, layout)
+    unused = sorted(n for n in reader.names() if n not in used)
+    if unused and not allow:
+        lines = [f"  {n} {list(reader.shape(n))}" for n in unused[:20]]
+        more = f"\n  ... and {len(unused) - 20} more" if len(unused) > 20 else ""
+        raise ConversionError(
+            f"{reader.dir}: {len(unused)} tensor(s) would not be converted for layout {layout_str(layout)} "
+            f"(MTP layers {layout.mtp_num_layers or 0}):\n" + "\n".join(lines) + more
+            + "\nPass --allow-unused-weights to convert without them.")
+    return unused
 
 
 def _cast(t: torch.Tensor, mcore_name: str, dtype: torch.dtype | None) -> torch.Tensor:
@@ -167,15 +226,17 @@ def _check_kept_iterations(save_dir: str, layout: ParallelLayout) -> None:
 def write_mcore(spec: dict, cfg: dict, layout: ParallelLayout, save_dir: str, params_dtype: str | None = None,
                 mla_mm_split: bool = False, workers: int = 1, record: dict | None = None,
                 side_files_from: str | None = None, progress: bool = True, qlora: dict | None = None,
-                overwrite: bool = False) -> dict:
-    """Convert the source described by `spec` into `save_dir` for `layout`. Returns stats. `qlora`
-    ({'target_modules': [...], 'blocksize': 64}) stores those linears as NF4 (see build_rank). A non-empty
-    `save_dir` is refused unless `overwrite`; then only iteration 1, the records and the tracker are replaced."""
+                overwrite: bool = False, allow_unused: bool = False) -> dict:
+    """Convert the source described by `spec` into `save_dir` for `layout`. Returns stats (with `unused`: the HF
+    tensors left out, only possible with `allow_unused`). `qlora` ({'target_modules': [...], 'blocksize': 64})
+    stores those linears as NF4 (see build_rank). A non-empty `save_dir` is refused unless `overwrite`; then only
+    iteration 1, the records and the tracker are replaced."""
     t0 = time.time()
     check_save_dir(save_dir, spec["dir"], overwrite)
     _check_kept_iterations(save_dir, layout)
     reader = make_reader(spec)
     check_source(reader, cfg, layout, mla_mm_split, check_shapes=spec["kind"] == "hf")
+    unused = check_unused(reader, cfg, layout, mla_mm_split, allow_unused) if spec["kind"] == "hf" else []
     _READERS.clear()
     _READERS[repr(sorted((k, str(v)) for k, v in spec.items()))] = reader
 
@@ -224,4 +285,4 @@ def write_mcore(spec: dict, cfg: dict, layout: ParallelLayout, save_dir: str, pa
     write_tracker(save_dir, 1)
     crash_point("hf2mcore:tracker_written")
     secs = time.time() - t0
-    return {"bytes": total, "seconds": secs, "files": len(jobs)}
+    return {"bytes": total, "seconds": secs, "files": len(jobs), "unused": unused}

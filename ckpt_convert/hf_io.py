@@ -23,14 +23,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ckpt_convert.files import (crash_point, fsync_path, inside, is_empty_dir, replace_dir, sha256_file,
+from mindspeed_dsv.files import (crash_point, fsync_path, inside, is_empty_dir, replace_dir, sha256_file,
                                 write_json_atomic)
 from ckpt_convert.fp8 import BLOCK, dequantize_block_fp8, quantize_block_fp8
+from mindspeed_dsv.rankfiles import TOKENIZER_FILES, copy_side_files  # noqa: F401 (re-exported)
 
 INDEX = "model.safetensors.index.json"
 _FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "generation_config.json", "chat_template.jinja")
 
 
 class HFCheckpointError(ValueError):
@@ -83,7 +82,6 @@ class HFReader:
                     self._virtual[f"{prefix}.{e}.up_proj.weight"] = (name, e, "up")
                 else:
                     self._virtual[f"{prefix}.{e}.down_proj.weight"] = (name, e, "down")
-        self.used: set[str] = set()
 
     # ------------------------------------------------------------------ raw access
     def _handle(self, name: str):
@@ -106,8 +104,10 @@ class HFReader:
         return self._handle(name).get_slice(name).get_dtype()
 
     def names(self) -> list[str]:
-        """Every readable tensor name (per-expert names for fused experts; scales hidden)."""
-        out = [n for n in self.file_of if not _FUSED.match(n) and not n.endswith("_scale_inv")]
+        """Every readable tensor name (per-expert names for fused experts; the FP8 scale of a stored tensor is
+        part of that tensor and hidden, a scale without its tensor is listed)."""
+        out = [n for n in self.file_of
+               if not _FUSED.match(n) and not (n.endswith("_scale_inv") and n[: -len("_scale_inv")] in self.file_of)]
         return out + list(self._virtual)
 
     def __contains__(self, name: str) -> bool:
@@ -129,10 +129,8 @@ class HFReader:
         """Tensor `name`, or rows/cols of it (dim 0 / dim 1 slices), as a fresh CPU tensor."""
         rows = rows or slice(None)
         cols = cols or slice(None)
-        self.used.add(name)
         if name in self._virtual:
             fused, e, part = self._virtual[name]
-            self.used.add(fused)
             shape = self._raw_shape(fused)
             if part in ("gate", "up"):
                 half = shape[1] // 2
@@ -147,7 +145,6 @@ class HFReader:
             scale_name = name + "_scale_inv"
             if scale_name not in self.file_of:
                 raise HFCheckpointError(f"{self.dir}: FP8 tensor {name} has no {scale_name}")
-            self.used.add(scale_name)
             q = h.get_tensor(name)
             s = self._handle(scale_name).get_tensor(scale_name)
             try:
@@ -218,18 +215,6 @@ def write_index(directory: str, weight_map: dict[str, str], total_size: int,
     if checksums:
         meta["sha256"] = dict(sorted(checksums.items()))
     write_json_atomic(os.path.join(directory, INDEX), {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))})
-
-
-def copy_side_files(src: str, dst: str, names: Iterable[str] = TOKENIZER_FILES) -> list[str]:
-    copied = []
-    for n in names:
-        p = os.path.join(src, n)
-        if os.path.isfile(p):
-            tmp = os.path.join(dst, n + ".tmp")
-            shutil.copyfile(p, tmp)
-            os.replace(tmp, os.path.join(dst, n))
-            copied.append(n)
-    return copied
 
 
 # Files whose presence makes transformers (or our HFReader) read weights from a directory.

@@ -13,7 +13,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from ckpt_convert.files import fsync_path, write_json_atomic
+from mindspeed_dsv.files import fsync_path, write_json_atomic
 from mindspeed_dsv.layout import ParallelLayout
 from mindspeed_dsv.models import names as nm
 from mindspeed_dsv.peft.lora import merge_lora

@@ -9,7 +9,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from tqdm import tqdm
 
 from ckpt_convert import hf_io
-from ckpt_convert.files import sha256_file, write_json_atomic
+from mindspeed_dsv.files import sha256_file, write_json_atomic
 from ckpt_convert.mcore_io import McoreCheckpointError, McoreReader, read_record
 from mindspeed_dsv.layout import ParallelLayout
 from mindspeed_dsv.models import names as nm

@@ -143,6 +143,7 @@ def mcore_logits(mcore_dir: str, tokens: torch.Tensor, dtype: torch.dtype) -> to
         parts = [torch.empty_like(local) for _ in range(layout.tp)]
         dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
         local = torch.cat(parts, dim=-1)
+    local = local[..., : cfg.vocab_size]  # without the padded ids of --make-vocab-size-divisible-by
     if ps.get_tensor_model_parallel_rank() != 0 or ps.get_data_parallel_rank() != 0:
         return None
     return local.transpose(0, 1).contiguous()

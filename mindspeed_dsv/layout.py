@@ -51,6 +51,7 @@ _FLAGS = {
     "num_experts": "--num-experts",
     "moe_grouped_gemm": "--moe-grouped-gemm",
     "moe_tp_extend_ep": "--moe-tp-extend-ep",
+    "make_vocab_size_divisible_by": "--make-vocab-size-divisible-by",
     "sequence_parallel": "--sequence-parallel",
     "cp": "--context-parallel-size",
 }
@@ -60,6 +61,7 @@ _FLAGS = {
 SHARD_FIELDS = (
     "tp", "pp", "ep", "vpp", "num_layer_list", "noop_layers", "dualpipev", "num_layers",
     "mtp_num_layers", "first_k_dense_replace", "num_experts", "moe_grouped_gemm", "moe_tp_extend_ep",
+    "make_vocab_size_divisible_by",
 )
 
 
@@ -123,6 +125,8 @@ class ParallelLayout:
     num_experts: int | None = None
     moe_grouped_gemm: bool = False
     moe_tp_extend_ep: bool = False
+    # Megatron's --make-vocab-size-divisible-by: the embedding and output layer hold padded_vocab_size rows.
+    make_vocab_size_divisible_by: int = 1
     sequence_parallel: bool = False
     cp: int = 1
 
@@ -135,7 +139,7 @@ class ParallelLayout:
         """Check the layout on its own (no model config). Raises LayoutError naming the flag; returns self.
         ``flag_prefix`` ('target-'/'source-') names TP/PP/EP by the converters' flags in the messages."""
         _FLAGS = _flags(flag_prefix)  # noqa: N806 - shadows the module table for this call's messages
-        for name in ("tp", "pp", "ep", "cp"):
+        for name in ("tp", "pp", "ep", "cp", "make_vocab_size_divisible_by"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise LayoutError(f"{flag_name(name, flag_prefix)} must be a positive integer, got {value!r}")
@@ -229,9 +233,6 @@ class ParallelLayout:
 
         if heads is not None and heads % self.tp != 0:
             raise LayoutError(f"{_FLAGS['tp']} {self.tp} must divide num_attention_heads {heads} of config.json")
-        if vocab is not None and vocab % self.tp != 0:
-            raise LayoutError(f"{_FLAGS['tp']} {self.tp} must divide vocab_size {vocab} of config.json "
-                              "(embedding and output layer are split over TP by vocabulary rows)")
         for key in ("intermediate_size", "moe_intermediate_size"):
             size = _get(model_cfg, key)
             if size is None or (key == "moe_intermediate_size" and self.moe_tp_extend_ep):
@@ -265,6 +266,13 @@ class ParallelLayout:
             raise LayoutError(f"{_FLAGS['mtp_num_layers']} {self.mtp_num_layers} exceeds num_nextn_predict_layers "
                               f"{nextn} of config.json")
         return self
+
+    def padded_vocab_size(self, vocab_size: int) -> int:
+        """Megatron's rule: the vocabulary rounded up to a multiple of make_vocab_size_divisible_by * TP, so the
+        embedding and output layer split evenly over TP. The padded rows are zero, never predicted (masked out of
+        the loss's softmax) and stripped on export."""
+        multiple = self.make_vocab_size_divisible_by * self.tp
+        return -(-vocab_size // multiple) * multiple
 
     def validate_runtime(self, world_size: int | None = None, seq_length: int | None = None) -> "ParallelLayout":
         """Checks that only matter when training runs (not for conversion): sequence parallel with MoE+TP
@@ -580,6 +588,7 @@ class ParallelLayout:
             num_experts=ns.get("num_experts"),
             moe_grouped_gemm=bool(ns.get("moe_grouped_gemm", False)),
             moe_tp_extend_ep=bool(ns.get("moe_tp_extend_ep", False)),
+            make_vocab_size_divisible_by=int(ns.get("make_vocab_size_divisible_by") or 1),
             sequence_parallel=bool(ns.get("sequence_parallel", False)),
             cp=int(ns.get("context_parallel_size") or 1),
         )
@@ -613,6 +622,10 @@ LAYOUT_HELP = {
                         "per-expert linears. Default off. Must match training.",
     "moe_tp_extend_ep": "Split whole experts over TP*EP ranks instead of splitting each expert over TP. "
                         "Default off. Must match training.",
+    "make_vocab_size_divisible_by": "Pad the vocabulary (embedding and output-layer rows) to a multiple of this "
+                                    "times the tensor-parallel size, as Megatron does; the padded ids are never "
+                                    "predicted (masked out of the loss) and export strips them. Default 1 (pad "
+                                    "only what TP needs to split evenly). Must match training.",
     "sequence_parallel": "Split norms/dropout activations over TP along the sequence (required for MoE with "
                          "TP > 1). Default off. Training only; does not change the checkpoint.",
     "cp": "Context-parallel size: the sequence is split over this many ranks. Default 1. Training only; "
@@ -639,6 +652,8 @@ def add_layout_args(parser: argparse.ArgumentParser, prefix: str = "") -> argpar
     g.add_argument("--num-experts", type=int, default=None, help=LAYOUT_HELP["num_experts"])
     g.add_argument("--moe-grouped-gemm", action="store_true", help=LAYOUT_HELP["moe_grouped_gemm"])
     g.add_argument("--moe-tp-extend-ep", action="store_true", help=LAYOUT_HELP["moe_tp_extend_ep"])
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=1, metavar="N",
+                   help=LAYOUT_HELP["make_vocab_size_divisible_by"])
     g.add_argument("--sequence-parallel", action="store_true", help=LAYOUT_HELP["sequence_parallel"])
     g.add_argument("--context-parallel-size", type=int, default=1, help=LAYOUT_HELP["cp"])
     return g

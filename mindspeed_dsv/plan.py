@@ -8,7 +8,8 @@ chunk, the layers, parameter counts and an estimate of device memory, without bu
         --bf16 --use-distributed-optimizer --recompute-granularity full --recompute-method block \
         --recompute-num-layers 8
 
-Parameters are counted exactly from the config shapes (Megatron/MindSpeed tensor split rules: MLA down
+Parameters are counted exactly from the config shapes, tensor by tensor from the conversion's name map
+(models/names.py: the one place for shapes and split rules; MLA down
 projections and norms replicated over TP, up/out projections, dense and shared MLP and vocabulary split over
 TP, routed experts split over EP and, unless --moe-tp-extend-ep, each over TP). Memory is an estimate; the
 formulas are written next to the code that applies them (``_layer_activation_elems``, ``_in_flight``,
@@ -18,6 +19,7 @@ formulas are written next to the code that applies them (``_layer_activation_ele
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -25,6 +27,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from mindspeed_dsv.models import names as nm
 from mindspeed_dsv.models.config import DeepSeekConfig
 from mindspeed_dsv.layout import LayoutError, ParallelLayout, add_layout_args
 
@@ -111,70 +114,74 @@ class Tensor:
         return (r * in_f / etp + r * out_f) * local
 
 
-def attention_tensors(m: DeepSeekConfig) -> list[Tensor]:
-    """MLA. The down projections are replicated over TP (as Megatron's TE spec and MindSpeed do)."""
-    h, nh = m.hidden_size, m.num_attention_heads
-    qk = m.qk_nope_head_dim + m.qk_rope_head_dim
-    out = [Tensor("input_layernorm", (h,), "rep", "norm")]
-    if m.q_lora_rank:
-        out += [Tensor("linear_q_down_proj", (m.q_lora_rank, h), "rep", "mla", linear=True),
-                Tensor("q_layernorm", (m.q_lora_rank,), "rep", "norm"),
-                Tensor("linear_q_up_proj", (nh * qk, m.q_lora_rank), "col", "mla", linear=True)]
-    else:
-        out += [Tensor("linear_q_proj", (nh * qk, h), "col", "mla", linear=True)]
-    out += [Tensor("linear_kv_down_proj", (m.kv_lora_rank + m.qk_rope_head_dim, h), "rep", "mla", linear=True),
-            Tensor("kv_layernorm", (m.kv_lora_rank,), "rep", "norm"),
-            Tensor("linear_kv_up_proj", (nh * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank), "col", "mla",
-                   linear=True),
-            Tensor("linear_proj", (h, nh * m.v_head_dim), "row", "mla", linear=True),
-            Tensor("pre_mlp_layernorm", (h,), "rep", "norm")]
-    return out
+# The planner's split names for the name map's TP split rules (models/names.py, the one place for both).
+_SPLIT = {nm.REPLICATED: "rep", nm.COLUMN: "col", nm.GLU: "col", nm.HEAD_PART: "col", nm.ROW: "row"}
 
 
-def dense_mlp_tensors(m: DeepSeekConfig) -> list[Tensor]:
-    h, i = m.hidden_size, m.intermediate_size
-    return [Tensor("mlp.linear_fc1", (2 * i, h), "col", "dense_mlp", linear=True),
-            Tensor("mlp.linear_fc2", (h, i), "row", "dense_mlp", linear=True)]
+def _group(name: str) -> str:
+    if name.endswith("norm.weight"):
+        return "norm"
+    if "self_attention." in name:
+        return "mla"
+    if ".router." in name:
+        return "router"
+    if ".experts." in name:
+        return "routed_experts"
+    if ".shared_experts." in name:
+        return "shared_experts"
+    if name.startswith("mlp."):
+        return "dense_mlp"
+    return "mtp"
 
 
-def moe_tensors(m: DeepSeekConfig) -> list[Tensor]:
-    h, i, e = m.hidden_size, m.moe_intermediate_size, m.n_routed_experts
-    out = [Tensor("mlp.router.weight", (e, h), "rep", "router"),
-           # A buffer in Megatron (updated by the load-balancing rule, not by the optimizer).
-           Tensor("mlp.router.expert_bias", (e,), "rep", "router", trainable=False),
-           Tensor("mlp.experts.linear_fc1", (2 * i, h), "expert_col", "routed_experts", count=e, linear=True),
-           Tensor("mlp.experts.linear_fc2", (h, i), "expert_row", "routed_experts", count=e, linear=True)]
-    if m.n_shared_experts:
-        si = i * m.n_shared_experts
-        out += [Tensor("mlp.shared_experts.linear_fc1", (2 * si, h), "col", "shared_experts", linear=True),
-                Tensor("mlp.shared_experts.linear_fc2", (h, si), "row", "shared_experts", linear=True)]
-    return out
+def _tensor(m: DeepSeekConfig, e: nm.TensorMap, prefix: str = "") -> Tensor:
+    return Tensor(prefix + e.mcore[: -len(".weight")] if e.mcore.endswith(".weight") else prefix + e.mcore,
+                  nm.full_shape(m, e), _SPLIT[e.split], _group(e.mcore), linear=e.lora_module is not None,
+                  # A buffer in Megatron (updated by the load-balancing rule, not by the optimizer).
+                  trainable=not e.mcore.endswith("router.expert_bias"))
 
 
 def decoder_layer_tensors(m: DeepSeekConfig, dense: bool) -> list[Tensor]:
-    return attention_tensors(m) + (dense_mlp_tensors(m) if dense else moe_tensors(m))
+    """One decoder layer from the name map (names.whole_layer_maps): the same tensors, shapes and TP split rules
+    as the rank files. Routed experts become one entry of `count` experts split over EP ('expert_col' /
+    'expert_row': then over the expert TP like a column / row parallel linear)."""
+    out, experts = [], {}
+    for e in nm.whole_layer_maps(m, dense):
+        if e.expert is None:
+            out.append(_tensor(m, e))
+            continue
+        fc = e.mcore.rsplit(".", 2)[-2]  # linear_fc1 / linear_fc2
+        if fc not in experts:
+            experts[fc] = Tensor(f"mlp.experts.{fc}", nm.full_shape(m, e),
+                                 "expert_col" if e.split == nm.GLU else "expert_row", "routed_experts", count=0,
+                                 linear=e.lora_module is not None)
+        experts[fc] = dataclasses.replace(experts[fc], count=experts[fc].count + 1)
+    return out + list(experts.values())
 
 
-def embedding_tensors(m: DeepSeekConfig) -> list[Tensor]:
-    return [Tensor("embedding.word_embeddings", (m.vocab_size, m.hidden_size), "vocab", "embedding")]
+def embedding_tensors(m: DeepSeekConfig, rows: tuple[int, int] | None = None) -> list[Tensor]:
+    """`rows` (names.vocab_rows): the padded vocabulary the device holds; None: the HF rows."""
+    e = nm.embedding_map(rows=rows)
+    return [Tensor("embedding.word_embeddings", nm.full_shape(m, e), "vocab", "embedding")]
 
 
-def output_tensors(m: DeepSeekConfig) -> list[Tensor]:
-    out = [Tensor("decoder.final_layernorm", (m.hidden_size,), "rep", "norm")]
+def output_tensors(m: DeepSeekConfig, rows: tuple[int, int] | None = None) -> list[Tensor]:
+    out = [_tensor(m, nm.final_norm_map())]
     if not m.tie_word_embeddings:
-        out.append(Tensor("output_layer", (m.vocab_size, m.hidden_size), "vocab", "output", linear=False))
+        e = nm.output_map(rows=rows)
+        out.append(Tensor("output_layer", nm.full_shape(m, e), "vocab", "output", linear=False))
     return out
 
 
-def mtp_layer_tensors(m: DeepSeekConfig, hf_index: int) -> list[Tensor]:
+def mtp_layer_tensors(m: DeepSeekConfig) -> list[Tensor]:
     """One MTP module: enorm, hnorm, eh_proj (2h -> h, column split), a full decoder layer, final norm.
     It shares the word embedding and output layer with the main model (Megatron; HF stores copies)."""
-    h = m.hidden_size
-    layer = decoder_layer_tensors(m, dense=hf_index < m.first_k_dense_replace)
-    return ([Tensor("mtp.enorm", (h,), "rep", "norm"), Tensor("mtp.hnorm", (h,), "rep", "norm"),
-             Tensor("mtp.eh_proj", (h, 2 * h), "col", "mtp", linear=True)]
-            + [Tensor("mtp." + t.name, t.shape, t.split, t.group, t.count, t.linear, t.trainable) for t in layer]
-            + [Tensor("mtp.final_layernorm", (h,), "rep", "norm")])
+    before, after = nm.mtp_own_maps(m, 0)
+    layer = decoder_layer_tensors(m, dense=not m.mtp_layer_is_moe)
+    return ([dataclasses.replace(_tensor(m, e), name="mtp." + e.mcore.split(".", 3)[-1][: -len(".weight")])
+             for e in before]
+            + [dataclasses.replace(t, name="mtp." + t.name) for t in layer]
+            + [dataclasses.replace(_tensor(m, after), name="mtp.final_layernorm")])
 
 
 def activated_numel(tensors: list[Tensor], m: DeepSeekConfig) -> int:
@@ -384,8 +391,11 @@ def make_plan(model_cfg: Any, layout: ParallelLayout, train_args: TrainArgs | No
     mtp_layers = layout.mtp_num_layers or 0
     dense_t = decoder_layer_tensors(m, dense=True)
     moe_t = decoder_layer_tensors(m, dense=False)
-    emb_t, out_t = embedding_tensors(m), output_tensors(m)
-    mtp_t = [mtp_layer_tensors(m, m.num_hidden_layers + i) for i in range(mtp_layers)]
+    emb_t, out_t = embedding_tensors(m), output_tensors(m)  # model counts: the HF vocabulary
+    # What the devices hold: --make-vocab-size-divisible-by pads the vocabulary rows (zeros, never predicted).
+    padded = nm.vocab_rows(m, layout)
+    emb_dev, out_dev = embedding_tensors(m, padded), output_tensors(m, padded)
+    mtp_t = [mtp_layer_tensors(m) for _ in range(mtp_layers)]
 
     def numel(ts): return sum(t.numel for t in ts)
     def local(ts): return sum(t.local_numel(layout) for t in ts)
@@ -398,7 +408,7 @@ def make_plan(model_cfg: Any, layout: ParallelLayout, train_args: TrainArgs | No
                  + real_moe * activated_numel(moe_t, m))
     mtp_total = sum(numel(ts) for ts in mtp_t)
     # HF checkpoints store every num_nextn_predict_layers module with its own embed_tokens and shared_head.head.
-    all_mtp_hf = [mtp_layer_tensors(m, m.num_hidden_layers + i) for i in range(m.num_nextn_predict_layers)]
+    all_mtp_hf = [mtp_layer_tensors(m) for _ in range(m.num_nextn_predict_layers)]
     hf_total = total + sum(numel(ts) for ts in all_mtp_hf) + m.num_nextn_predict_layers * 2 * m.vocab_size * m.hidden_size
     groups: dict[str, int] = {}
     for ts, n in ((emb_t, 1), (out_t, 1), (dense_t, real_dense), (moe_t, real_moe)):
@@ -422,15 +432,15 @@ def make_plan(model_cfg: Any, layout: ParallelLayout, train_args: TrainArgs | No
             ts: list[Tensor] = []
             ts += dense_t * len(dense) + moe_t * len(moe)
             if layout.has_embedding(r, c):
-                ts += emb_t
+                ts += emb_dev
             if layout.has_output(r, c):
-                ts += out_t
+                ts += out_dev
             if layout.has_mtp(r, c):
                 for one in mtp_t:
                     ts += one
                 if not holds_embedding:
                     # Megatron keeps a copy of the word embedding next to MTP when it is on another stage.
-                    ts += [Tensor("mtp.embedding_replica", (m.vocab_size, m.hidden_size), "vocab", "embedding")]
+                    ts += [dataclasses.replace(emb_dev[0], name="mtp.embedding_replica")]
             stage_tensors += ts
             chunks.append(ChunkPlan(
                 pp_rank=r, chunk=c, virtual_stage=layout._virtual_stage(r, c), layers=ids, noop=noop, dense=dense,
@@ -523,9 +533,9 @@ def _activations(m, layout, train, r, per_chunk_layer_acts, chunks, num_mb) -> f
                 working = max(working, max(full_bytes[:k]))
     total = per_mb * _in_flight(layout, r, num_mb) + working
     if any(ch.output for ch in chunks):
-        logits = T * m.vocab_size / layout.tp * 4
+        logits = T * layout.padded_vocab_size(m.vocab_size) / layout.tp * 4
         mtp = layout.mtp_num_layers or 0
-        mtp_layer, mtp_extra = _layer_activation_elems(m, layout, train, dense=False)
+        mtp_layer, mtp_extra = _layer_activation_elems(m, layout, train, dense=not m.mtp_layer_is_moe)
         total += logits * (1 + mtp) + mtp * (mtp_layer * a_bytes + mtp_extra + 3 * layer_input)
     if any(ch.embedding for ch in chunks):
         total += layer_input

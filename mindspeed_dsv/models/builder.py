@@ -90,11 +90,12 @@ def build_model(
     block = decoder_block_spec(layer_kinds(cfg, layout, pp_rank, chunk), provider, experts)
     mtp = None
     if layout.mtp_num_layers and layout.has_mtp(pp_rank, chunk):
-        mtp = mtp_block_spec(layout.mtp_num_layers, provider, experts, moe=bool(cfg.moe_layer_pattern[-1]))
+        mtp = mtp_block_spec(layout.mtp_num_layers, provider, experts, moe=cfg.mtp_layer_is_moe)
     return DeepSeekGPTModel(
         config=config,
         transformer_layer_spec=block,
-        vocab_size=cfg.vocab_size,
+        vocab_size=layout.padded_vocab_size(cfg.vocab_size),  # Megatron's padded rows (layout.padded_vocab_size)
+        real_vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=layout.has_embedding(pp_rank, chunk),
         post_process=layout.has_output(pp_rank, chunk),

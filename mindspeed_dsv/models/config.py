@@ -58,6 +58,13 @@ class DeepSeekConfig:
         k = self.first_k_dense_replace if self.n_routed_experts else self.num_hidden_layers
         return [0 if i < k else 1 for i in range(self.num_hidden_layers)]
 
+    @property
+    def mtp_layer_is_moe(self) -> bool:
+        """The kind of every MTP layer's transformer layer: that of the last decoder layer (megatron builds the MTP
+        layer from the last layer's spec; DeepSeek-V3: MoE). The one place this is decided: the model builder,
+        the name map, the planner and the FLOP count all ask here."""
+        return bool(self.moe_layer_pattern[-1])
+
     @classmethod
     def from_hf(cls, source: str | os.PathLike | dict) -> "DeepSeekConfig":
         """From a HF model directory, a config.json path, or its parsed dict."""

@@ -55,6 +55,9 @@ class TensorMap:
     # For LoRA: the linear module (mcore path without '.weight') and the HF linear modules it covers
     lora_module: str | None = None
     expert: int | None = None  # global routed-expert id (SequentialMLP), for messages
+    # Vocabulary padding (--make-vocab-size-divisible-by), embedding / output layer only: (HF rows, padded rows).
+    # The Megatron tensor has the padded rows (zeros past the HF ones), split over TP; unshard strips them.
+    rows: tuple[int, int] | None = None
 
 
 # --------------------------------------------------------------------------------------------- model dims
@@ -163,6 +166,38 @@ def layer_maps(
     return out
 
 
+def vocab_rows(d: DeepSeekConfig, layout) -> tuple[int, int] | None:
+    """(HF rows, padded rows) of the embedding / output layer under `layout`, None when nothing is padded."""
+    padded = layout.padded_vocab_size(d.vocab_size) if layout is not None else d.vocab_size
+    return None if padded == d.vocab_size else (d.vocab_size, padded)
+
+
+def embedding_map(tp: int = 1, tp_rank: int = 0, rows: tuple[int, int] | None = None) -> TensorMap:
+    return TensorMap("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), COLUMN, tp,
+                     tp_rank if tp > 1 else 0, rows=rows)
+
+
+def final_norm_map() -> TensorMap:
+    return TensorMap("decoder.final_layernorm.weight", ("model.norm.weight",), REPLICATED)
+
+
+def output_map(tp: int = 1, tp_rank: int = 0, rows: tuple[int, int] | None = None) -> TensorMap:
+    return TensorMap("output_layer.weight", ("lm_head.weight",), COLUMN, tp, tp_rank if tp > 1 else 0, rows=rows)
+
+
+def mtp_own_maps(d: DeepSeekConfig, k: int, tp: int = 1, tp_rank: int = 0) -> tuple[list[TensorMap], TensorMap]:
+    """MTP layer k's own tensors around its transformer layer: (enorm, hnorm, eh_proj) before, final norm after."""
+    h = d.num_hidden_layers + k
+    hp, mp = f"model.layers.{h}.", f"mtp.layers.{k}."
+    before = [
+        TensorMap(mp + "enorm.weight", (hp + "enorm.weight",), REPLICATED, hf_layer=h),
+        TensorMap(mp + "hnorm.weight", (hp + "hnorm.weight",), REPLICATED, hf_layer=h),
+        TensorMap(mp + "eh_proj.weight", (hp + "eh_proj.weight",), COLUMN, tp, tp_rank if tp > 1 else 0,
+                  hf_layer=h, lora_module=None),
+    ]
+    return before, TensorMap(mp + "final_layernorm.weight", (hp + "shared_head.norm.weight",), REPLICATED, hf_layer=h)
+
+
 def rank_maps(
     cfg: Any, layout, tp_rank: int, pp_rank: int, ep_rank: int, chunk: int = 0, mla_mm_split: bool = False,
 ) -> list[TensorMap]:
@@ -170,12 +205,11 @@ def rank_maps(
     d = dims(cfg)
     tp = layout.tp
     out: list[TensorMap] = []
-    embed = TensorMap("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), COLUMN, tp,
-                      tp_rank if tp > 1 else 0)
     has_mtp = layout.has_mtp(pp_rank, chunk)
+    rows = vocab_rows(d, layout)
     # Megatron builds the embedding on the first stage and, for MTP, also on the stage that holds MTP.
     if layout.has_embedding(pp_rank, chunk) or has_mtp:
-        out.append(embed)
+        out.append(embedding_map(tp, tp_rank, rows))
     for i, layer_id in enumerate(layout.stage_layers(pp_rank, chunk)):
         hf = layout.hf_layer_index(layer_id)
         if hf is None:  # noop layer: an identity module without parameters
@@ -183,24 +217,16 @@ def rank_maps(
         out += layer_maps(d, layout, hf, f"decoder.layers.{i}.", tp_rank, ep_rank, layout.is_dense(layer_id),
                           mla_mm_split)
     if layout.has_output(pp_rank, chunk):
-        out.append(TensorMap("decoder.final_layernorm.weight", ("model.norm.weight",), REPLICATED))
+        out.append(final_norm_map())
     if has_mtp:
         for k in range(layout.mtp_num_layers):
-            h = d.num_hidden_layers + k
-            hp, mp = f"model.layers.{h}.", f"mtp.layers.{k}."
-            out += [
-                TensorMap(mp + "enorm.weight", (hp + "enorm.weight",), REPLICATED, hf_layer=h),
-                TensorMap(mp + "hnorm.weight", (hp + "hnorm.weight",), REPLICATED, hf_layer=h),
-                TensorMap(mp + "eh_proj.weight", (hp + "eh_proj.weight",), COLUMN, tp, tp_rank if tp > 1 else 0,
-                          hf_layer=h, lora_module=None),
-            ]
-            # MTP layers are MoE unless the whole model is dense (DeepSeek-V3: MoE).
-            mtp_dense = d.n_routed_experts == 0
-            out += layer_maps(d, layout, h, mp + "transformer_layer.", tp_rank, ep_rank, mtp_dense, mla_mm_split)
-            out.append(TensorMap(mp + "final_layernorm.weight", (hp + "shared_head.norm.weight",), REPLICATED,
-                                 hf_layer=h))
+            before, after = mtp_own_maps(d, k, tp, tp_rank)
+            out += before
+            out += layer_maps(d, layout, d.num_hidden_layers + k, f"mtp.layers.{k}.transformer_layer.", tp_rank,
+                              ep_rank, not d.mtp_layer_is_moe, mla_mm_split)
+            out.append(after)
     if layout.has_output(pp_rank, chunk):
-        out.append(TensorMap("output_layer.weight", ("lm_head.weight",), COLUMN, tp, tp_rank if tp > 1 else 0))
+        out.append(output_map(tp, tp_rank, rows))
     return out
 
 
@@ -235,6 +261,13 @@ def shard_for_rank(m: TensorMap, read: Reader, shape_of: Callable[[str], Sequenc
     where = f"{m.mcore} (from {', '.join(m.hf[:2])}{', ...' if len(m.hf) > 2 else ''}) with TP {tp}"
     if m.split == REPLICATED:
         return read(m.hf[0])
+    if m.split == COLUMN and m.rows is not None:  # padded vocabulary: this rank's rows, zeros past the HF ones
+        real, padded = m.rows
+        want = _range(padded, tp, k, where)
+        have = slice(min(want.start, real), min(want.stop, real))
+        t = read(m.hf[0], rows=have if have.stop > have.start else slice(0, 1))[: have.stop - have.start]
+        pad = t.new_zeros((want.stop - want.start - t.shape[0],) + tuple(t.shape[1:]))
+        return torch.cat([t, pad]) if pad.shape[0] else t
     if m.split == COLUMN:
         rows = None if tp == 1 else _range(shape_of(m.hf[0])[0], tp, k, where)
         return read(m.hf[0], rows=rows)
@@ -278,7 +311,12 @@ def unshard(m: TensorMap, shards: Sequence[torch.Tensor]) -> dict[str, torch.Ten
     if m.split == REPLICATED:
         return {m.hf[0]: shards[0]}
     if m.split == COLUMN:
-        return {m.hf[0]: shards[0] if m.tp == 1 else torch.cat(list(shards), 0)}
+        full = shards[0] if m.tp == 1 else torch.cat(list(shards), 0)
+        if m.rows is not None:  # padded vocabulary: the HF rows only
+            if full.shape[0] != m.rows[1]:
+                raise NameMapError(f"{m.mcore}: {full.shape[0]} rows over TP, the padded vocabulary has {m.rows[1]}")
+            full = full[: m.rows[0]].contiguous()
+        return {m.hf[0]: full}
     if m.split == ROW:
         return {m.hf[0]: shards[0] if m.tp == 1 else torch.cat(list(shards), 1)}
     if m.split == GLU:
@@ -348,8 +386,9 @@ def hf_module(hf_weight_name: str) -> str:
 
 __all__ = [
     "COLUMN", "dims", "GLU", "GROUPED_W1", "GROUPED_W2", "HEAD_PART", "MCORE_TO_HF_MODULE", "NameMapError", "REPLICATED",
-    "ROW", "SPLITS", "TensorMap", "chunk_key", "hf_module", "layer_maps", "lora_splits", "merge_head_parts",
-    "mtp_shared_names", "rank_maps", "shard_for_rank", "unshard",
+    "ROW", "SPLITS", "TensorMap", "chunk_key", "expected_hf_shape", "full_shape", "hf_module", "layer_maps",
+    "lora_splits", "merge_head_parts", "mtp_shared_names", "rank_maps", "shard_for_rank", "unshard",
+    "embedding_map", "final_norm_map", "output_map", "mtp_own_maps", "whole_layer_maps",
 ]
 
 
@@ -390,3 +429,37 @@ def expected_hf_shape(cfg: Any, name: str) -> tuple[int, ...] | None:
         "shared_head.head.weight": (d.vocab_size, H),
     }
     return table.get(suffix)
+
+
+# --------------------------------------------------------------------------------------------- whole shapes
+def full_shape(cfg: Any, m: TensorMap) -> tuple[int, ...]:
+    """Entry m's Megatron shape before any TP split (one expert's for a per-expert entry), from the HF shapes
+    config.json implies (expected_hf_shape): the one source of tensor shapes for conversion and the planner."""
+    d = dims(cfg)
+    hf = [expected_hf_shape(d, h) for h in m.hf]
+    if any(s is None for s in hf):
+        raise NameMapError(f"{m.mcore}: no shape known for {[h for h, s in zip(m.hf, hf) if s is None]}")
+    if m.split == COLUMN and m.rows is not None:
+        return (m.rows[1],) + tuple(hf[0][1:])
+    if m.split in (REPLICATED, COLUMN, ROW):
+        return tuple(hf[0])
+    if m.split == GLU:
+        return (hf[0][0] + hf[1][0], hf[0][1])
+    if m.split == HEAD_PART:
+        n, sizes, part = m.head_part
+        return (n * sizes[part], hf[0][1])
+    if m.split == GROUPED_W1:  # [H, E * 2I]
+        return (hf[0][1], sum(s[0] for s in hf))
+    if m.split == GROUPED_W2:  # [E * I, H]
+        return (sum(s[1] for s in hf), hf[0][0])
+    raise NameMapError(f"unknown split {m.split!r} for {m.mcore}")
+
+
+def whole_layer_maps(cfg: Any, dense: bool, mla_mm_split: bool = False) -> list[TensorMap]:
+    """One decoder layer's tensors unsplit (TP 1, EP 1, one SequentialMLP entry per routed expert), named
+    without the 'decoder.layers.N.' prefix: what the planner prices, with the rank files' kinds and split rules."""
+    from mindspeed_dsv.layout import ParallelLayout  # layout does not import names; lazily all the same
+
+    d = dims(cfg)
+    layout = ParallelLayout(mtp_num_layers=0).with_model_defaults(d)
+    return layer_maps(d, layout, 0, "", 0, 0, dense, mla_mm_split)

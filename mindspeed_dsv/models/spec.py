@@ -97,7 +97,7 @@ def decoder_block_spec(layer_kinds: list[str], provider: DeepSeekSpecProvider, n
 
 
 def mtp_block_spec(num_mtp_layers: int, provider: DeepSeekSpecProvider, num_experts: int | None, moe: bool):
-    """DeepSeek's MTP module: its transformer layer is a copy of the last decoder layer's kind (MoE in V3)."""
+    """DeepSeek's MTP module; `moe` is DeepSeekConfig.mtp_layer_is_moe."""
     if not num_mtp_layers:
         return None
     inner = layer_spec(provider, moe=moe, num_experts=num_experts)

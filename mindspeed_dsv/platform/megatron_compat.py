@@ -1,8 +1,11 @@
 """Documented compatibility shims that let megatron-core 0.16.1 run without Transformer Engine and off CUDA.
 
 This is the MindSpeed way of adapting Megatron: the engine's code stays as shipped and a short, named list of
-module attributes is replaced once at start-up. Each shim says why it exists, on which devices it applies, and
-has a test in tests/platform/ that fails when the shim is removed.
+module attributes is replaced once at start-up. Each shim says why it exists, on which devices it applies and,
+for shims that stand in for a Transformer Engine / Apex kernel, which installed kernel makes it unnecessary
+(`unless`: then megatron's own kernel is left in place). tests/platform/test_megatron_compat.py checks, for every
+shim, that the installed megatron-core still has the reason the shim exists (and names each shim an upgrade made
+unnecessary); a small run that fails without the shim backs the behavioural ones (SHIM_CASES there).
 
 - On cuda nothing CUDA-related is replaced; only the Transformer-Engine-absent shims apply.
 - On npu MindSpeed's adaptor (``mindspeed.megatron_adaptor``) and torch_npu's ``transfer_to_npu`` already route
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import types
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -30,6 +34,7 @@ class Shim:
     why: str
     devices: tuple[str, ...]
     make: Callable[[], Any]  # builds the replacement value
+    unless: str | None = None  # a key of KERNELS_PRESENT: the shim is skipped where that kernel is installed
 
     def module_and_attr(self):
         """The object that owns the attribute (a module, or a class inside it) and the attribute's name."""
@@ -260,6 +265,26 @@ CPU_TORCH_MODULES: dict[str, str] = {
 }
 
 
+def _original(target: str) -> Any:
+    """The attribute as megatron set it at import, also after a shim replaced it."""
+    if target in _applied:
+        return _applied[target]
+    module, attr = Shim(target, "", (), lambda: None).module_and_attr()
+    return getattr(module, attr, _ABSENT)
+
+
+# Transformer Engine / Apex kernels a shim stands in for, asked the way megatron itself decided at import.
+KERNELS_PRESENT: dict[str, Callable[[], bool]] = {
+    # megatron.core.extensions.transformer_engine imports even without TE (MagicMock stand-ins), so megatron's
+    # own HAVE_TE flags cannot tell; the package itself can.
+    "transformer_engine": lambda: importlib.util.find_spec("transformer_engine") is not None,
+    # TE's or Apex's FusedAdam imported into megatron.core.optimizer (else it falls back to torch's AdamW).
+    "fused_adam": lambda: _original("megatron.core.optimizer:USING_PYTORCH_OPTIMIZER") is False,
+    # Apex's fused_weight_gradient_mlp_cuda imported into megatron.core.tensor_parallel.layers.
+    "apex_wgrad": lambda: _original("megatron.core.tensor_parallel.layers:_grad_accum_fusion_available") is True,
+}
+
+
 def _cpu_torch_shim(module: str, why: str) -> "Shim":
     return Shim(f"{module}:torch", why, ("cpu",), lambda: _TORCH_ON_CPU)
 
@@ -271,11 +296,13 @@ SHIMS: tuple[Shim, ...] = (
         "isinstance against a mock raises TypeError.",
         ("cpu", "cuda", "npu"),
         lambda: False,
+        unless="transformer_engine",
     ),
     Shim(
         "megatron.core.transformer.multi_latent_attention:Linear",
-        "MLA accepts a replicated (TP-duplicated) Linear for its down projections only under the name it imports "
-        "together with Transformer Engine; without TE that name is None. The ColumnParallelLinear alternative "
+        "MLA accepts a replicated (TP-duplicated) Linear for its down projections only if it is the very class it "
+        "imported as `Linear` (megatron's modelopt Linear, or None if that import failed); ours applies megatron's "
+        "init_method, so the name must point at it, with or without TE. The ColumnParallelLinear alternative "
         "gathers k_pos_emb without reducing its gradient over TP, which loses the other ranks' heads' share of "
         "the rotary-key gradient.",
         ("cpu", "cuda", "npu"),
@@ -287,6 +314,7 @@ SHIMS: tuple[Shim, ...] = (
         "(NameError); None selects the torch.mm path.",
         ("cpu", "cuda", "npu"),
         lambda: None,
+        unless="transformer_engine",
     ),
     Shim(
         "megatron.core.optimizer:Adam",
@@ -294,12 +322,14 @@ SHIMS: tuple[Shim, ...] = (
         "(H200, 2.26 B params: 66 ms/step vs 34 ms fused); TE/Apex would give a fused Adam here.",
         ("cuda",),
         lambda: fused_torch_adam,
+        unless="fused_adam",
     ),
     Shim(
         "megatron.core.optimizer:USING_PYTORCH_OPTIMIZER",
         "while True, megatron ignores its `Adam` name and calls torch.optim.AdamW itself (the shim above).",
         ("cuda",),
         lambda: False,
+        unless="fused_adam",
     ),
     Shim(
         "megatron.core.tensor_parallel.layers:fused_weight_gradient_mlp_cuda",
@@ -307,12 +337,14 @@ SHIMS: tuple[Shim, ...] = (
         "extension; torch's addmm (out_dtype=fp32 on CUDA) does the same job.",
         GRAD_ACCUM_FUSION_DEVICES,
         lambda: FUSED_WGRAD,
+        unless="apex_wgrad",
     ),
     Shim(
         "megatron.core.tensor_parallel.layers:_grad_accum_fusion_available",
         "megatron refuses gradient_accumulation_fusion when Apex's extension failed to import (the shim above).",
         GRAD_ACCUM_FUSION_DEVICES,
         lambda: True,
+        unless="apex_wgrad",
     ),
     *(_cpu_torch_shim(m, why) for m, why in CPU_TORCH_MODULES.items()),
     Shim(
@@ -373,6 +405,8 @@ def apply_megatron_compat(platform: Platform | None = None, skip: tuple[str, ...
     for shim in SHIMS:
         if platform.device_type not in shim.devices or shim.target in skip:
             continue
+        if shim.target not in _applied and shim.unless and KERNELS_PRESENT[shim.unless]():
+            continue  # the real TE / Apex kernel is installed: megatron uses it as shipped
         if shim.target not in _applied:
             module, attr = shim.module_and_attr()
             _applied[shim.target] = getattr(module, attr, _ABSENT)

@@ -3,7 +3,7 @@
 One file per (tp, pp, ep) rank under iter_XXXXXXX/, written by the expert-data-parallel rank 0 of that
 position; the whole iteration directory (with checksums.json: the sha256 of every file) is written under a
 temporary name, fsynced and renamed once every rank has finished, and latest_checkpointed_iteration.txt moves
-last (ckpt_convert.files), so an interrupted save never replaces a good one; its leftovers go at the next save.
+last (mindspeed_dsv.files), so an interrupted save never replaces a good one; its leftovers go at the next save.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from ckpt_convert.files import crash_point, replace_dir, sha256_file, write_json_atomic
-from ckpt_convert.hf_io import copy_side_files
-from ckpt_convert.mcore_io import (CKPT_FILE, TRACKER, checkpoint_contents, clean_stale_temporaries, iter_dir_name,
-                                   load_rank_file, read_iteration, verify_file, write_checksums, write_tracker)
 from mindspeed_dsv.layout import ParallelLayout
 from mindspeed_dsv.models.names import chunk_key
+from mindspeed_dsv.files import crash_point, replace_dir, sha256_file, write_json_atomic
+from mindspeed_dsv.rankfiles import (CKPT_FILE, TRACKER, checkpoint_contents, clean_stale_temporaries, copy_side_files,
+                                     iter_dir_name, load_rank_file, read_iteration, verify_file, write_checksums,
+                                     write_tracker)
 
 
 class CheckpointError(RuntimeError):

@@ -45,8 +45,7 @@ def forward_flops_per_token(cfg: DeepSeekConfig, seq_length: int, mtp_num_layers
     attn = attention_flops_per_token(cfg, seq_length)
     total = sum(attn + mlp_flops_per_token(cfg, bool(m)) for m in cfg.moe_layer_pattern)
     total += 2 * cfg.hidden_size * cfg.vocab_size
-    moe_last = bool(cfg.moe_layer_pattern[-1])
-    per_mtp = 2 * 2 * cfg.hidden_size * cfg.hidden_size + attn + mlp_flops_per_token(cfg, moe_last)
+    per_mtp = 2 * 2 * cfg.hidden_size * cfg.hidden_size + attn + mlp_flops_per_token(cfg, cfg.mtp_layer_is_moe)
     per_mtp += 2 * cfg.hidden_size * cfg.vocab_size
     return total + mtp_num_layers * per_mtp
 

@@ -12,7 +12,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from ckpt_convert.mcore_io import McoreCheckpointError
+from mindspeed_dsv.rankfiles import McoreCheckpointError
 from mindspeed_dsv.layout import LayoutError, ParallelLayout
 from mindspeed_dsv.models import DeepSeekConfig, build_model, model_transformer_config
 from mindspeed_dsv.platform import current_platform, init_distributed

@@ -1,7 +1,7 @@
 """A writer killed (SIGKILL) at any moment leaves a complete old or new state (issue 14.8, 18.18).
 
 Each writer runs in a forked child (torch already imported: fast) with MINDSPEED_DSV_CRASH_AT naming one
-ckpt_convert.files.crash_point; the child kills itself there. The directory must then read as the whole old state or the whole new one (the
+mindspeed_dsv.files.crash_point; the child kills itself there. The directory must then read as the whole old state or the whole new one (the
 tracker / index points at files that exist and match their recorded sha256, and the weights are all old or all
 new), and the next write removes what the killed one left behind."""
 
@@ -16,7 +16,7 @@ import socket
 import pytest
 import torch
 
-from ckpt_convert.files import CRASH_ENV, sha256_file
+from mindspeed_dsv.files import CRASH_ENV, sha256_file
 from ckpt_convert.hf_io import INDEX, read_all
 from ckpt_convert.mcore_io import load_rank_file, rank_file, read_iteration, verify_iteration
 from mindspeed_dsv.layout import ParallelLayout

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ckpt_convert.cli import main as cli
-from ckpt_convert.files import sha256_file
+from mindspeed_dsv.files import sha256_file
 from ckpt_convert.hf_io import INDEX, HFReader, read_all
 from ckpt_convert.mcore_io import TRACKER, load_rank_file, rank_file, read_iteration
 from mindspeed_dsv.layout import ParallelLayout

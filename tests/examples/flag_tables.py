@@ -22,6 +22,7 @@ sys.path.insert(0, ROOT)
 _SHARD = {"--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--expert-model-parallel-size",
           "--num-layers-per-virtual-pipeline-stage", "--num-layer-list", "--noop-layers", "--schedules-method",
           "--num-layers", "--mtp-num-layers", "--first-k-dense-replace", "--num-experts", "--moe-grouped-gemm",
+          "--make-vocab-size-divisible-by",
           "--moe-tp-extend-ep", "--target-tensor-parallel-size", "--target-pipeline-parallel-size",
           "--target-expert-parallel-size", "--source-tensor-parallel-size", "--source-pipeline-parallel-size",
           "--source-expert-parallel-size", "--mla-mm-split", "--target-num-layers-per-virtual-pipeline-stage",

@@ -91,6 +91,15 @@ def test_conversion_dry_runs_share_the_layout_of_training():
         assert f"{flag} {value}" in plan, (flag, plan)
     for flag in ("--moe-tp-extend-ep", "--moe-grouped-gemm"):
         assert flag in hf2 and flag in plan
+    assert "--allow-unused-weights" not in hf2  # A3 full keeps MTP: nothing of the HF checkpoint is left out
+
+
+def test_layout_without_mtp_lets_hf2mcore_leave_it_out():
+    conv = run([os.path.join(EXAMPLES, "ckpt_convert_deepseek3_hf2mcore.sh"), "--dry-run"],
+               {"LAYOUT": "671b_4k_A2_full"})
+    assert conv.returncode == 0, conv.stderr
+    hf2 = next(line for line in conv.stdout.splitlines() if "ckpt_convert hf2mcore" in line)
+    assert "--mtp-num-layers 0" in hf2 and "--allow-unused-weights" in hf2, hf2
 
 
 @pytest.mark.parametrize("name,env", [("ckpt_convert_deepseek3_mcore2hf.sh", {}),

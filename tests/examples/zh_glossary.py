@@ -41,6 +41,7 @@ ZH = {
     "--num-experts": "路由专家数；默认取 config.json 的 n_routed_experts。",
     "--moe-grouped-gemm": "每层本地专家存为一个分组权重（weight1/weight2）并用 Grouped GEMM 计算。",
     "--moe-tp-extend-ep": "TP 扩展 EP：专家不在 TP 内切分，而是整体分布到 TP×EP 个 rank 上。",
+    "--make-vocab-size-divisible-by": "把词表（词嵌入和输出层的行）填充到该值乘以 TP 的倍数（与 Megatron 相同）；填充的 id 永不预测（在 loss 中屏蔽），导出时去掉。默认 1（只填充 TP 均分所需的行）。须与训练一致。",
     "--sequence-parallel": "序列并行：norm/残差激活沿序列维按 TP 切分；MoE 且 TP>1 时必须开启。仅影响运行时。",
     "--context-parallel-size": "上下文并行度 CP：序列切分到多个 rank（训练暂不支持 >1）。仅影响运行时。",
     # kernels
@@ -116,6 +117,7 @@ ZH = {
     "--lora-target-modules": "要加 LoRA 的 Megatron 模块名，如 linear_q_down_proj linear_q_up_proj linear_kv_down_proj linear_kv_up_proj linear_proj linear_fc1 linear_fc2。",
     "--lora-load": "只含 LoRA 适配器的权重目录（训练时续训 / 转换时与 base 合并）。",
     "--lora-ckpt-filter": "只保存 LoRA 适配器权重。",
+    "--allow-unused-weights": "HF 目录中有目标模型不使用的张量时（例如 --mtp-num-layers 0 时的 MTP 层）仍然转换，并在输出的 'unused' 中逐一列出。默认关闭：列出这些张量并拒绝转换。",
     "--qlora-nf4": "QLoRA：被适配的线性层的冻结 base 权重以 NF4 存储（训练时在加载后量化）。",
     "--qlora-save-dequantize": "保存时把 NF4 base 权重反量化后一并保存。",
     # preprocess

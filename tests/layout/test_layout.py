@@ -180,7 +180,6 @@ def test_validate_names_the_flag(kw, flags):
 
 @pytest.mark.parametrize("kw,cfg_over,flags", [
     (dict(tp=3), {}, ["--tensor-model-parallel-size", "num_attention_heads"]),
-    (dict(tp=4, num_layers=61), {"num_attention_heads": 128, "vocab_size": 129281}, ["vocab_size", "129281"]),
     (dict(num_layers=62), {}, ["--num-layers", "num_hidden_layers", "61"]),
     (dict(num_layers=64, noop_layers="61,62"), {}, ["--num-layers", "--noop-layers", "62"]),
     (dict(ep=3), {}, ["--expert-model-parallel-size", "3", "256"]),
@@ -194,6 +193,18 @@ def test_validate_against_config_names_the_flag(cfg671, kw, cfg_over, flags):
         ParallelLayout(**kw).with_model_defaults(cfg).validate_against(cfg)
     for f in flags:
         assert f in str(exc.value), (f, str(exc.value))
+
+
+def test_vocab_padding_follows_megatron(cfg671):
+    """Megatron's _vocab_size_with_padding: round up to a multiple of make_vocab_size_divisible_by * TP."""
+    cfg = dict(cfg671, vocab_size=129281)
+    lay = ParallelLayout(tp=4).with_model_defaults(cfg).validate_against(cfg)  # padded, no longer refused
+    assert lay.padded_vocab_size(129281) == 129284
+    assert ParallelLayout(tp=4, make_vocab_size_divisible_by=128).padded_vocab_size(129281) == 129536
+    assert ParallelLayout(tp=2).padded_vocab_size(509) == 510
+    assert ParallelLayout(tp=8).padded_vocab_size(129280) == 129280  # today's layouts: nothing added
+    with pytest.raises(LayoutError, match="--make-vocab-size-divisible-by must be a positive integer"):
+        ParallelLayout(make_vocab_size_divisible_by=0).with_model_defaults(cfg).validate()
 
 
 def test_runtime_checks(cfg671):

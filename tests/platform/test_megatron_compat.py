@@ -1,7 +1,9 @@
 """Every compatibility shim is still needed, and it does what it says.
 
-For the CUDA-spelling shims the evidence is megatron's own source: each patched module still spells the device
-as CUDA. For the behavioural shims a small run fails without the shim and passes with it.
+For every shim the installed megatron-core still has the reason it exists (its import-time flags and its own
+source; test_every_shim_is_still_needed_by_the_installed_megatron names each one an upgrade made unnecessary).
+For the behavioural shims a small run also fails without the shim and passes with it (SHIM_CASES, gradient
+fusion); the kernel shims step aside where Transformer Engine / Apex are installed.
 """
 
 import inspect
@@ -23,6 +25,103 @@ def test_every_cpu_torch_module_still_spells_cuda():
     for name in CPU_TORCH_MODULES:
         source = inspect.getsource(importlib.import_module(name))
         assert CUDA_SPELLING.search(source), f"{name} no longer uses CUDA spellings: drop its shim"
+
+
+def _source(obj) -> str:
+    return inspect.getsource(obj)
+
+
+def _reasons():
+    """For every shim: does the installed megatron-core still have the reason the shim exists? Read from the
+    attributes megatron set at import (before any shim), so the answer is about megatron, not about us."""
+    import importlib
+
+    from mindspeed_dsv.platform import megatron_compat as mc
+
+    def mod(name):
+        return importlib.import_module(name)
+
+    orig = mc._original
+    reasons = {
+        # TELinear is a MagicMock while HAVE_TE says True: isinstance against it raises.
+        "megatron.core.transformer.multi_latent_attention:HAVE_TE": lambda: (
+            orig("megatron.core.transformer.multi_latent_attention:HAVE_TE") is True
+            and not isinstance(mod("megatron.core.transformer.multi_latent_attention").TELinear, type)),
+        # MLA accepts a down projection only by identity with the classes it imported.
+        "megatron.core.transformer.multi_latent_attention:Linear": lambda: (
+            "linear_q_down_proj in [" in _source(mod("megatron.core.transformer.multi_latent_attention"))
+            and orig("megatron.core.transformer.multi_latent_attention:Linear") is not mc.replicated_linear_class()),
+        # referenced after its import failed
+        "megatron.core.transformer.moe.moe_utils:te_general_gemm": lambda: (
+            orig("megatron.core.transformer.moe.moe_utils:te_general_gemm") is mc._ABSENT
+            and _source(mod("megatron.core.transformer.moe.moe_utils")).count("te_general_gemm") > 1),
+        # no TE/Apex FusedAdam: megatron falls back to torch's for-each AdamW
+        "megatron.core.optimizer:Adam": lambda: orig("megatron.core.optimizer:USING_PYTORCH_OPTIMIZER") is True,
+        "megatron.core.optimizer:USING_PYTORCH_OPTIMIZER": lambda: (
+            orig("megatron.core.optimizer:USING_PYTORCH_OPTIMIZER") is True
+            and _source(mod("megatron.core.optimizer")).count("USING_PYTORCH_OPTIMIZER") > 1),
+        # Apex's wgrad extension absent, and megatron's linears still call it
+        "megatron.core.tensor_parallel.layers:fused_weight_gradient_mlp_cuda": lambda: (
+            orig("megatron.core.tensor_parallel.layers:_grad_accum_fusion_available") is False
+            and "fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32" in _source(
+                mod("megatron.core.tensor_parallel.layers"))),
+        "megatron.core.tensor_parallel.layers:_grad_accum_fusion_available": lambda: (
+            orig("megatron.core.tensor_parallel.layers:_grad_accum_fusion_available") is False),
+        "megatron.core.transformer.moe.token_dispatcher:maybe_move_tensor_to_cpu": lambda: "is_cuda" in _source(
+            orig("megatron.core.transformer.moe.token_dispatcher:maybe_move_tensor_to_cpu")),
+        "megatron.core.models.common.language_module.language_module:LanguageModule.setup_embeddings_and_output_layer":
+            lambda: ".cuda()" in _source(orig("megatron.core.models.common.language_module.language_module:"
+                                              "LanguageModule.setup_embeddings_and_output_layer")),
+        "megatron.core.optimizer.optimizer:clip_grad_by_total_norm_fp32": lambda: "torch.cuda.FloatTensor" in _source(
+            orig("megatron.core.optimizer.optimizer:clip_grad_by_total_norm_fp32")),
+        "megatron.core.tensor_parallel.random:_get_cuda_rng_state": lambda: "cuda" in _source(
+            orig("megatron.core.tensor_parallel.random:_get_cuda_rng_state")),
+        "megatron.core.tensor_parallel.random:_set_cuda_rng_state": lambda: "cuda" in _source(
+            orig("megatron.core.tensor_parallel.random:_set_cuda_rng_state")),
+    }
+    for name in mc.CPU_TORCH_MODULES:  # each module still spells the device as CUDA
+        reasons[f"{name}:torch"] = lambda name=name: bool(CUDA_SPELLING.search(_source(mod(name))))
+    return reasons
+
+
+def test_every_shim_is_still_needed_by_the_installed_megatron():
+    """Run after upgrading megatron-core: names every shim whose reason the new version no longer has."""
+    from mindspeed_dsv.platform.megatron_compat import SHIMS
+
+    reasons = _reasons()
+    assert set(reasons) == {s.target for s in SHIMS}, "a shim without a reason check (or a check without a shim)"
+    gone = [target for target, holds in reasons.items() if not holds()]
+    assert not gone, f"megatron-core no longer needs these shims (drop them): {gone}"
+
+
+def test_kernel_shims_apply_only_where_te_and_apex_are_absent(monkeypatch):
+    """With Transformer Engine / Apex installed megatron's own kernels stay; without them the shims apply."""
+    from mindspeed_dsv.platform import megatron_compat as mc
+    from mindspeed_dsv.platform.device import Platform
+
+    kernel_shims = {s.target: s.unless for s in mc.SHIMS if s.unless}
+    assert kernel_shims == {
+        "megatron.core.transformer.multi_latent_attention:HAVE_TE": "transformer_engine",
+        "megatron.core.transformer.moe.moe_utils:te_general_gemm": "transformer_engine",
+        "megatron.core.optimizer:Adam": "fused_adam",
+        "megatron.core.optimizer:USING_PYTORCH_OPTIMIZER": "fused_adam",
+        "megatron.core.tensor_parallel.layers:fused_weight_gradient_mlp_cuda": "apex_wgrad",
+        "megatron.core.tensor_parallel.layers:_grad_accum_fusion_available": "apex_wgrad",
+    }
+    # This environment has neither (what megatron itself concluded at import).
+    assert not any(check() for check in mc.KERNELS_PRESENT.values())
+    for present in (False, True):
+        monkeypatch.setattr(mc, "_applied", {})
+        monkeypatch.setattr(mc, "KERNELS_PRESENT", {k: (lambda p=present: p) for k in mc.KERNELS_PRESENT})
+        try:
+            applied = set(mc.apply_megatron_compat(Platform("cuda")))
+        finally:
+            mc.undo_megatron_compat()
+        if present:
+            assert not applied & set(kernel_shims), applied & set(kernel_shims)
+        else:
+            assert set(kernel_shims) <= applied
+        assert "megatron.core.transformer.multi_latent_attention:Linear" in applied  # needed with TE too
 
 
 def test_every_shim_target_exists_and_is_replaced():

@@ -25,7 +25,8 @@ if [ "${DRY_RUN}" = "1" ]; then
     [ -f "${CONFIG}" ] || CONFIG="${MODEL_CONFIG:-${DSV_ROOT}/assets/deepseek3_671b}"
     dsv_plan "${CONFIG}"
     dsv_run "${PYTHON}" -m ckpt_convert hf2mcore --load-dir "${HF_DIR}" --save-dir "${SAVE_DIR}" \
-        "${CONVERT_LAYOUT_ARGS[@]}" --params-dtype "${PRECISION:-bf16}" --workers "${WORKERS}" "${EXTRA_ARGS[@]}"
+        "${CONVERT_LAYOUT_ARGS[@]}" "${HF2MCORE_ARGS[@]}" --params-dtype "${PRECISION:-bf16}" --workers "${WORKERS}" \
+        "${EXTRA_ARGS[@]}"
     exit 0
 fi
 mkdir -p "$(dirname "${SAVE_DIR}")"
@@ -34,6 +35,7 @@ dsv_run "${PYTHON}" -m ckpt_convert hf2mcore \
     --load-dir "${HF_DIR}" \
     --save-dir "${SAVE_DIR}" \
     "${CONVERT_LAYOUT_ARGS[@]}" \
+    "${HF2MCORE_ARGS[@]}" \
     --params-dtype "${PRECISION:-bf16}" \
     --workers "${WORKERS}" \
     "${EXTRA_ARGS[@]}"

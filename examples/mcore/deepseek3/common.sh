@@ -69,11 +69,12 @@ dsv_need_dataset() {
 }
 
 # dsv_source_layout NAME: load layouts/NAME.sh. It defines LAYOUT_ARGS (training flag names) and may define
-# LORA_ARGS, LAYOUT_NNODES, LAYOUT_DEVICES_PER_NODE and LAYOUT_DEVICE_MEMORY_GB.
+# LORA_ARGS, HF2MCORE_ARGS (extra hf2mcore flags, e.g. --allow-unused-weights where the layout drops MTP),
+# LAYOUT_NNODES, LAYOUT_DEVICES_PER_NODE and LAYOUT_DEVICE_MEMORY_GB.
 dsv_source_layout() {
     local f="${DSV_EXAMPLES_DIR}/layouts/$1.sh"
     [ -f "$f" ] || dsv_die "layout '$1': $f does not exist; available: $(cd "${DSV_EXAMPLES_DIR}/layouts" && ls *.sh | sed 's/\.sh$//' | tr '\n' ' ')"
-    LAYOUT_ARGS=(); LORA_ARGS=()
+    LAYOUT_ARGS=(); LORA_ARGS=(); HF2MCORE_ARGS=()
     # shellcheck disable=SC1090
     source "$f"
     [ "${#LAYOUT_ARGS[@]}" -gt 0 ] || dsv_die "layout file $f defines no LAYOUT_ARGS"

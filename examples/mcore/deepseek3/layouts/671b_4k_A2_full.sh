@@ -12,6 +12,8 @@ LAYOUT_ARGS=(
     --num-experts 256
     --moe-grouped-gemm
 )
+# No MTP in this layout: hf2mcore leaves the HF MTP layer (model.layers.61.*) out on purpose, and says so.
+HF2MCORE_ARGS=(--allow-unused-weights)
 LAYOUT_NNODES=64
 LAYOUT_DEVICES_PER_NODE=8
 LAYOUT_DEVICE_MEMORY_GB=64

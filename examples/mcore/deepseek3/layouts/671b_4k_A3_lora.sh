@@ -13,6 +13,8 @@ LAYOUT_ARGS=(
     --first-k-dense-replace 3
     --num-experts 256
 )
+# No MTP in this layout: hf2mcore leaves the HF MTP layer (model.layers.61.*) out on purpose, and says so.
+HF2MCORE_ARGS=(--allow-unused-weights)
 LORA_ARGS=(
     --lora-r 8
     --lora-alpha 16

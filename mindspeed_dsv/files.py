@@ -25,7 +25,7 @@ _CHUNK = 16 << 20
 
 
 def crash_point(name: str) -> None:
-    """A named moment of a write. The crash tests (tests/ckpt/test_writes.py) set MINDSPEED_DSV_CRASH_AT to one
+    """A named moment of a write. The crash tests (tests/ckpt/test_crash.py) set MINDSPEED_DSV_CRASH_AT to one
     name to kill the writer exactly there; unset (always, outside those tests) this does nothing."""
     if os.environ.get(CRASH_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
