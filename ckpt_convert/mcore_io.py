@@ -29,7 +29,7 @@ import shutil
 
 import torch
 
-from mindspeed_dsv.files import fsync_path
+from mindspeed_dsv.files import fsync_path, write_json_atomic
 from mindspeed_dsv.layout import ParallelLayout
 from mindspeed_dsv.models import names as nm
 # The format itself lives where training can import it too (mindspeed_dsv.rankfiles); re-exported here.
