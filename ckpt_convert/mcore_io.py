@@ -24,8 +24,6 @@ import argparse
 import collections
 import json
 import os
-import re
-import shutil
 
 import torch
 
