@@ -14,6 +14,8 @@ LAYOUTS = {
     "tp2": ["--target-tensor-parallel-size", "2"],
     "ep2": ["--target-expert-parallel-size", "2"],
     "pp2": ["--target-pipeline-parallel-size", "2"],
+    # vocabulary padded to 4098 rows: verify compares the 4096 real ids (the padded ones are stripped)
+    "tp2_padded_vocab": ["--target-tensor-parallel-size", "2", "--make-vocab-size-divisible-by", "3"],
 }
 
 
