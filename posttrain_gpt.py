@@ -10,4 +10,4 @@ if __name__ == "__main__":
     argv = sys.argv[1:]
     if "--is-instruction-dataset" not in argv:
         argv = ["--is-instruction-dataset", *argv]
-    sys.exit(main(argv))
+    sys.exit(main(argv, prog="posttrain_gpt.py"))

@@ -63,9 +63,9 @@ class TokenizerInfo:
 
     @classmethod
     def from_pretrained(cls, path: str) -> "TokenizerInfo":
-        from transformers import AutoTokenizer
+        from mindspeed_dsv.data.checks import load_tokenizer  # checks imports this module
 
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = load_tokenizer(path)
         special = {k: getattr(tok, f"{k}_id") for k in ("bos_token", "eos_token", "pad_token")
                    if getattr(tok, f"{k}_id", None) is not None}
         return cls(vocab_size=len(tok), eod=tok.eos_token_id, pad=tok.pad_token_id, bos=tok.bos_token_id,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -19,8 +18,9 @@ from mindspeed_dsv.platform import current_platform, init_distributed
 from mindspeed_dsv.platform.megatron_compat import GRAD_ACCUM_FUSION_DEVICES
 
 from . import checkpointing
-from .arguments import ArgumentError, build_parser, resolve_model_config_path, tokenizer_dir, validate
+from .arguments import ArgumentError, build_parser, report_error, tokenizer_dir, validate
 from .flops import device_peak_tflops, train_flops_per_token
+from .inputs import check_inputs, read_model_config
 from .metrics import MetricsLogger
 
 
@@ -62,9 +62,9 @@ def _recompute_options(args) -> dict:
 def setup(args) -> TrainState:
     """Everything up to the first step. Flags are validated before any process group or weight exists."""
     platform = current_platform()
-    with open(resolve_model_config_path(args), encoding="utf-8") as f:
-        hf_config = json.load(f)
+    hf_config = read_model_config(args)
     layout = validate(args, _world_size(), hf_config)
+    check_inputs(args)  # tokenizer and datasets: named when missing, truncated or of the other kind
     if args.use_distributed_optimizer and not platform.is_accelerator:
         raise ArgumentError(
             "--use-distributed-optimizer needs cuda or npu: megatron-core 0.16.1's distributed optimizer "
@@ -360,17 +360,21 @@ def _save(state: TrainState):
         print(f"saved checkpoint at iteration {state.iteration} to {args.save}", flush=True)
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
+def main(argv=None, prog: str = "mindspeed_dsv.train") -> int:
+    """Exit 0, or 2 for a flag/input error and 1 for a checkpoint error: one line `prog: error: ...` (first rank
+    only for flag and input errors, which every rank hits alike), no usage block, no traceback."""
+    parser = build_parser(prog=prog)
     args = parser.parse_args(argv)
+    from mindspeed_dsv.data.checks import InputError
     from mindspeed_dsv.ops import OpUnavailableError
 
     try:
         train(args)
-    except (ArgumentError, OpUnavailableError, LayoutError) as err:
-        parser.error(str(err))
+    except (ArgumentError, OpUnavailableError, LayoutError, InputError) as err:
+        report_error(parser.prog, str(err))
+        return 2
     except (checkpointing.CheckpointError, McoreCheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{parser.prog}: error: {err}", file=sys.stderr, flush=True)
         return 1
     finally:
         from mindspeed_dsv.platform import destroy_distributed
