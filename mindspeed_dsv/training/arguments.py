@@ -290,6 +290,13 @@ def _value_problems(args) -> list[str]:
     return problems
 
 
+def entry_argv(entry: str, argv: list[str]) -> list[str]:
+    """The trainer's flags for an entry script: posttrain_gpt.py is the trainer with --is-instruction-dataset."""
+    if entry == "posttrain_gpt.py" and "--is-instruction-dataset" not in argv:
+        return ["--is-instruction-dataset", *argv]
+    return list(argv)
+
+
 def resolve_model_config_path(args) -> str:
     path = args.model_config or args.load
     return os.path.join(path, "config.json") if os.path.isdir(path) else path

@@ -59,12 +59,12 @@ def _recompute_options(args) -> dict:
     return opts
 
 
-def setup(args) -> TrainState:
-    """Everything up to the first step. Flags are validated before any process group or weight exists."""
+def check_run(args) -> tuple[dict, ParallelLayout]:
+    """The checks that need no process group: flags, config.json, the platform, the tokenizer and the datasets
+    (named when missing, truncated or of the other kind). Returns (config.json, layout)."""
     platform = current_platform()
     hf_config = read_model_config(args)
     layout = validate(args, _world_size(), hf_config)
-    check_inputs(args)  # tokenizer and datasets: named when missing, truncated or of the other kind
     if args.use_distributed_optimizer and not platform.is_accelerator:
         raise ArgumentError(
             "--use-distributed-optimizer needs cuda or npu: megatron-core 0.16.1's distributed optimizer "
@@ -73,6 +73,14 @@ def setup(args) -> TrainState:
     if args.bf16 and not platform.is_accelerator:
         raise ArgumentError("--bf16 needs cuda or npu: megatron-core 0.16.1's mixed-precision optimizer "
                             "accepts only torch.cuda parameter types; train fp32 on cpu")
+    check_inputs(args)
+    return hf_config, layout
+
+
+def setup(args) -> TrainState:
+    """Everything up to the first step. Flags are validated before any process group or weight exists."""
+    platform = current_platform()
+    hf_config, layout = check_run(args)
     cfg = DeepSeekConfig.from_hf(hf_config)
     from mindspeed_dsv.ops import OpsConfig, configure_ops, describe
 
@@ -360,16 +368,20 @@ def _save(state: TrainState):
         print(f"saved checkpoint at iteration {state.iteration} to {args.save}", flush=True)
 
 
-def main(argv=None, prog: str = "mindspeed_dsv.train") -> int:
+def main(argv=None, prog: str = "mindspeed_dsv.train", check_only: bool = False) -> int:
     """Exit 0, or 2 for a flag/input error and 1 for a checkpoint error: one line `prog: error: ...` (first rank
-    only for flag and input errors, which every rank hits alike), no usage block, no traceback."""
+    only for flag and input errors, which every rank hits alike), no usage block, no traceback. check_only: run
+    `check_run` and stop (the example scripts do this before torchrun; see mindspeed_dsv.training.preflight)."""
     parser = build_parser(prog=prog)
     args = parser.parse_args(argv)
     from mindspeed_dsv.data.checks import InputError
     from mindspeed_dsv.ops import OpUnavailableError
 
     try:
-        train(args)
+        if check_only:
+            check_run(args)
+        else:
+            train(args)
     except (ArgumentError, OpUnavailableError, LayoutError, InputError) as err:
         report_error(parser.prog, str(err))
         return 2
