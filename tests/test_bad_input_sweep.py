@@ -87,8 +87,8 @@ def out_of_vocab_dataset(p: Paths):
     rng = np.random.default_rng(0)
     for i in range(8):
         doc = rng.integers(0, 4000, 200).astype(np.int32)
-        if i == 3:
-            doc[5] = 9999  # the tiny vocabulary has 4096 ids
+        if i >= 2:
+            doc[5::10] = 9999  # the tiny vocabulary has 4096 ids; every 33-token sample of these documents has one
         builder.add_document(doc, [len(doc)])
     builder.finalize(os.path.join(p.tmp, "oov_text_document.idx"))
 
@@ -230,7 +230,7 @@ ROWS = [
     Row("train_dataset_token_out_of_vocab",
         (*PRETRAIN, "--model-config", TOK, "--seq-length", "32", "--train-iters", "1", "--micro-batch-size", "8",
          "--data-path", "{tmp}/oov_text_document", "--no-shuffle"),
-        2, (r"{tmp}/oov_text_document.bin: token id 9999 \(sequence 3, position 5\) is >= the model's vocabulary "
+        2, (r"{tmp}/oov_text_document.bin: token id 9999 \(sequence 2, position 5\) is >= the model's vocabulary "
             r"size 4096",), setup=out_of_vocab_dataset),
 ]
 
