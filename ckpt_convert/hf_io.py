@@ -191,6 +191,8 @@ def read_all(directory: str) -> dict[str, torch.Tensor]:
 
 def read_config(directory: str) -> dict:
     path = os.path.join(directory, "config.json")
+    if not os.path.isdir(directory):
+        raise HFCheckpointError(f"{directory}: the directory does not exist")
     if not os.path.isfile(path):
         raise HFCheckpointError(f"{directory}: no config.json")
     with open(path) as f:

@@ -203,6 +203,9 @@ ROWS = [
          "--finetune"),
         1, (r"adapter-only checkpoint \(lora_only recorded.*\): pass the base checkpoint as --load and this one as "
             r"--lora-load",), setup=adapter_checkpoints),
+    Row("train_load_not_a_checkpoint",
+        (*POSTTRAIN, "--load", "{hf}", "--data-path", "{sft}", "--seq-length", "128", "--train-iters", "1"),
+        2, (r"--load {hf}: no latest_checkpointed_iteration.txt / layout.json: not a Megatron checkpoint",)),
     # item 16: the LoRA merge's rank mismatch names the tensor and --lora-r
     Row("mcore2hf_lora_rank_mismatch",
         (*CONVERT, "mcore2hf", "--load-dir", "{tmp}/rank4", "--save-dir", "{tmp}/out", "--lora-r", "8",

@@ -21,8 +21,23 @@ def data_prefixes(args) -> list[str]:
     return list(get_blend_from_list(list(args.data_path))[0])
 
 
+def check_checkpoint_dir(flag: str, path: str) -> None:
+    """A directory written by hf2mcore or a --save: its iteration tracker and layout record are there."""
+    from ckpt_convert.mcore_io import TRACKER
+
+    if not os.path.isdir(path):
+        raise InputError(f"{flag} {path}: the checkpoint directory does not exist")
+    missing = [n for n in (TRACKER, "layout.json") if not os.path.isfile(os.path.join(path, n))]
+    if missing:
+        raise InputError(f"{flag} {path}: no {' / '.join(missing)}: not a Megatron checkpoint written by "
+                         "`python -m ckpt_convert hf2mcore` or by training's --save (convert a HF model first)")
+
+
 def check_inputs(args) -> list[str]:
     """Raise InputError naming the file; return the dataset prefixes the run opens (three per SFT prefix)."""
+    for flag, path in (("--load", args.load), ("--lora-load", args.lora_load)):
+        if path is not None:
+            check_checkpoint_dir(flag, path)
     flag = "--tokenizer-name-or-path" if args.tokenizer_name_or_path else "--load/--model-config directory"
     check_tokenizer_dir(tokenizer_dir(args), flag)
     datasets = check_data_kind(data_prefixes(args), args.is_instruction_dataset)
