@@ -130,6 +130,10 @@ def check_data_kind(prefixes: Sequence[str], instruction: bool) -> List[str]:
             base = _SFT_NAME.sub("", prefix)
             if base != prefix:
                 raise InputError(f"--data-path {prefix}: give the prefix without '_packed_..._document': {base}")
+            partial = [p for p in sft if not os.path.isfile(p + ".idx")]
+            if len(partial) < len(sft):
+                raise InputError(f"--data-path {prefix}: {partial[0]}.bin/.idx not found (the instruction dataset "
+                                 "is incomplete; run preprocess_data.py again)")
             if has_plain:
                 raise InputError(f"--data-path {prefix}: this is pretraining data ({prefix}.bin/.idx); fine-tuning "
                                  "needs an instruction handler's output (preprocess_data.py --handler-name "

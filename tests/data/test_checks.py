@@ -67,6 +67,9 @@ def test_data_kind(tmp_path):
         check_data_kind([f"{sft}_packed_input_ids_document"], instruction=False)
     with pytest.raises(InputError, match="this is pretraining data"):
         check_data_kind([pt], instruction=True)
+    os.remove(f"{sft}_packed_labels_document.idx")
+    with pytest.raises(InputError, match="sft_packed_labels_document.bin/.idx not found .*incomplete"):
+        check_data_kind([sft], instruction=True)
 
 
 def test_out_of_vocab_position(tmp_path):
