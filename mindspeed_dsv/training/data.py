@@ -73,7 +73,7 @@ class _SFTBatches:
 
 def _sft_iterators(args, dp_rank, dp_size, consumed, chunks, cfg):
     if len(args.data_path) != 1:
-        raise ValueError("--is-instruction-dataset takes one --data-path prefix (blending is for pretraining)")
+        raise InputError("--is-instruction-dataset takes one --data-path prefix (blending is for pretraining)")
     prefix = args.data_path[0]
     pad = load_tokenizer(tokenizer_dir(args)).pad_token_id
     dataset = SFTDataset(prefix, args.seq_length, pad_token_id=pad if pad is not None else 0)
