@@ -4,10 +4,8 @@ Identical to `python -m mindspeed_dsv.train --is-instruction-dataset ...`."""
 
 import sys
 
+from mindspeed_dsv.training.arguments import entry_argv
 from mindspeed_dsv.training.loop import main
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    if "--is-instruction-dataset" not in argv:
-        argv = ["--is-instruction-dataset", *argv]
-    sys.exit(main(argv))
+    sys.exit(main(entry_argv("posttrain_gpt.py", sys.argv[1:]), prog="posttrain_gpt.py"))

@@ -5,4 +5,4 @@ import sys
 from mindspeed_dsv.training.loop import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="pretrain_gpt.py"))

@@ -56,17 +56,17 @@ class HFReader:
                 self._sha256 = {os.path.join(directory, k): v for k, v in recorded.items()}
             for name, file in weight_map.items():
                 self.file_of[name] = os.path.join(directory, file)
+            missing = sorted({p for p in self.file_of.values() if not os.path.isfile(p)})
+            if missing:
+                raise HFCheckpointError(f"{index}: shard file(s) listed in the index are missing: {missing[:3]}")
+            _check_index(index, self.file_of)
         else:
             files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
             if not files:
                 raise HFCheckpointError(f"{directory}: no {INDEX} and no *.safetensors files")
             for path in files:
-                with safe_open(path, "pt") as f:
-                    for name in f.keys():
-                        self.file_of[name] = path
-        missing = sorted({p for p in self.file_of.values() if not os.path.isfile(p)})
-        if missing:
-            raise HFCheckpointError(f"{index}: shard file(s) listed in the index are missing: {missing[:3]}")
+                for name in shard_keys(path):
+                    self.file_of[name] = path
         self._handles: dict[str, object] = {}
         # per-expert name -> (fused name, expert, row slice of the fused [E, 2I, H] / [E, H, I] tensor)
         self._virtual: dict[str, tuple[str, int, str]] = {}
@@ -94,7 +94,7 @@ class HFReader:
                                         "corrupt (flipped or changed bytes); pass --no-verify-checksums to read it anyway")
             if len(self._handles) > 16:
                 self._handles.clear()
-            h = self._handles[path] = safe_open(path, "pt")
+            h = self._handles[path] = open_shard(path)
         return h
 
     def _raw_shape(self, name: str) -> list[int]:
@@ -161,6 +161,34 @@ class HFReader:
         self._handles.clear()
 
 
+def open_shard(path: str):
+    """safe_open, naming the file when its header or length is wrong (a truncated copy, most often)."""
+    try:
+        return safe_open(path, "pt")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError; re-raised naming the file
+        raise HFCheckpointError(f"{path}: cannot be read as safetensors ({e}; {os.path.getsize(path)} bytes): the "
+                                "file is truncated or corrupt; copy it again") from None
+
+
+def shard_keys(path: str) -> list[str]:
+    with open_shard(path) as f:
+        return list(f.keys())
+
+
+def _check_index(index: str, file_of: dict[str, str]) -> None:
+    """Every tensor the index maps to a shard is in that shard (headers only), so a wrong index names the tensor
+    and both files instead of failing deep in the conversion."""
+    held = {path: set(shard_keys(path)) for path in sorted(set(file_of.values()))}
+    wrong = [name for name, path in file_of.items() if name not in held[path]]
+    if wrong:
+        lines = []
+        for name in wrong[:5]:
+            really = [os.path.basename(p) for p, keys in held.items() if name in keys]
+            lines.append(f"{name} -> {os.path.basename(file_of[name])}, which does not hold it "
+                         f"({'it is in ' + ', '.join(really) if really else 'no shard holds it'})")
+        raise HFCheckpointError(f"{index}: {len(wrong)} tensor(s) mapped to the wrong shard: " + "; ".join(lines))
+
+
 def read_all(directory: str) -> dict[str, torch.Tensor]:
     """Every tensor of every `*.safetensors` file in `directory`, under its stored name (no fused-expert
     renaming, no FP8 dequantization: what is on disk). For small checkpoints: tests and the tiny-checkpoint script."""
@@ -174,6 +202,8 @@ def read_all(directory: str) -> dict[str, torch.Tensor]:
 
 def read_config(directory: str) -> dict:
     path = os.path.join(directory, "config.json")
+    if not os.path.isdir(directory):
+        raise HFCheckpointError(f"{directory}: the directory does not exist")
     if not os.path.isfile(path):
         raise HFCheckpointError(f"{directory}: no config.json")
     with open(path) as f:

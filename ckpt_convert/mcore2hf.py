@@ -72,6 +72,10 @@ def convert(load_dir: str, save_dir: str, given_layout: dict, lora_load: str | N
     spec = dict(dir=load_dir, layout=layout.to_dict(), cfg=cfg, mla_mm_split=recorded_split, lora_dir=lora_load,
                 lora_alpha=lora_alpha, lora_r=lora_r, verify_checksums=verify_checksums)
     reader = _reader(spec)
+    if reader.adapter_only():
+        raise McoreCheckpointError(f"--load-dir {load_dir}: adapter-only checkpoint (lora_only recorded): pass the "
+                                   "base checkpoint as --load-dir and this one as --lora-load, or add "
+                                   "--save-lora-to-hf to export the adapter alone (PEFT)")
     extra = reader.unexpected_keys()
     if extra:
         raise McoreCheckpointError(f"{load_dir}: tensors that layout.json does not account for (is the layout "

@@ -216,8 +216,19 @@ class McoreReader:
             raise McoreCheckpointError(f"LoRA for {m.lora_module}: only one of lora_A/lora_B is present")
         if self.lora_alpha is None or self.lora_r is None:
             raise McoreCheckpointError(f"the checkpoint has LoRA weights ({a_key}); give --lora-r and --lora-alpha")
+        rank = sd[a_key].shape[0]
+        if rank != self.lora_r:
+            where = rank_file(self.lora_dir or self.dir, self.layout, tp, pp, ep,
+                              self.iterations[self.lora_dir or self.dir])
+            raise McoreCheckpointError(f"{where} [{ck}]: {a_key} has LoRA rank {rank} (shape "
+                                       f"{list(sd[a_key].shape)}) but --lora-r is {self.lora_r}; pass --lora-r "
+                                       f"{rank}, the rank the adapters were trained with")
         self.lora_used.add((f"{tp},{pp},{ep},{ck}", m.lora_module))
         return merge_lora_weight(w, sd[a_key], sd[b_key], self.lora_alpha, self.lora_r)
+
+    def adapter_only(self) -> bool:
+        """True when the rank files record lora_only (training's --lora-ckpt-filter): adapters, no base weights."""
+        return bool(self._file(self.dir, 0, 0, 0).get("lora_only"))
 
     # ------------------------------------------------------------------ HF view
     def names(self) -> list[str]:

@@ -43,7 +43,19 @@ def read_tokens(path: str) -> torch.Tensor:
     lengths = {len(r) for r in data}
     if len(lengths) != 1:
         raise VerifyError(f"--tokens-file {path}: rows have different lengths {sorted(lengths)}; pad them")
-    return torch.tensor(data, dtype=torch.long)
+    try:
+        return torch.tensor(data, dtype=torch.long)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise VerifyError(f"--tokens-file {path}: token ids must be integers ({e})") from None
+
+
+def check_token_ids(tokens: torch.Tensor, vocab_size: int, path: str) -> None:
+    """Every id in [0, vocab_size): the embedding lookup would otherwise fail inside megatron without the id."""
+    bad = ((tokens < 0) | (tokens >= vocab_size)).nonzero()
+    if len(bad):
+        row, col = (int(x) for x in bad[0])
+        raise VerifyError(f"--tokens-file {path}: token id {int(tokens[row, col])} at row {row}, position {col} is "
+                          f"outside the vocabulary [0, {vocab_size}) of config.json ({len(bad)} such id(s))")
 
 
 def check_layout(layout, mcore_dir: str):
@@ -214,6 +226,9 @@ def run_verify(ns) -> int:
 
         verify_iteration(ns.mcore_dir)
     tokens = read_tokens(ns.tokens_file)
+    from ckpt_convert.hf_io import read_config
+
+    check_token_ids(tokens, int(read_config(ns.mcore_dir)["vocab_size"]), ns.tokens_file)
     dtype = torch.bfloat16 if ns.dtype == "bf16" else torch.float32
     world = world_size_of(layout)
     text = layout_str(layout)

@@ -63,9 +63,9 @@ class TokenizerInfo:
 
     @classmethod
     def from_pretrained(cls, path: str) -> "TokenizerInfo":
-        from transformers import AutoTokenizer
+        from mindspeed_dsv.data.checks import load_tokenizer  # checks imports this module
 
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = load_tokenizer(path)
         special = {k: getattr(tok, f"{k}_id") for k in ("bos_token", "eos_token", "pad_token")
                    if getattr(tok, f"{k}_id", None) is not None}
         return cls(vocab_size=len(tok), eod=tok.eos_token_id, pad=tok.pad_token_id, bos=tok.bos_token_id,
@@ -95,13 +95,13 @@ def build_pretrain_datasets(
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
     from megatron.core.datasets.utils import get_blend_from_list
+
+    from mindspeed_dsv.data.checks import check_indexed_dataset  # checks imports this module
 
     blend = get_blend_from_list(list(data_path))
     for prefix in blend[0]:
-        if not IndexedDataset.exists(prefix):
-            raise FileNotFoundError(f"{prefix}.bin / {prefix}.idx not found (run preprocess_data.py first)")
+        check_indexed_dataset(prefix)  # missing or truncated .bin/.idx: named here, not by numpy later
     if tokenizer is None:
         if tokenizer_path is None:
             raise ValueError("pass tokenizer_path or tokenizer")
@@ -141,9 +141,10 @@ class SFTDataset(torch.utils.data.Dataset):
         self.seq_length = seq_length
         self.pad_token_id = pad_token_id
         self.data = {}
+        from mindspeed_dsv.data.checks import check_indexed_dataset  # checks imports this module
+
         for key, prefix in sft_dataset_prefixes(path_prefix).items():
-            if not IndexedDataset.exists(prefix):
-                raise FileNotFoundError(f"{prefix}.bin / .idx not found (preprocess with an instruction handler)")
+            check_indexed_dataset(prefix)  # missing or truncated .bin/.idx: named here, not by numpy later
             self.data[key] = IndexedDataset(prefix)
         lens = [d.sequence_lengths for d in self.data.values()]
         if not all(np.array_equal(lens[0], x) for x in lens[1:]):

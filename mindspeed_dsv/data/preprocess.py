@@ -29,6 +29,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from mindspeed_dsv.data.checks import load_tokenizer
 from mindspeed_dsv.data.readers import DataError, count_records, decode_line, iter_records, resolve_inputs
 
 CHUNK_RECORDS = 512  # records per worker task: amortises IPC, still small enough for a smooth bar
@@ -66,12 +67,6 @@ class PreprocessConfig:
 
 # ------------------------------------------------------------------------------------------------- workers
 _STATE: Dict[str, Any] = {}
-
-
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
 
 
 def _init_worker(cfg: PreprocessConfig, tokenizer_json: str, eod_id: Optional[int]) -> None:

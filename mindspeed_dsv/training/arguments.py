@@ -8,12 +8,33 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from mindspeed_dsv.layout import LayoutError, ParallelLayout, add_layout_args
 
 
 class ArgumentError(ValueError):
     """Contradictory or impossible flags; the message names them."""
+
+
+def is_first_rank() -> bool:
+    """Rank 0 of torchrun (or a plain single process): the one rank that reports a flag error every rank hits."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def report_error(prog: str, message: str) -> None:
+    """`prog: error: message` on stderr, from the first rank only: under torchrun every rank checks the same
+    flags and fails the same way, and N copies of one line (or of the usage block) hide it."""
+    if is_first_rank():
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block of every flag), printed once under torchrun."""
+
+    def error(self, message):
+        report_error(self.prog, f"{message} (see --help)")
+        sys.exit(2)
 
 
 # Model-shape flags a script may pass; each must equal config.json when given (MindSpeed scripts pass them all).
@@ -33,7 +54,7 @@ SHAPE_FLAGS = {
 
 
 def build_parser(prog: str = "mindspeed_dsv.train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog=prog,
         description="Pretrain or fine-tune (full, LoRA, QLoRA) a DeepSeek-V3-class model on Megatron-Core. "
         "Run under torchrun; flags follow Megatron / MindSpeed-LLM names.",
@@ -172,7 +193,7 @@ def build_parser(prog: str = "mindspeed_dsv.train") -> argparse.ArgumentParser:
 
 def validate(args: argparse.Namespace, world_size: int, model_cfg: dict | None = None) -> ParallelLayout:
     """Check flags against each other, the world size and config.json; return the layout. Raises ArgumentError."""
-    problems = []
+    problems = _value_problems(args)
     if args.train_iters is None:
         problems.append("--train-iters is required")
     if args.seq_length is None:
@@ -182,7 +203,7 @@ def validate(args: argparse.Namespace, world_size: int, model_cfg: dict | None =
     if args.train_iters is not None and args.lr_warmup_iters and args.lr_warmup_iters >= (args.lr_decay_iters or args.train_iters):
         problems.append(f"--lr-warmup-iters {args.lr_warmup_iters} must be below the decay steps "
                         f"(--lr-decay-iters or --train-iters {args.lr_decay_iters or args.train_iters})")
-    if args.min_lr > args.lr:
+    if args.lr >= 0 and args.min_lr > args.lr:
         problems.append(f"--min-lr {args.min_lr} is above --lr {args.lr}")
     if args.recompute_method and args.recompute_granularity != "full":
         problems.append("--recompute-method needs --recompute-granularity full")
@@ -249,6 +270,42 @@ def validate(args: argparse.Namespace, world_size: int, model_cfg: dict | None =
     if problems:
         raise ArgumentError("; ".join(problems))
     return layout
+
+
+# Flags whose value must be > 0 (when given) and >= 0: megatron/torch otherwise fail later with an assertion or
+# a schedule of zero steps, after the model is built.
+_POSITIVE = ("train_iters", "seq_length", "micro_batch_size", "global_batch_size", "lr_decay_iters", "save_interval",
+             "exit_interval", "eval_interval", "log_interval")
+_NON_NEGATIVE = ("lr", "min_lr", "lr_warmup_iters", "weight_decay", "adam_eps", "clip_grad", "eval_iters",
+                 "num_workers", "lora_r", "lora_dropout", "init_method_std", "moe_aux_loss_coeff",
+                 "moe_router_bias_update_rate", "mtp_loss_scaling_factor")
+
+
+def _value_problems(args) -> list[str]:
+    """Single flags out of range, each named with its value."""
+    problems = []
+    for dest in _POSITIVE:
+        value = getattr(args, dest, None)
+        if value is not None and value <= 0:
+            problems.append(f"--{dest.replace('_', '-')} must be > 0, got {value}")
+    for dest in _NON_NEGATIVE:
+        value = getattr(args, dest, None)
+        if value is not None and value < 0:
+            problems.append(f"--{dest.replace('_', '-')} must be >= 0, got {value}")
+    for dest in ("adam_beta1", "adam_beta2", "lr_warmup_fraction"):
+        value = getattr(args, dest, None)
+        if value is not None and not 0 <= value < 1:
+            problems.append(f"--{dest.replace('_', '-')} must be in [0, 1), got {value}")
+    if args.lora_dropout >= 1:
+        problems.append(f"--lora-dropout must be below 1, got {args.lora_dropout}")
+    return problems
+
+
+def entry_argv(entry: str, argv: list[str]) -> list[str]:
+    """The trainer's flags for an entry script: posttrain_gpt.py is the trainer with --is-instruction-dataset."""
+    if entry == "posttrain_gpt.py" and "--is-instruction-dataset" not in argv:
+        return ["--is-instruction-dataset", *argv]
+    return list(argv)
 
 
 def resolve_model_config_path(args) -> str:

@@ -174,6 +174,9 @@ def read_checkpoint(load_dir, layout: ParallelLayout, verify: bool = True) -> tu
 def load_weights(path: str, state: dict, models, layout: ParallelLayout, *, adapters: bool) -> None:
     """Copy the file's weights into the model chunks. adapters=False: the base model (LoRA entries in the file
     are left for after the adapters exist); adapters=True: only the LoRA entries."""
+    if not adapters and state.get("lora_only"):
+        raise CheckpointError(f"{path}: adapter-only checkpoint (lora_only recorded, saved with "
+                              "--lora-ckpt-filter): pass the base checkpoint as --load and this one as --lora-load")
     for c, m in enumerate(models):
         key = chunk_key(layout, c)
         module = m.module if hasattr(m, "module") else m

@@ -8,14 +8,46 @@ from __future__ import annotations
 
 from megatron.core import parallel_state
 
-from mindspeed_dsv.training.arguments import tokenizer_dir
-
+from mindspeed_dsv.data.checks import InputError, find_out_of_vocab, load_tokenizer
 from mindspeed_dsv.data.datasets import (
     SFTDataset,
     attention_mask_from_segment_ids,
     build_pretrain_datasets,
     build_sft_dataloader,
+    sft_dataset_prefixes,
 )
+from mindspeed_dsv.training.arguments import tokenizer_dir
+from mindspeed_dsv.training.inputs import data_prefixes
+
+
+class _VocabChecked:
+    """Stops at the first micro-batch holding a token id the embedding does not have, naming the dataset file,
+    the sequence, the id and the vocabulary (the embedding lookup would fail with a bare IndexError on cpu and a
+    device-side assert on cuda/npu). One max() over the micro-batch's tokens; the .bin is searched only then."""
+
+    def __init__(self, it, vocab_size: int, prefixes: list[str]):
+        self.it, self.vocab_size, self.prefixes = it, vocab_size, prefixes
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.it)
+        top = int(batch["tokens"].max())
+        if top >= self.vocab_size:
+            raise InputError(out_of_vocab_message(self.prefixes, self.vocab_size, top))
+        return batch
+
+
+def out_of_vocab_message(prefixes: list[str], vocab_size: int, top: int) -> str:
+    for prefix in prefixes:
+        found = find_out_of_vocab(prefix, vocab_size)
+        if found is not None:
+            seq, pos, token = found
+            return (f"{prefix}.bin: token id {token} (sequence {seq}, position {pos}) is >= the model's vocabulary "
+                    f"size {vocab_size} (config.json vocab_size); was the data tokenized with another tokenizer?")
+    return (f"--data-path {' '.join(prefixes)}: a batch holds token id {top} >= the model's vocabulary size "
+            f"{vocab_size} (config.json vocab_size)")
 
 
 class _SFTBatches:
@@ -39,13 +71,11 @@ class _SFTBatches:
         }
 
 
-def _sft_iterators(args, dp_rank, dp_size, consumed, chunks):
+def _sft_iterators(args, dp_rank, dp_size, consumed, chunks, cfg):
     if len(args.data_path) != 1:
-        raise ValueError("--is-instruction-dataset takes one --data-path prefix (blending is for pretraining)")
+        raise InputError("--is-instruction-dataset takes one --data-path prefix (blending is for pretraining)")
     prefix = args.data_path[0]
-    from transformers import AutoTokenizer
-
-    pad = AutoTokenizer.from_pretrained(tokenizer_dir(args)).pad_token_id
+    pad = load_tokenizer(tokenizer_dir(args)).pad_token_id
     dataset = SFTDataset(prefix, args.seq_length, pad_token_id=pad if pad is not None else 0)
 
     def one():
@@ -53,12 +83,12 @@ def _sft_iterators(args, dp_rank, dp_size, consumed, chunks):
             dataset, args.micro_batch_size, dp_rank, dp_size, seed=args.seed, consumed_samples=consumed,
             shuffle=not args.no_shuffle, num_workers=args.num_workers,
         )
-        return _SFTBatches(loader)
+        return _VocabChecked(_SFTBatches(loader), cfg.vocab_size, [sft_dataset_prefixes(prefix)["input_ids"]])
 
     return [one() for _ in range(chunks)], None
 
 
-def _pretrain_iterators(args, dp_rank, dp_size, consumed, chunks):
+def _pretrain_iterators(args, dp_rank, dp_size, consumed, chunks, cfg):
     gbs = args.global_batch_size
     evals = (args.train_iters // args.eval_interval + 1) * args.eval_iters * gbs if args.eval_interval else 0
     train, valid, _ = build_pretrain_datasets(
@@ -72,8 +102,10 @@ def _pretrain_iterators(args, dp_rank, dp_size, consumed, chunks):
 
     def loader(ds, start):
         # GPTDataset already shuffled its samples by seed, so ranks walk it in order.
-        return iter(build_sft_dataloader(ds, args.micro_batch_size, dp_rank, dp_size, seed=args.seed,
-                                         consumed_samples=start, shuffle=False, num_workers=args.num_workers))
+        return _VocabChecked(iter(build_sft_dataloader(ds, args.micro_batch_size, dp_rank, dp_size, seed=args.seed,
+                                                       consumed_samples=start, shuffle=False,
+                                                       num_workers=args.num_workers)),
+                             cfg.vocab_size, data_prefixes(args))
 
     train_iters = [loader(train, consumed) for _ in range(chunks)]
     valid_iters = [loader(valid, 0) for _ in range(chunks)] if (valid is not None and evals) else None
@@ -86,5 +118,5 @@ def build_data_iterators(args, layout, consumed_samples: int, cfg):
     dp_size = parallel_state.get_data_parallel_world_size()
     chunks = layout.num_model_chunks
     if args.is_instruction_dataset:
-        return _sft_iterators(args, dp_rank, dp_size, consumed_samples, chunks)
-    return _pretrain_iterators(args, dp_rank, dp_size, consumed_samples, chunks)
+        return _sft_iterators(args, dp_rank, dp_size, consumed_samples, chunks, cfg)
+    return _pretrain_iterators(args, dp_rank, dp_size, consumed_samples, chunks, cfg)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -19,8 +18,9 @@ from mindspeed_dsv.platform import current_platform, init_distributed
 from mindspeed_dsv.platform.megatron_compat import GRAD_ACCUM_FUSION_DEVICES
 
 from . import checkpointing
-from .arguments import ArgumentError, build_parser, resolve_model_config_path, tokenizer_dir, validate
+from .arguments import ArgumentError, build_parser, report_error, tokenizer_dir, validate
 from .flops import device_peak_tflops, train_flops_per_token
+from .inputs import check_inputs, read_model_config
 from .metrics import MetricsLogger
 
 
@@ -59,11 +59,11 @@ def _recompute_options(args) -> dict:
     return opts
 
 
-def setup(args) -> TrainState:
-    """Everything up to the first step. Flags are validated before any process group or weight exists."""
+def check_run(args) -> tuple[dict, ParallelLayout]:
+    """The checks that need no process group: flags, config.json, the platform, the tokenizer and the datasets
+    (named when missing, truncated or of the other kind). Returns (config.json, layout)."""
     platform = current_platform()
-    with open(resolve_model_config_path(args), encoding="utf-8") as f:
-        hf_config = json.load(f)
+    hf_config = read_model_config(args)
     layout = validate(args, _world_size(), hf_config)
     checkpointing.check_save_dir(args.save, args.load, args.lora_load, args.finetune, args.overwrite)
     if args.use_distributed_optimizer and not platform.is_accelerator:
@@ -74,6 +74,14 @@ def setup(args) -> TrainState:
     if args.bf16 and not platform.is_accelerator:
         raise ArgumentError("--bf16 needs cuda or npu: megatron-core 0.16.1's mixed-precision optimizer "
                             "accepts only torch.cuda parameter types; train fp32 on cpu")
+    check_inputs(args)
+    return hf_config, layout
+
+
+def setup(args) -> TrainState:
+    """Everything up to the first step. Flags are validated before any process group or weight exists."""
+    platform = current_platform()
+    hf_config, layout = check_run(args)
     cfg = DeepSeekConfig.from_hf(hf_config)
     from mindspeed_dsv.ops import OpsConfig, configure_ops, describe
 
@@ -361,17 +369,25 @@ def _save(state: TrainState):
         print(f"saved checkpoint at iteration {state.iteration} to {args.save}", flush=True)
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
+def main(argv=None, prog: str = "mindspeed_dsv.train", check_only: bool = False) -> int:
+    """Exit 0, or 2 for a flag/input error and 1 for a checkpoint error: one line `prog: error: ...` (first rank
+    only for flag and input errors, which every rank hits alike), no usage block, no traceback. check_only: run
+    `check_run` and stop (the example scripts do this before torchrun; see mindspeed_dsv.training.preflight)."""
+    parser = build_parser(prog=prog)
     args = parser.parse_args(argv)
+    from mindspeed_dsv.data.checks import InputError
     from mindspeed_dsv.ops import OpUnavailableError
 
     try:
-        train(args)
-    except (ArgumentError, OpUnavailableError, LayoutError) as err:
-        parser.error(str(err))
+        if check_only:
+            check_run(args)
+        else:
+            train(args)
+    except (ArgumentError, OpUnavailableError, LayoutError, InputError) as err:
+        report_error(parser.prog, str(err))
+        return 2
     except (checkpointing.CheckpointError, McoreCheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{parser.prog}: error: {err}", file=sys.stderr, flush=True)
         return 1
     finally:
         from mindspeed_dsv.platform import destroy_distributed

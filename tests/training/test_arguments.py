@@ -40,6 +40,10 @@ def test_typo_is_an_argparse_error(capsys):
         (["--expert-model-parallel-size", "3"], 3, "3 must divide"),
         (["--pipeline-model-parallel-size", "2", "--num-layer-list", "1,2"], 2, "--num-layer-list 1,2 sums to 3"),
         (["--schedules-method", "dualpipev", "--pipeline-model-parallel-size", "2"], 2, "dualpipev"),
+        (["--train-iters", "0"], 1, "--train-iters must be > 0, got 0"),
+        (["--lr=-0.1"], 1, "--lr must be >= 0, got -0.1"),
+        (["--micro-batch-size", "0"], 1, "--micro-batch-size must be > 0, got 0"),
+        (["--adam-beta2", "1.0"], 1, "--adam-beta2 must be in [0, 1), got 1.0"),
     ],
 )
 def test_contradictions_name_the_flags(flags, world, message):

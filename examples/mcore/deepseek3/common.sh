@@ -123,6 +123,9 @@ dsv_train() {
             ${FALLBACK_MODEL_CONFIG:+--fallback-model-config "${FALLBACK_MODEL_CONFIG}"} -- "$@"
         return $?
     fi
+    # The trainer's checks that need no process group, in one process first: a bad flag or input is one line
+    # and exit 2 here, not that line followed by torchrun's failure report of every rank.
+    WORLD_SIZE="${world}" "${PYTHON}" -m mindspeed_dsv.training.preflight "$(basename "${entry}")" "$@" || return $?
     local torchrun=torchrun
     [ -x "$(dirname "${PYTHON}")/torchrun" ] && torchrun="$(dirname "${PYTHON}")/torchrun"
     local cmd=("${torchrun}" --nnodes "${NNODES}" --node-rank "${NODE_RANK}" --nproc-per-node "${DEVICES_PER_NODE}"
