@@ -84,7 +84,8 @@ def check_dataset_summary(args) -> None:
             packing = "truncated" if summary.get("packing") in (None, "none") else "packed"
             raise ArgumentError(
                 f"--seq-length {args.seq_length} differs from the seq_length {recorded} the data was {packing} to "
-                f"({path}); train with --seq-length {recorded}, or preprocess again with --seq-length {args.seq_length}")
+                f"({path}); train with --seq-length {recorded}, or preprocess again with "
+                f"--seq-length {args.seq_length}")
 
 
 def resolve(args, world_size: int, model_cfg: dict, *, dry_run: bool = False):
@@ -93,7 +94,8 @@ def resolve(args, world_size: int, model_cfg: dict, *, dry_run: bool = False):
     base = recorded_layout(args.load, required=not dry_run)
     notes = []
     if base is not None:
-        notes = [f"{n} (from {os.path.join(args.load, LAYOUT_FILE)})" for n in fill_layout_from_checkpoint(args, base, model_cfg)]
+        where = os.path.join(args.load, LAYOUT_FILE)
+        notes = [f"{n} (from {where})" for n in fill_layout_from_checkpoint(args, base, model_cfg)]
     layout = validate(args, world_size, model_cfg)
     for directory in (args.load, getattr(args, "lora_load", None)):
         recorded = recorded_layout(directory, required=not dry_run)
