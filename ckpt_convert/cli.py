@@ -18,7 +18,8 @@ LAYOUT_DESTS = {  # argparse dest (with prefix) -> ParallelLayout field
 
 DTYPE_HELP = ("Data type of the written Megatron weights: fp32, bf16 or fp16. Default: keep the source dtype "
               "(FP8 sources are dequantized to bf16). The router expert bias always stays float32 when cast. "
-              "Should match training's --bf16/--fp16 (training casts on load otherwise).")
+              "Should match training: bf16 for training's --bf16, fp32 otherwise (training has no fp16; it "
+              "casts on load). Give one of --params-dtype, --bf16, --fp16.")
 
 
 def _common_target(p: argparse.ArgumentParser) -> None:
@@ -234,11 +235,17 @@ def cmd_mindspeed(ns) -> int:
 
 
 def _dtype(ns) -> str | None:
+    """The one dtype asked for; two different ones (--bf16 --fp16, --params-dtype fp32 --bf16) are refused
+    rather than one silently winning."""
+    given = {f"--params-dtype {ns.params_dtype}": ns.params_dtype} if ns.params_dtype else {}
     if getattr(ns, "bf16", False):
-        return "bf16"
+        given["--bf16"] = "bf16"
     if getattr(ns, "fp16", False):
-        return "fp16"
-    return ns.params_dtype
+        given["--fp16"] = "fp16"
+    if len(set(given.values())) > 1:
+        raise ValueError(f"contradictory dtype flags {' and '.join(given)}: give one of --params-dtype, --bf16, "
+                         "--fp16")
+    return next(iter(given.values()), None)
 
 
 def target_layout(ns, cfg: dict) -> ParallelLayout:

@@ -8,7 +8,8 @@ multi-token-prediction layer is added the way DeepSeek's official checkpoint sto
 ``num_hidden_layers`` (``model.layers.{N}.*``) holding a full decoder layer and ``enorm``, ``hnorm``,
 ``eh_proj``, ``shared_head.norm``, plus copies of the embedding and output head
 (``embed_tokens``, ``shared_head.head``). transformers ignores those keys on load; ``ckpt_convert hf2mcore``
-converts them into Megatron's ``mtp.layers.0.*``.
+converts them into Megatron's ``mtp.layers.0.*``. Without ``--mtp`` the written config.json says
+``num_nextn_predict_layers: 0``, so the config never promises MTP weights the checkpoint does not hold.
 
 The output is written to a temporary directory next to ``--save-dir`` and renamed when complete.
 """
@@ -39,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234, help="torch seed of the random init. Default 1234.")
     p.add_argument("--mtp", action="store_true",
                    help="Add the MTP layer(s) model.layers.{N..N+k-1}.* (k = num_nextn_predict_layers of the "
-                        "config) so hf2mcore converts MTP. Default off: no MTP tensors (hf2mcore then writes "
-                        "--mtp-num-layers 0).")
+                        "config) so hf2mcore converts MTP. Default off: no MTP tensors, and config.json is written with "
+                        "num_nextn_predict_layers 0 to say so.")
     p.add_argument("--tokenizer-dir", default=None,
                    help="Copy tokenizer files from here. Default: the --config directory.")
     p.add_argument("--overwrite", action="store_true", help="Replace --save-dir if it exists.")
@@ -96,6 +97,10 @@ def write_checkpoint(config_path: str, save_dir: str, seed: int, mtp: bool, toke
     config = AutoConfig.from_pretrained(os.path.dirname(config_path))
     if config.model_type != "deepseek_v3":
         raise SystemExit(f"{config_path}: model_type {config.model_type!r}, expected 'deepseek_v3'")
+    if not mtp:
+        # The config must describe the weights: a config promising MTP layers that are absent makes hf2mcore
+        # convert without MTP while the trainer's default (from config.json) asks for them.
+        config.num_nextn_predict_layers = 0
     torch.manual_seed(seed)
     model = DeepseekV3ForCausalLM(config)
 

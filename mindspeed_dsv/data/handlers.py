@@ -27,6 +27,8 @@ class BaseHandler:
     """``records`` -> per-record result or DataError; subclasses define ``tokenize_batch``."""
 
     is_instruction = False
+    # The standard record fields ``--map-keys`` may rename (empty: the handler takes no --map-keys).
+    FIELDS: Tuple[str, ...] = ()
 
     def __init__(self, tokenizer, json_keys: Sequence[str], append_eod: bool = False,
                  prompt_type: str = "deepseek3", map_keys: Optional[Dict[str, str]] = None,
@@ -141,6 +143,8 @@ def _parse_tools(where: str, tools) -> Optional[List[dict]]:
 class AlpacaStyleInstructionHandler(_InstructionHandler):
     """instruction [+ "\\n" + input] -> output; optional system and history [[q, a], ...]."""
 
+    FIELDS = ("instruction", "input", "output", "system", "history")
+
     def to_messages(self, where, row):
         instruction = _need(where, row, self.key("instruction"))
         output = _need(where, row, self.key("output"))
@@ -166,6 +170,8 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 
 class SharegptStyleInstructionHandler(_InstructionHandler):
     """conversations [{from: human|gpt|system|function_call|observation, value}], system, tools."""
+
+    FIELDS = ("conversations", "system", "tools")
 
     def to_messages(self, where, row):
         conv = _need(where, row, self.key("conversations"), list)
@@ -199,6 +205,8 @@ class SharegptStyleInstructionHandler(_InstructionHandler):
 class OpenAIStyleInstructionHandler(_InstructionHandler):
     """messages [{role, content, reasoning_content?, tool_calls?, loss?}], tools."""
 
+    FIELDS = ("messages", "tools")
+
     def to_messages(self, where, row):
         msgs = _need(where, row, self.key("messages"), list)
         if not msgs:
@@ -215,6 +223,25 @@ HANDLERS = {
     "SharegptStyleInstructionHandler": SharegptStyleInstructionHandler,
     "OpenAIStyleInstructionHandler": OpenAIStyleInstructionHandler,
 }
+
+
+def check_map_keys(handler_name: str, map_keys: Optional[Dict[str, str]]) -> None:
+    """Refuse a ``--map-keys`` whose target fields the handler does not read: a typo would otherwise be ignored
+    and the error would blame the data ("missing key ...") instead of the flag."""
+    if not map_keys:
+        return
+    fields = HANDLERS[handler_name].FIELDS
+    if not isinstance(map_keys, dict):
+        raise ValueError(f"--map-keys must be a JSON object of field -> column, got {map_keys!r}")
+    if not fields:
+        raise ValueError(f"--map-keys does not apply to --handler-name {handler_name} (use --json-keys)")
+    unknown = sorted(k for k in map_keys if k not in fields)
+    if unknown:
+        raise ValueError(f"--map-keys: unknown field(s) {', '.join(map(repr, unknown))} for --handler-name "
+                         f"{handler_name}; valid fields: {', '.join(fields)}")
+    bad = sorted(k for k, v in map_keys.items() if not isinstance(v, str))
+    if bad:
+        raise ValueError(f"--map-keys: the column for {', '.join(map(repr, bad))} must be a string")
 
 
 def get_handler(name: str, tokenizer, json_keys=("text",), append_eod=False, prompt_type="deepseek3",

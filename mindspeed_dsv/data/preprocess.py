@@ -151,8 +151,10 @@ def output_prefixes(cfg: PreprocessConfig) -> List[str]:
 def _chunks(files: List[str], cfg: PreprocessConfig, file_errors: List[DataError]) -> Iterator[list]:
     for path in files:
         chunk: List[Tuple[str, Any]] = []
+        n = 0
         try:
             for rec in iter_records(path):
+                n += 1
                 chunk.append(rec)
                 if len(chunk) == CHUNK_RECORDS:
                     yield chunk
@@ -161,6 +163,10 @@ def _chunks(files: List[str], cfg: PreprocessConfig, file_errors: List[DataError
             if cfg.on_bad_sample == "fatal":
                 raise
             file_errors.append(e)
+            n = -1  # reported as a dropped file, not as an empty one
+        if n == 0:
+            # An empty file would give an empty dataset that training cannot even open (numpy cannot mmap it).
+            raise ValueError(f"--input {path}: empty input file (no records)")
         if chunk:
             yield chunk
 
@@ -174,9 +180,12 @@ def preprocess(cfg: PreprocessConfig) -> Dict[str, Any]:
     from mindspeed_dsv.data.handlers import HANDLERS, IGNORE_INDEX
     from mindspeed_dsv.data.packing import Packer, neat_rows, rows_unpacked, truncate
 
+    from mindspeed_dsv.data.handlers import check_map_keys
+
     cfg.validate()
     if cfg.handler_name not in HANDLERS:
         raise ValueError(f"--handler-name {cfg.handler_name!r} is not known (choices: {', '.join(HANDLERS)})")
+    check_map_keys(cfg.handler_name, cfg.map_keys)
     existing = existing_outputs(cfg)
     if existing and not cfg.overwrite:
         raise ValueError(f"--output-prefix {cfg.output_prefix}: {len(existing)} output file(s) exist "
@@ -212,6 +221,7 @@ def preprocess(cfg: PreprocessConfig) -> Dict[str, Any]:
     stats = Counter()
     dropped: Counter = Counter()
     dropped_where: List[str] = []
+    empty_where: List[str] = []  # instruction records whose response is empty (only end-of-sentence learnt)
     file_errors: List[DataError] = []
     packer = Packer(cfg.seq_length, pad_id) if (instruction and cfg.pack) else None
     held: List[Tuple[np.ndarray, np.ndarray]] = []  # --neat-pack needs every sample before binning
@@ -255,6 +265,10 @@ def preprocess(cfg: PreprocessConfig) -> Dict[str, Any]:
                     why = "no token carries loss" + (" after truncation to --seq-length" if cut else "")
                     bad(DataError(where, why), bar)
                     continue
+                learnt = sample[1][sample[1] != IGNORE_INDEX]
+                if eod_id is not None and (learnt == eod_id).all():
+                    # kept (a model may have to learn to answer nothing), but counted and reported
+                    empty_where.append(where)
                 stats["truncated"] += cut
                 stats["documents"] += 1
                 stats["tokens"] += len(sample[0])
@@ -280,6 +294,9 @@ def preprocess(cfg: PreprocessConfig) -> Dict[str, Any]:
         for e in file_errors:
             dropped[_reason(e) + " (whole file)"] += 1
             dropped_where.append(str(e))
+        if stats["documents"] == 0:
+            raise ValueError(f"--input {cfg.input}: no documents to write ({stats['records']} record(s), "
+                             f"{sum(dropped.values())} dropped); an empty dataset cannot be trained on")
         for w in writers:
             w.commit()
     except BaseException:
@@ -308,6 +325,7 @@ def preprocess(cfg: PreprocessConfig) -> Dict[str, Any]:
     }
     if instruction:
         summary.update(rows=stats["rows"], loss_tokens=stats["loss_tokens"], truncated=stats["truncated"],
+                       empty_responses=len(empty_where), empty_response_records=empty_where,
                        seq_length=cfg.seq_length, packing="pack" if cfg.pack else "neat-pack" if cfg.neat_pack
                        else "none")
     path = cfg.output_prefix + "_summary.json"
@@ -325,6 +343,9 @@ def print_summary(s: Dict[str, Any], file=None) -> None:
     if "rows" in s:
         print(f"  rows written: {s['rows']} (packing: {s['packing']}, seq_length: {s['seq_length']}), "
               f"loss tokens: {s['loss_tokens']:,}, truncated samples: {s['truncated']}", file=file)
+        if s.get("empty_responses"):
+            print(f"  empty responses (only the end-of-sentence token is learnt): {s['empty_responses']}, "
+                  f"first at {s['empty_response_records'][0]}", file=file)
     if s["dropped"]:
         print(f"  dropped {sum(s['dropped'].values())} record(s):", file=file)
         for why, n in sorted(s["dropped"].items()):
@@ -351,7 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pretrain: the record keys to tokenize, one output dataset per key")
     g.add_argument("--map-keys", type=json.loads, default=None,
                    help='instruction handlers: JSON mapping of standard field names to the columns of your data, '
-                        'e.g. \'{"instruction": "question", "output": "answer"}\'')
+                        'e.g. \'{"instruction": "question", "output": "answer"}\'; fields: Alpaca instruction, '
+                        'input, output, system, history; ShareGPT conversations, system, tools; OpenAI messages, '
+                        'tools (an unknown field is an error)')
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-name-or-path", required=True,
                    help="local Hugging Face tokenizer directory (tokenizer.json + tokenizer_config.json)")

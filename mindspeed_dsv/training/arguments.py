@@ -92,7 +92,9 @@ def build_parser(prog: str = "mindspeed_dsv.train") -> argparse.ArgumentParser:
     d.add_argument("--tokenizer-name-or-path", default=None, help="HF tokenizer directory (for EOD/pad ids).")
     d.add_argument("--tokenizer-type", default="PretrainedFromHF", choices=["PretrainedFromHF"],
                    help="Only HF tokenizers are supported.")
-    d.add_argument("--seq-length", type=int, required=False, default=None, help="Tokens per sample.")
+    d.add_argument("--seq-length", type=int, required=False, default=None,
+                   help="Tokens per sample. Instruction data: must equal the seq_length recorded in the "
+                   "dataset's {prefix}_summary.json (the length preprocess packed or truncated to).")
     d.add_argument("--is-instruction-dataset", action="store_true",
                    help="Fine-tuning data (input_ids/labels written by preprocess with an instruction handler); "
                    "loss only where labels are not -100.")
@@ -121,7 +123,12 @@ def build_parser(prog: str = "mindspeed_dsv.train") -> argparse.ArgumentParser:
     t.add_argument("--adam-beta2", type=float, default=0.95, help="Adam beta2.")
     t.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon.")
     t.add_argument("--clip-grad", type=float, default=1.0, help="Global gradient-norm clip (0 disables).")
-    t.add_argument("--bf16", action="store_true", help="bf16 parameters and compute with fp32 master weights.")
+    t.add_argument("--bf16", action="store_true",
+                   help="bf16 parameters and compute with fp32 master weights (there is no fp16 training; "
+                   "without --bf16 training is fp32).")
+    t.add_argument("--check-for-nan-in-loss-and-grad", action=argparse.BooleanOptionalAction, default=True,
+                   help="Stop with an error naming the iteration (exit 1, nothing saved) when the loss or the "
+                   "gradient norm is not finite; --no-check-for-nan-in-loss-and-grad trains on.")
     t.add_argument("--seed", type=int, default=1234, help="Random seed (data order, init, dropout).")
     t.add_argument("--use-distributed-optimizer", action="store_true",
                    help="Shard optimizer state over data-parallel ranks (ZeRO-1).")

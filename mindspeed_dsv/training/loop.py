@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -17,8 +18,8 @@ from mindspeed_dsv.models import DeepSeekConfig, build_model, model_transformer_
 from mindspeed_dsv.platform import current_platform, init_distributed
 from mindspeed_dsv.platform.megatron_compat import GRAD_ACCUM_FUSION_DEVICES
 
-from . import checkpointing
-from .arguments import ArgumentError, build_parser, report_error, tokenizer_dir, validate
+from . import checkpointing, records
+from .arguments import ArgumentError, build_parser, report_error, tokenizer_dir
 from .flops import device_peak_tflops, train_flops_per_token
 from .inputs import check_inputs, read_model_config
 from .metrics import MetricsLogger
@@ -36,6 +37,22 @@ class TrainState:
     iteration: int = 0
     consumed_samples: int = 0
     history: list = field(default_factory=list)  # per logged step: dict of metrics (tests read it)
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm of a step is NaN/inf (--check-for-nan-in-loss-and-grad)."""
+
+
+def check_finite(iteration: int, metrics: dict) -> None:
+    """Stop a run that has diverged (or loaded corrupt weights) instead of training on, and saving, NaN.
+    Both values are global (all-reduced), so every rank raises at the same iteration."""
+    bad = {k: metrics.get(k) for k in ("lm loss", "grad norm")
+           if metrics.get(k) is not None and not math.isfinite(metrics[k])}
+    if bad:
+        values = ", ".join(f"{k} {v}" for k, v in bad.items())
+        raise NonFiniteError(
+            f"iteration {iteration}: {values}; stopping without saving (diverged, or a corrupt checkpoint/data). "
+            "Lower --lr or check the inputs; --no-check-for-nan-in-loss-and-grad trains on regardless")
 
 
 def _world_size() -> int:
@@ -64,7 +81,10 @@ def check_run(args) -> tuple[dict, ParallelLayout]:
     (named when missing, truncated or of the other kind). Returns (config.json, layout)."""
     platform = current_platform()
     hf_config = read_model_config(args)
-    layout = validate(args, _world_size(), hf_config)
+    # flags + the checkpoint's layout record + the dataset summary; the dry run calls the same function
+    layout, notes = records.resolve(args, _world_size(), hf_config)
+    if notes and int(os.environ.get("RANK", "0")) == 0:
+        print("layout flags taken from the checkpoint: " + ", ".join(notes), flush=True)
     checkpointing.check_save_dir(args.save, args.load, args.lora_load, args.finetune, args.overwrite)
     if args.use_distributed_optimizer and not platform.is_accelerator:
         raise ArgumentError(
@@ -321,7 +341,7 @@ def train(args) -> TrainState:
     layout = state.layout
     dp = _world_size() // (layout.tp * layout.pp)
     num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
-    train_iters, valid_iters = build_data_iterators(args, layout, state.consumed_samples, state.cfg)
+    train_iters, valid_iters, real_tokens = build_data_iterators(args, layout, state.consumed_samples, state.cfg)
     peak = args.peak_tflops
     if peak is None and platform.is_accelerator:
         peak = device_peak_tflops(platform.device_name())
@@ -341,8 +361,11 @@ def train(args) -> TrainState:
         state.consumed_samples += args.global_batch_size
         metrics["lr"] = state.optimizer.param_groups[0]["lr"]
         metrics["skipped"] = not ok
-        record = logger.step(state.iteration, metrics, elapsed, args.global_batch_size * args.seq_length)
+        # tokens/s and MFU count the tokens of the samples, not the padding that fills their rows
+        record = logger.step(state.iteration, metrics, elapsed, real_tokens.take())
         state.history.append(record)
+        if args.check_for_nan_in_loss_and_grad:
+            check_finite(state.iteration, metrics)
         if args.eval_interval and state.iteration % args.eval_interval == 0 and valid_iters is not None:
             val = evaluate(state, valid_iters, num_microbatches)
             logger.validation(state.iteration, val)
@@ -386,7 +409,7 @@ def main(argv=None, prog: str = "mindspeed_dsv.train", check_only: bool = False)
     except (ArgumentError, OpUnavailableError, LayoutError, InputError) as err:
         report_error(parser.prog, str(err))
         return 2
-    except (checkpointing.CheckpointError, McoreCheckpointError) as err:
+    except (checkpointing.CheckpointError, McoreCheckpointError, NonFiniteError) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr, flush=True)
         return 1
     finally:

@@ -1,4 +1,7 @@
-"""Step logs: loss, lm / MTP / balance losses, grad norm, lr, tokens/s, TFLOP/s per device, MFU, memory."""
+"""Step logs: loss, lm / MTP / balance losses, grad norm, lr, tokens/s, TFLOP/s per device, MFU, memory.
+
+tokens/s and MFU count the tokens of real samples: the padding of SFT rows is neither work worth reporting nor
+what the FLOP formula describes."""
 
 from __future__ import annotations
 
@@ -21,11 +24,13 @@ class MetricsLogger:
             self.writer = SummaryWriter(args.tensorboard_dir)
 
     def step(self, iteration: int, metrics: dict, seconds: float, tokens: int) -> dict:
+        """``tokens``: the real (non-padding) tokens of the step's global batch; tokens/s and MFU count only these."""
         tokens_per_s = tokens / seconds
         tflops = tokens_per_s * self.flops_per_token / self.world / 1e12
         record = dict(metrics)
         record.update(
             iteration=iteration,
+            tokens=tokens,
             step_time=seconds,
             tokens_per_s=tokens_per_s,
             tflops_per_device=tflops,

@@ -34,10 +34,10 @@ _CONFIG = {"--hidden-size", "--num-attention-heads", "--ffn-hidden-size", "--moe
 MATCH = {
     "en": {"shard": "yes (conversion ⇄ training; layout.json is checked)", "lora": "yes (tune ⇄ merge_lora2hf)",
            "config": "= config.json", "dtype": "should (--params-dtype of hf2mcore)",
-           "seq": "≥ rows of the data conversion", "runtime": "no (runtime only)", "no": "no"},
+           "seq": "= seq_length of the data conversion (instruction data)", "runtime": "no (runtime only)", "no": "no"},
     "zh": {"shard": "是（转换 ⇄ 训练；加载时校验 layout.json）", "lora": "是（微调 ⇄ merge_lora2hf）",
            "config": "须等于 config.json", "dtype": "建议（hf2mcore 的 --params-dtype）",
-           "seq": "≥ 数据转换的行长度", "runtime": "否（仅运行时）", "no": "否"},
+           "seq": "= 数据转换的 seq_length（指令数据）", "runtime": "否（仅运行时）", "no": "否"},
 }
 
 
@@ -89,7 +89,7 @@ def _match(table: str, action: argparse.Action) -> str:
 
 
 def _default(action: argparse.Action) -> str:
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
         return "off" if action.default in (False, None) else "on"
     if action.required:
         return "required"

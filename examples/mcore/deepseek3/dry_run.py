@@ -6,7 +6,10 @@
 1. The training flags are parsed by the trainer's own parser (``mindspeed_dsv.training.arguments.build_parser``,
    abbreviations off), so a mistyped flag fails as it would at launch: exit 2, ``unrecognized arguments: --flag``.
 2. They are checked against each other, the world size and config.json by the trainer's own ``validate``
-   (layout, batch sizes, LoRA flags...): exit 2 naming the flags.
+   (layout, batch sizes, LoRA flags...), and against what is on disk by the trainer's own preflight
+   (``mindspeed_dsv.training.records.resolve``): the --load/--lora-load checkpoint's layout.json (layout flags
+   not given are taken from it, as in the run) and the instruction dataset's {prefix}_summary.json
+   (--seq-length). Exit 2 naming the flags. A checkpoint or dataset that does not exist yet is not checked.
 3. ``python -m mindspeed_dsv.plan`` runs on the subset of the flags it models (layout, batch, precision,
    optimizer sharding, recompute, LoRA/QLoRA): per-stage layers, parameters and memory per device.
 
@@ -72,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from mindspeed_dsv.layout import LayoutError
     from mindspeed_dsv.plan import main as plan_main
-    from mindspeed_dsv.training.arguments import ArgumentError, build_parser, validate
+    from mindspeed_dsv.training.arguments import ArgumentError, build_parser
+    from mindspeed_dsv.training.records import resolve
 
     parser = build_parser(prog=args.prog)
     ns = parser.parse_args(train_argv)  # a typo exits 2 here, naming the flag
@@ -92,9 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     with open(cfg_path, encoding="utf-8") as f:
         cfg = json.load(f)
     try:
-        validate(ns, args.world_size, cfg)
+        _, notes = resolve(ns, args.world_size, cfg, dry_run=True)  # the run's own checks, records included
     except (ArgumentError, LayoutError) as err:
         parser.error(str(err))
+    if notes:
+        print("layout flags taken from the checkpoint: " + ", ".join(notes))
 
     pargv = plan_argv(ns, cfg_path, args.world_size, args.device_memory_gb)
     print("training flags OK (" + f"{len(train_argv)} arguments, world size {args.world_size})")

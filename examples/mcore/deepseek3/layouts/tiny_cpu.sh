@@ -6,7 +6,8 @@ LAYOUT_ARGS=(
     --pipeline-model-parallel-size 1
     --expert-model-parallel-size 1
     --num-layers 4
-    --mtp-num-layers 1
+    # no --mtp-num-layers: conversion keeps the MTP layer the HF checkpoint has (make_tiny_hf_checkpoint.py
+    # --mtp: one; without: none) and training takes it from the checkpoint's layout.json
     --first-k-dense-replace 1
     --num-experts 8
 )
