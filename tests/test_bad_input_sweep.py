@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.ckpt.helpers import edit_rank_file
 from tests.model.hf_reference import ROOT
 from tests.training.conftest import hf2mcore, tiny_data, tiny_hf_dir  # noqa: F401 - session fixtures
 
@@ -126,10 +127,7 @@ def out_of_vocab_tokens(p: Paths):
 
 def _edit_rank_file(src: str, dst: str, edit):
     shutil.copytree(src, dst)
-    path = os.path.join(dst, "iter_0000001", "mp_rank_00", "model_optim_rng.pt")
-    state = torch.load(path, weights_only=False)
-    edit(state)
-    torch.save(state, path)
+    edit_rank_file(os.path.join(dst, "iter_0000001", "mp_rank_00", "model_optim_rng.pt"), edit)
 
 
 LORA_MODULE = "decoder.layers.0.self_attention.linear_proj"

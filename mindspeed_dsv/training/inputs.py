@@ -23,7 +23,7 @@ def data_prefixes(args) -> list[str]:
 
 def check_checkpoint_dir(flag: str, path: str) -> None:
     """A directory written by hf2mcore or a --save: its iteration tracker and layout record are there."""
-    from ckpt_convert.mcore_io import TRACKER
+    from mindspeed_dsv.rankfiles import TRACKER
 
     if not os.path.isdir(path):
         raise InputError(f"{flag} {path}: the checkpoint directory does not exist")

@@ -14,6 +14,7 @@ import os
 from mindspeed_dsv.layout import LAYOUT_FILE, SHARD_FIELDS, ParallelLayout, flag_name
 
 from .arguments import ArgumentError, validate
+from .inputs import check_checkpoint_dir
 
 # Layout fields a checkpoint record may fill in when their flag is not given. TP/PP/EP default to 1 rather
 # than to "not given", so they stay what the flags say (a difference is then named by check_checkpoint).
@@ -33,14 +34,15 @@ def _as_flag_value(field: str, value):
     return value
 
 
-def recorded_layout(directory: str | None, *, required: bool) -> ParallelLayout | None:
+def recorded_layout(directory: str | None, *, required: bool, flag: str = "--load") -> ParallelLayout | None:
     """The layout recorded in ``directory`` (None when there is no directory, or, unless ``required``, no record
     yet: a dry run may come before the conversion)."""
     if not directory:
         return None
     if not required and not os.path.isfile(os.path.join(directory, LAYOUT_FILE)):
         return None
-    return ParallelLayout.load(directory)  # raises LayoutError naming the file when it is missing or broken
+    check_checkpoint_dir(flag, directory)  # names the flag when the directory is not a checkpoint at all
+    return ParallelLayout.load(directory)  # raises LayoutError naming the file when it is broken
 
 
 def fill_layout_from_checkpoint(args, recorded: ParallelLayout, model_cfg: dict) -> list[str]:
@@ -97,8 +99,8 @@ def resolve(args, world_size: int, model_cfg: dict, *, dry_run: bool = False):
         where = os.path.join(args.load, LAYOUT_FILE)
         notes = [f"{n} (from {where})" for n in fill_layout_from_checkpoint(args, base, model_cfg)]
     layout = validate(args, world_size, model_cfg)
-    for directory in (args.load, getattr(args, "lora_load", None)):
-        recorded = recorded_layout(directory, required=not dry_run)
+    for flag, directory in (("--load", args.load), ("--lora-load", getattr(args, "lora_load", None))):
+        recorded = recorded_layout(directory, required=not dry_run, flag=flag)
         if recorded is not None:
             layout.check_checkpoint(recorded, where=directory)  # the check read_checkpoint repeats on load
     check_dataset_summary(args)

@@ -61,3 +61,20 @@ def add_mtp(path: str, seed: int = 0) -> None:
     wm = {k: "model-main.safetensors" for k in base}
     wm.update({k: "model-mtp.safetensors" for k in mtp})
     json.dump({"metadata": {}, "weight_map": wm}, open(os.path.join(path, "model.safetensors.index.json"), "w"))
+
+
+def edit_rank_file(path: str, edit) -> None:
+    """Load a rank file, apply `edit(state)`, save it, and record its new sha256 in the iteration's checksums.json
+    (a deliberate change, not corruption: tests of what the loaded values do must get past checksum verification)."""
+    from mindspeed_dsv.files import sha256_file
+    from mindspeed_dsv.rankfiles import CHECKSUMS
+
+    state = torch.load(path, weights_only=False)
+    edit(state)
+    torch.save(state, path)
+    iter_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    record = os.path.join(iter_dir, CHECKSUMS)
+    if os.path.isfile(record):
+        rec = json.load(open(record))
+        rec["sha256"][os.path.relpath(path, iter_dir).replace(os.sep, "/")] = sha256_file(path)
+        json.dump(rec, open(record, "w"))

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from tests.ckpt.helpers import make_hf_dir
+from tests.ckpt.helpers import edit_rank_file, make_hf_dir
 from tests.dist_utils import run_distributed
 from tests.training.conftest import ROOT, hf2mcore
 
@@ -134,10 +134,10 @@ def _main(argv):
 def nan_ckpt(tiny_hf_dir, tmp_path_factory):
     """A converted checkpoint whose final norm holds one NaN (what flipped bytes can give)."""
     ckpt = hf2mcore(tiny_hf_dir, str(tmp_path_factory.mktemp("nan") / "mcore"))
+    # Re-recorded checksum: the NaN is in the values the run loads (as diverged training would write), not a
+    # corrupt file, which checksum verification stops before any step (tests/ckpt/test_writes.py).
     path = os.path.join(ckpt, "iter_0000001", "mp_rank_00", "model_optim_rng.pt")
-    state = torch.load(path, weights_only=False)
-    state["model"]["decoder.final_layernorm.weight"][0] = float("nan")
-    torch.save(state, path)
+    edit_rank_file(path, lambda state: state["model"]["decoder.final_layernorm.weight"].__setitem__(0, float("nan")))
     return ckpt
 
 
