@@ -1,0 +1,63 @@
+"""Test-side helpers for DeepSeek-V4: the tiny HF config and a random transformers DeepseekV4ForCausalLM built
+from it. Every parameter and buffer is randomised, including the ones transformers initialises to zeros or ones
+(attention sinks, compressor position biases, hyper-connection base/scale, router bias, the hash table), so a
+wrong mapping of any of them shows up in the logits."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY_V4_DIR = os.path.join(ROOT, "assets", "tiny_deepseek4")
+
+
+def tiny_v4_config(**overrides) -> dict:
+    with open(os.path.join(TINY_V4_DIR, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg.update(overrides)
+    n = cfg["num_hidden_layers"]
+    for key in ("layer_types", "mlp_layer_types"):  # a shorter model keeps the first layers' types
+        cfg[key] = cfg[key][:n]
+    return cfg
+
+
+def single_layer_config(layer_type: str, mlp_type: str = "moe", **overrides) -> dict:
+    """One decoder layer of one attention type: the unit the layer-by-layer equality tests start from."""
+    return tiny_v4_config(num_hidden_layers=1, layer_types=[layer_type], mlp_layer_types=[mlp_type], **overrides)
+
+
+def make_hf_v4_model(hf_cfg: dict, seed: int = 0):
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    torch.manual_seed(seed)
+    config = DeepseekV4Config(**{k: v for k, v in hf_cfg.items() if k not in ("architectures", "torch_dtype")})
+    config._attn_implementation = "eager"
+    model = DeepseekV4ForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith(("hc_scale", ".scale")):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith(("experts.gate_up_proj", "experts.down_proj")) or ".shared_experts." in name:
+                p.normal_(0.0, 0.2)  # wide enough that the SwiGLU clamp (swiglu_limit) cuts some entries
+            elif name.endswith(("sinks", "position_bias", "base", "hc_base")):
+                p.normal_(0.0, 0.5)
+            else:
+                p.normal_(0.0, 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.05 * torch.randn_like(b))
+            elif name.endswith("tid2eid"):
+                # k distinct experts per token, as the released tables hold
+                b.copy_(torch.stack([torch.randperm(config.n_routed_experts)[: b.shape[1]] for _ in range(b.shape[0])]))
+    return model
+
+
+def token_ids(vocab: int, batch: int = 2, seq: int = 30, seed: int = 1) -> torch.Tensor:
+    """Default length 30: not a multiple of either compression rate (4, 8) and longer than the sliding window."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g)
