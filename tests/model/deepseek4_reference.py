@@ -61,3 +61,70 @@ def token_ids(vocab: int, batch: int = 2, seq: int = 30, seed: int = 1) -> torch
     """Default length 30: not a multiple of either compression rate (4, 8) and longer than the sliding window."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+def hf_v4_to_ours(hf_model, model, n_experts: int) -> None:
+    """Copy transformers' weights into our DeepSeekV4Model name by name (written independently of the V4
+    name map, so the model tests do not trust the converter). Every target tensor must be covered."""
+    sd = hf_model.state_dict()
+    out = {
+        "embedding.weight": sd["model.embed_tokens.weight"],
+        "final_layernorm.weight": sd["model.norm.weight"],
+        "output_layer.weight": sd["lm_head.weight"],
+    }
+    for k in ("hc_fn", "hc_base", "hc_scale"):
+        out[f"hc_head.{k}"] = sd[f"model.hc_head.{k}"]
+    renames = {
+        "input_layernorm.": "input_layernorm.",
+        "post_attention_layernorm.": "pre_mlp_layernorm.",
+        "attn_hc.": "attn_hc.",
+        "ffn_hc.": "ffn_hc.",
+        "self_attn.q_a_proj.": "self_attention.linear_q_down_proj.",
+        "self_attn.q_a_norm.": "self_attention.q_layernorm.",
+        "self_attn.q_b_proj.": "self_attention.linear_q_up_proj.",
+        "self_attn.kv_proj.": "self_attention.linear_kv_proj.",
+        "self_attn.kv_norm.": "self_attention.kv_layernorm.",
+        "self_attn.o_b_proj.": "self_attention.linear_proj.",
+        "self_attn.compressor.indexer.q_b_proj.": "self_attention.compressor.indexer.q_b_proj.",
+        "self_attn.compressor.indexer.scorer.weights_proj.": "self_attention.compressor.indexer.weights_proj.",
+        "self_attn.compressor.indexer.": "self_attention.compressor.indexer.compressor.",
+        "self_attn.compressor.": "self_attention.compressor.window.",
+        "mlp.gate.e_score_correction_bias": "mlp.router.expert_bias",
+        "mlp.gate.": "mlp.router.",
+    }
+    for name, t in sd.items():
+        if not name.startswith("model.layers."):
+            continue
+        i, rest = name[len("model.layers."):].split(".", 1)
+        mg = f"layers.{i}."
+        if rest == "self_attn.o_a_proj.weight":
+            out[mg + "self_attention.linear_o_group_proj"] = t
+        elif rest == "self_attn.sinks":
+            out[mg + "self_attention.attn_sink"] = t
+        elif rest == "mlp.experts.gate_up_proj":
+            for e in range(n_experts):
+                out[mg + f"mlp.experts.local_experts.{e}.linear_fc1.weight"] = t[e]
+        elif rest == "mlp.experts.down_proj":
+            for e in range(n_experts):
+                out[mg + f"mlp.experts.local_experts.{e}.linear_fc2.weight"] = t[e]
+        elif rest.startswith("mlp.shared_experts."):
+            if rest.endswith("gate_proj.weight"):
+                up = sd[name.replace("gate_proj", "up_proj")]
+                out[mg + "mlp.shared_experts.linear_fc1.weight"] = torch.cat([t, up], 0)
+            elif rest.endswith("down_proj.weight"):
+                out[mg + "mlp.shared_experts.linear_fc2.weight"] = t
+        else:
+            for hf_prefix, mg_prefix in renames.items():  # first match wins: longer prefixes come first
+                if rest.startswith(hf_prefix):
+                    out[mg + mg_prefix + rest[len(hf_prefix):]] = t
+                    break
+            else:
+                raise KeyError(f"no mapping for {name}")
+    target = model.state_dict()
+    unexpected = sorted(set(out) - set(target))
+    missing = sorted(k for k in target if k not in out and not k.endswith("_extra_state"))
+    assert not unexpected and not missing, (unexpected, missing)
+    with torch.no_grad():
+        for k, v in out.items():
+            assert target[k].shape == v.shape, (k, target[k].shape, v.shape)
+            target[k].copy_(v)

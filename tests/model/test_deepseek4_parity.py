@@ -31,3 +31,52 @@ def test_tiny_config_exercises_every_path():
     with torch.no_grad():
         hf(ids)
     assert 0 < clamped[0] < total[0], (clamped, total)
+
+
+from tests.dist_utils import run_distributed  # noqa: E402
+
+LAYER_CONFIGS = {
+    "sliding": single_layer_config("sliding_attention"),
+    "csa": single_layer_config("compressed_sparse_attention"),
+    "hca": single_layer_config("heavily_compressed_attention"),
+    "hash_routing": single_layer_config("sliding_attention", mlp_type="hash_moe"),
+    "tiny": tiny_v4_config(),
+}
+
+
+def _compare_on_rank(cases):
+    """All cases in one spawned rank (the imports dominate a case's cost)."""
+    from mindspeed_dsv.models.deepseek4 import DeepSeekV4Config, DeepSeekV4Model
+    from mindspeed_dsv.platform import init_distributed
+    from tests.model.deepseek4_reference import hf_v4_to_ours
+
+    init_distributed()
+    errors = {}
+    for name, seq in cases:
+        hf_cfg = LAYER_CONFIGS[name]
+        cfg = DeepSeekV4Config.from_hf(hf_cfg)
+        hf = make_hf_v4_model(hf_cfg)
+        model = DeepSeekV4Model(cfg).eval()
+        hf_v4_to_ours(hf, model, cfg.n_routed_experts)
+        ids = token_ids(cfg.vocab_size, seq=seq)
+        with torch.no_grad():
+            ref = hf(ids).logits
+            got = model(ids)
+        errors[(name, seq)] = ((got - ref).norm() / ref.norm()).item()
+    return errors
+
+
+# 30: a partial last window for both rates; 32: whole windows only; 7: shorter than one HCA window
+CASES = [(name, 30) for name in LAYER_CONFIGS] + [("tiny", 32), ("tiny", 7)]
+
+
+@pytest.fixture(scope="module")
+def errors():
+    (result,) = run_distributed(_compare_on_rank, 1, CASES)
+    return result
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{n}-s{s}" for n, s in CASES])
+def test_logits_match_transformers(errors, case):
+    rel = errors[case]
+    assert rel < 1e-5, f"{case}: relative logit error {rel:.3e}"
