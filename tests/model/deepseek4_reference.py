@@ -63,9 +63,13 @@ def token_ids(vocab: int, batch: int = 2, seq: int = 30, seed: int = 1) -> torch
     return torch.randint(0, vocab, (batch, seq), generator=g)
 
 
-def hf_v4_to_ours(hf_model, model, n_experts: int) -> None:
+def hf_v4_to_ours(hf_model, model, n_experts: int, ep_rank: int = 0, ep_size: int = 1) -> None:
     """Copy transformers' weights into our DeepSeekV4Model name by name (written independently of the V4
-    name map, so the model tests do not trust the converter). Every target tensor must be covered."""
+    name map, so the model tests do not trust the converter). Every target tensor must be covered.
+    With expert parallelism this rank holds global experts [ep_rank * E/ep, (ep_rank + 1) * E/ep) as
+    local_experts 0..E/ep-1."""
+    local = n_experts // ep_size
+    first = ep_rank * local
     sd = hf_model.state_dict()
     out = {
         "embedding.weight": sd["model.embed_tokens.weight"],
@@ -102,11 +106,11 @@ def hf_v4_to_ours(hf_model, model, n_experts: int) -> None:
         elif rest == "self_attn.sinks":
             out[mg + "self_attention.attn_sink"] = t
         elif rest == "mlp.experts.gate_up_proj":
-            for e in range(n_experts):
-                out[mg + f"mlp.experts.local_experts.{e}.linear_fc1.weight"] = t[e]
+            for e in range(local):
+                out[mg + f"mlp.experts.local_experts.{e}.linear_fc1.weight"] = t[first + e]
         elif rest == "mlp.experts.down_proj":
-            for e in range(n_experts):
-                out[mg + f"mlp.experts.local_experts.{e}.linear_fc2.weight"] = t[e]
+            for e in range(local):
+                out[mg + f"mlp.experts.local_experts.{e}.linear_fc2.weight"] = t[first + e]
         elif rest.startswith("mlp.shared_experts."):
             if rest.endswith("gate_proj.weight"):
                 up = sd[name.replace("gate_proj", "up_proj")]
