@@ -108,3 +108,32 @@ def _compare_ep2_on_rank():
 def test_expert_parallel_2_matches_transformers():
     rels = run_distributed(_compare_ep2_on_rank, 2)
     assert max(rels) < 1e-5, rels
+
+
+def test_unsupported_settings_are_refused_by_name():
+    from mindspeed_dsv.models.deepseek4 import DeepSeekV4Config, DeepSeekV4ConfigError, transformer_config
+
+    for field, value in (("scoring_func", "softmax"), ("num_key_value_heads", 2), ("n_shared_experts", 2)):
+        with pytest.raises(DeepSeekV4ConfigError, match=f"{field}={value!r}"):
+            DeepSeekV4Config.from_hf(tiny_v4_config(**{field: value}))
+    with pytest.raises(DeepSeekV4ConfigError, match="tensor parallel size 2"):
+        transformer_config(DeepSeekV4Config.from_hf(tiny_v4_config()), tp=2)
+
+
+def _hash_table_on_rank():
+    from mindspeed_dsv.models.deepseek4 import DeepSeekV4Config, DeepSeekV4Model
+    from mindspeed_dsv.platform import init_distributed
+
+    init_distributed()
+    cfg = DeepSeekV4Config.from_hf(single_layer_config("sliding_attention", mlp_type="hash_moe"))
+    model = DeepSeekV4Model(cfg)  # tid2eid all zeros: expert 0 twice per token
+    try:
+        model(token_ids(cfg.vocab_size, seq=5))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_hash_table_with_repeated_experts_is_refused():
+    (msg,) = run_distributed(_hash_table_on_rank, 1)
+    assert msg and "mlp.router.tid2eid: token 0 maps to experts [0, 0]" in msg, msg

@@ -55,12 +55,36 @@ class V4HashRouter(V4Router):
     def __init__(self, config, pg_collection=None, routed_scaling_factor: float = 1.0, vocab_size: int = 0):
         super().__init__(dataclasses.replace(config, moe_router_enable_expert_bias=False), pg_collection,
                          routed_scaling_factor)
+        # transformers initialises the table to zeros (real values come from the checkpoint)
         self.register_buffer("tid2eid", torch.zeros(vocab_size, self.topk, dtype=torch.long))
         self.input_ids = None  # set by V4MoELayer for the duration of one forward
+        self._table_checked = False
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._table_checked = False
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _check_table(self) -> None:
+        """A row naming one expert twice would make transformers run that expert twice with the weight counted
+        twice, while a routing map holds each expert once; such tables (transformers' all-zero init among
+        them) are refused rather than computed differently. Checked once per loaded table."""
+        ids = self.tid2eid.sort(dim=-1).values
+        repeated = (ids[:, 1:] == ids[:, :-1]).any(dim=-1)
+        out_of_range = ((ids < 0) | (ids >= self.config.num_moe_experts)).any(dim=-1)
+        bad = (repeated | out_of_range).nonzero().flatten()
+        if bad.numel():
+            t = int(bad[0])
+            raise ValueError(
+                f"mlp.router.tid2eid: token {t} maps to experts {self.tid2eid[t].tolist()} ({bad.numel()} bad rows); "
+                f"every row must name {self.topk} distinct experts in [0, {self.config.num_moe_experts})"
+            )
+        self._table_checked = True
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:
         if self.input_ids is None:
             raise RuntimeError("hash routing needs the token ids of the batch (V4MoELayer.forward(input_ids=...))")
+        if not self._table_checked:
+            self._check_table()
         return self.tid2eid[self.input_ids.reshape(-1)].long()
 
 
