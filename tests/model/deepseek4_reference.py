@@ -124,6 +124,17 @@ def hf_v4_to_ours(hf_model, model, n_experts: int, ep_rank: int = 0, ep_size: in
                     break
             else:
                 raise KeyError(f"no mapping for {name}")
+    # keep this stage's part; its decoder layers count from 0 (megatron's per-stage names)
+    first = model.layer_ids[0] if len(model.layer_ids) else 0
+    staged = {}
+    for k, v in out.items():
+        if k.startswith("layers."):
+            i, rest = k[len("layers."):].split(".", 1)
+            if int(i) in model.layer_ids:
+                staged[f"layers.{int(i) - first}.{rest}"] = v
+        elif k.startswith("embedding.") and model.pre_process or not k.startswith("embedding.") and model.post_process:
+            staged[k] = v
+    out = staged
     target = model.state_dict()
     unexpected = sorted(set(out) - set(target))
     missing = sorted(k for k in target if k not in out and not k.endswith("_extra_state"))

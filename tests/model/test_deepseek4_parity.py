@@ -137,3 +137,48 @@ def _hash_table_on_rank():
 def test_hash_table_with_repeated_experts_is_refused():
     (msg,) = run_distributed(_hash_table_on_rank, 1)
     assert msg and "mlp.router.tid2eid: token 0 maps to experts [0, 0]" in msg, msg
+
+
+def _compare_pp2_on_rank():
+    """PP 2 (gloo) through megatron's 1F1B schedule, forward only: stage 0 holds the embedding and layers 0-1,
+    stage 1 layers 2-3 and the head; the streams cross as [S, B, hc_mult * D]. Two micro-batches."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from mindspeed_dsv.models.deepseek4 import DeepSeekV4Config, DeepSeekV4Model, stage_tensor_shape, transformer_config
+    from mindspeed_dsv.platform import init_distributed
+    from tests.model.deepseek4_reference import hf_v4_to_ours
+
+    init_distributed(pp=2)
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    hf_cfg = tiny_v4_config()
+    cfg = DeepSeekV4Config.from_hf(hf_cfg)
+    hf = make_hf_v4_model(hf_cfg)
+    half = cfg.num_hidden_layers // 2
+    model = DeepSeekV4Model(cfg, transformer_config(cfg, pp=2), pre_process=stage == 0, post_process=stage == 1,
+                            layers=range(stage * half, (stage + 1) * half)).eval()
+    hf_v4_to_ours(hf, model, cfg.n_routed_experts)
+    batches = [token_ids(cfg.vocab_size, batch=2, seq=30, seed=20 + i) for i in range(2)]
+    shape = stage_tensor_shape(cfg, 30, 2)
+
+    def forward_step(data_iterator, m):
+        ids = next(data_iterator)
+        return m(ids), lambda logits: (logits.sum() * 0, {"logits": logits.clone()})
+
+    with torch.no_grad():
+        out = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(batches), model=[model], num_microbatches=2,
+            seq_length=30, micro_batch_size=2, forward_only=True,
+            adjust_tensor_shapes_fn=lambda recv, send: ([shape] * len(recv), [shape] * len(send)),
+        )
+        if stage == 0:
+            return None
+        refs = [hf(ids).logits for ids in batches]
+    assert len(out) == 2
+    return max(((o["logits"] - r).norm() / r.norm()).item() for o, r in zip(out, refs))
+
+
+def test_pipeline_parallel_2_matches_transformers():
+    _, rel = run_distributed(_compare_pp2_on_rank, 2)
+    assert rel < 1e-5, rel
