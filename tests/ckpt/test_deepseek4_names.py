@@ -53,3 +53,42 @@ def test_missing_and_unexpected_names_are_named():
     with pytest.raises(NameMapError, match=r"missing \['model.layers.1.self_attn.compressor.indexer.q_b_proj.weight'\]"
                        r".*unexpected \['model.layers.1.self_attn.extra'\]"):
         hf_to_mcore(sd, cfg)
+
+
+def test_official_spelling_is_what_transformers_loads(tmp_path):
+    """Our release spelling, saved and loaded by transformers (through its own deepseek_v4 conversion
+    mapping), gives back the same tensors bit for bit; both spellings convert to the same megatron tensors."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import DeepseekV4ForCausalLM
+
+    from mindspeed_dsv.models.deepseek4 import DeepSeekV4Config
+    from mindspeed_dsv.models.deepseek4.names import hf_to_mcore, official_to_transformers, transformers_to_official
+
+    hf_cfg = tiny_v4_config()
+    cfg = DeepSeekV4Config.from_hf(hf_cfg)
+    sd = make_hf_v4_model(hf_cfg).state_dict()
+    official = transformers_to_official(sd, cfg)
+    assert "layers.1.attn.indexer.compressor.wkv.weight" in official and "layers.3.ffn.experts.3.w3.weight" in official
+    save_file(official, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(hf_cfg))
+    loaded = DeepseekV4ForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).state_dict()
+    assert set(loaded) == set(sd)
+    assert [k for k in sd if not torch.equal(loaded[k], sd[k])] == []
+    back = official_to_transformers(official, cfg)
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    a, b = hf_to_mcore(sd, cfg), hf_to_mcore(official, cfg)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_official_scales_and_mtp_are_refused_by_name():
+    from mindspeed_dsv.models.deepseek4 import DeepSeekV4Config
+    from mindspeed_dsv.models.deepseek4.names import official_to_transformers
+    from mindspeed_dsv.models.names import NameMapError
+
+    cfg = DeepSeekV4Config.from_hf(tiny_v4_config())
+    with pytest.raises(NameMapError, match=r"layers.0.attn.wq_a.scale: FP8/FP4 block scales"):
+        official_to_transformers({"layers.0.attn.wq_a.scale": torch.ones(1)}, cfg)
+    with pytest.raises(NameMapError, match=r"mtp.0.e_proj.weight: the MTP layer"):
+        official_to_transformers({"mtp.0.e_proj.weight": torch.ones(1)}, cfg)

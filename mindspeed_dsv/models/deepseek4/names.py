@@ -4,6 +4,10 @@ at TP 1 / PP 1 / EP 1. Same entry type (`TensorMap`) and split kinds as the V3 m
 transformers' stacked expert tensors (experts.gate_up_proj [E, 2I, D] is exactly SequentialMLP's linear_fc1
 per expert, gate rows then up rows; experts.down_proj [E, D, I] its linear_fc2).
 
+The official release spells the same tensors differently (bare `layers.N.attn.wq_a.weight`, one tensor per
+routed expert `ffn.experts.E.w1/w2/w3`); `official_to_transformers` / `transformers_to_official` translate,
+and `hf_to_mcore` accepts either spelling.
+
 Conversion, round-trip tests and (later) verify / LoRA export read this module; nothing else spells a V4
 checkpoint name.
 """
@@ -94,7 +98,10 @@ def _check_names(have, want, side: str) -> None:
 
 
 def hf_to_mcore(hf: Mapping[str, torch.Tensor], cfg: DeepSeekV4Config) -> dict[str, torch.Tensor]:
-    """Our state dict from transformers' (every name must be used; none may be missing)."""
+    """Our state dict from transformers' or the official release's (every name must be used; none may be
+    missing)."""
+    if is_official_spelling(hf):
+        hf = official_to_transformers(hf, cfg)
     maps = model_maps(cfg)
     _check_names(hf, {n for m in maps for n in m.hf}, "HF")
 
@@ -126,4 +133,108 @@ def mcore_to_hf(mc: Mapping[str, torch.Tensor], cfg: DeepSeekV4Config) -> dict[s
             out.update(unshard(m, [mc[m.mcore]]))
     for name, parts in slices.items():
         out[name] = torch.stack([parts[e] for e in range(len(parts))])
+    return out
+
+
+# ----------------------------------------------------------------------------- the official release's names
+_OFFICIAL_GLOBAL = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "head.weight": "lm_head.weight",
+    "hc_head_fn": "model.hc_head.hc_fn",
+    "hc_head_base": "model.hc_head.hc_base",
+    "hc_head_scale": "model.hc_head.hc_scale",
+}
+# within layers.N. : official suffix -> transformers suffix (per-expert tensors are handled apart)
+_OFFICIAL_LAYER = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    **{f"hc_{blk}_{k}": f"{blk}_hc.{k}" for blk in ("attn", "ffn") for k in ("fn", "base", "scale")},
+    "attn.wq_a.weight": "self_attn.q_a_proj.weight",
+    "attn.q_norm.weight": "self_attn.q_a_norm.weight",
+    "attn.wq_b.weight": "self_attn.q_b_proj.weight",
+    "attn.wkv.weight": "self_attn.kv_proj.weight",
+    "attn.kv_norm.weight": "self_attn.kv_norm.weight",
+    "attn.wo_a.weight": "self_attn.o_a_proj.weight",
+    "attn.wo_b.weight": "self_attn.o_b_proj.weight",
+    "attn.attn_sink": "self_attn.sinks",
+    **{f"attn.{src}compressor.{a}": f"self_attn.compressor.{dst}{b}"
+       for src, dst in (("", ""), ("indexer.", "indexer."))
+       for a, b in (("wkv.weight", "kv_proj.weight"), ("wgate.weight", "gate_proj.weight"), ("ape", "position_bias"),
+                    ("norm.weight", "kv_norm.weight"))},
+    "attn.indexer.wq_b.weight": "self_attn.compressor.indexer.q_b_proj.weight",
+    "attn.indexer.weights_proj.weight": "self_attn.compressor.indexer.scorer.weights_proj.weight",
+    "ffn.gate.weight": "mlp.gate.weight",
+    "ffn.gate.bias": "mlp.gate.e_score_correction_bias",
+    "ffn.gate.tid2eid": "mlp.gate.tid2eid",
+    "ffn.shared_experts.w1.weight": "mlp.shared_experts.gate_proj.weight",
+    "ffn.shared_experts.w2.weight": "mlp.shared_experts.down_proj.weight",
+    "ffn.shared_experts.w3.weight": "mlp.shared_experts.up_proj.weight",
+}
+_HF_TO_OFFICIAL_LAYER = {v: k for k, v in _OFFICIAL_LAYER.items()}
+
+
+def is_official_spelling(names) -> bool:
+    return any(n.startswith("layers.") or n in _OFFICIAL_GLOBAL for n in names)
+
+
+def official_to_transformers(sd: Mapping[str, torch.Tensor], cfg: DeepSeekV4Config) -> dict[str, torch.Tensor]:
+    """The release's names -> transformers' (routed experts stacked as transformers holds them). Quantized
+    tensors (`.scale` siblings) and the MTP layer (`mtp.*`) are refused: neither is converted yet."""
+    out, experts = {}, {}
+    for name, t in sd.items():
+        if name.endswith(".scale") or name.startswith("mtp."):
+            what = "FP8/FP4 block scales (dequantization)" if name.endswith(".scale") else "the MTP layer"
+            raise NameMapError(f"{name}: {what} is not supported for DeepSeek-V4 yet")
+        if name in _OFFICIAL_GLOBAL:
+            out[_OFFICIAL_GLOBAL[name]] = t
+            continue
+        parts = name.split(".", 2)
+        if parts[0] != "layers" or len(parts) < 3 or not parts[1].isdigit():
+            raise NameMapError(f"{name}: not a DeepSeek-V4 tensor name")
+        i, rest = int(parts[1]), parts[2]
+        if rest.startswith("ffn.experts."):
+            e, w = rest[len("ffn.experts."):].split(".", 1)
+            experts.setdefault(i, {})[(int(e), w)] = t
+        elif rest in _OFFICIAL_LAYER:
+            out[f"model.layers.{i}.{_OFFICIAL_LAYER[rest]}"] = t
+        else:
+            raise NameMapError(f"{name}: not a DeepSeek-V4 tensor name")
+    for i, per in experts.items():
+        try:
+            out[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.stack(
+                [torch.cat([per[(e, "w1.weight")], per[(e, "w3.weight")]], 0) for e in range(cfg.n_routed_experts)])
+            out[f"model.layers.{i}.mlp.experts.down_proj"] = torch.stack(
+                [per[(e, "w2.weight")] for e in range(cfg.n_routed_experts)])
+        except KeyError as err:
+            e, w = err.args[0]
+            raise NameMapError(f"layers.{i}.ffn.experts.{e}.{w}: missing") from None
+        if len(per) != 3 * cfg.n_routed_experts:
+            raise NameMapError(f"layers.{i}.ffn.experts: {len(per)} tensors, expected {3 * cfg.n_routed_experts}")
+    return out
+
+
+def transformers_to_official(sd: Mapping[str, torch.Tensor], cfg: DeepSeekV4Config) -> dict[str, torch.Tensor]:
+    """Inverse of official_to_transformers."""
+    to_official = {v: k for k, v in _OFFICIAL_GLOBAL.items()}
+    out = {}
+    for name, t in sd.items():
+        if name in to_official:
+            out[to_official[name]] = t
+            continue
+        if not name.startswith("model.layers."):
+            raise NameMapError(f"{name}: not a DeepSeek-V4 tensor name")
+        i, rest = name[len("model.layers."):].split(".", 1)
+        if rest == "mlp.experts.gate_up_proj":
+            gate, up = t.chunk(2, dim=1)
+            for e in range(t.shape[0]):
+                out[f"layers.{i}.ffn.experts.{e}.w1.weight"] = gate[e].contiguous()
+                out[f"layers.{i}.ffn.experts.{e}.w3.weight"] = up[e].contiguous()
+        elif rest == "mlp.experts.down_proj":
+            for e in range(t.shape[0]):
+                out[f"layers.{i}.ffn.experts.{e}.w2.weight"] = t[e].contiguous()
+        elif rest in _HF_TO_OFFICIAL_LAYER:
+            out[f"layers.{i}.{_HF_TO_OFFICIAL_LAYER[rest]}"] = t
+        else:
+            raise NameMapError(f"{name}: not a DeepSeek-V4 tensor name")
     return out
