@@ -4,6 +4,7 @@
 import pytest
 import torch
 
+from tests.dist_utils import run_distributed
 from tests.model.deepseek4_reference import make_hf_v4_model, single_layer_config, tiny_v4_config, token_ids
 
 
@@ -32,8 +33,6 @@ def test_tiny_config_exercises_every_path():
         hf(ids)
     assert 0 < clamped[0] < total[0], (clamped, total)
 
-
-from tests.dist_utils import run_distributed  # noqa: E402
 
 LAYER_CONFIGS = {
     "sliding": single_layer_config("sliding_attention"),
@@ -70,44 +69,21 @@ def _compare_on_rank(cases):
 CASES = [(name, 30) for name in LAYER_CONFIGS] + [("tiny", 32), ("tiny", 7)]
 
 
+def _single_rank_checks():
+    """Every single-rank check in one spawned process (imports dominate each spawn's cost)."""
+    return {"logits": _compare_on_rank(CASES), "hash_table": _hash_table_on_rank(), "gradients": _gradients_on_rank()}
+
+
 @pytest.fixture(scope="module")
-def errors():
-    (result,) = run_distributed(_compare_on_rank, 1, CASES)
+def single_rank():
+    (result,) = run_distributed(_single_rank_checks, 1)
     return result
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{n}-s{s}" for n, s in CASES])
-def test_logits_match_transformers(errors, case):
-    rel = errors[case]
+def test_logits_match_transformers(single_rank, case):
+    rel = single_rank["logits"][case]
     assert rel < 1e-5, f"{case}: relative logit error {rel:.3e}"
-
-
-def _compare_ep2_on_rank():
-    """EP 2 (gloo): each rank holds half the experts; tokens travel through megatron's alltoall dispatcher.
-    The ranks get different token ids, so each rank's routing differs from the other's."""
-    import torch.distributed as dist
-
-    from mindspeed_dsv.models.deepseek4 import DeepSeekV4Config, DeepSeekV4Model, transformer_config
-    from mindspeed_dsv.platform import init_distributed
-    from tests.model.deepseek4_reference import hf_v4_to_ours
-
-    init_distributed(ep=2)
-    rank = dist.get_rank()
-    hf_cfg = tiny_v4_config()
-    cfg = DeepSeekV4Config.from_hf(hf_cfg)
-    hf = make_hf_v4_model(hf_cfg)
-    model = DeepSeekV4Model(cfg, transformer_config(cfg, ep=2)).eval()
-    hf_v4_to_ours(hf, model, cfg.n_routed_experts, ep_rank=rank, ep_size=2)
-    ids = token_ids(cfg.vocab_size, seq=30, seed=10 + rank)
-    with torch.no_grad():
-        ref = hf(ids).logits
-        got = model(ids)
-    return ((got - ref).norm() / ref.norm()).item()
-
-
-def test_expert_parallel_2_matches_transformers():
-    rels = run_distributed(_compare_ep2_on_rank, 2)
-    assert max(rels) < 1e-5, rels
 
 
 def test_unsupported_settings_are_refused_by_name():
@@ -134,54 +110,9 @@ def _hash_table_on_rank():
     return None
 
 
-def test_hash_table_with_repeated_experts_is_refused():
-    (msg,) = run_distributed(_hash_table_on_rank, 1)
+def test_hash_table_with_repeated_experts_is_refused(single_rank):
+    msg = single_rank["hash_table"]
     assert msg and "mlp.router.tid2eid: token 0 maps to experts [0, 0]" in msg, msg
-
-
-def _compare_pp2_on_rank():
-    """PP 2 (gloo) through megatron's 1F1B schedule, forward only: stage 0 holds the embedding and layers 0-1,
-    stage 1 layers 2-3 and the head; the streams cross as [S, B, hc_mult * D]. Two micro-batches."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from mindspeed_dsv.models.deepseek4 import DeepSeekV4Config, DeepSeekV4Model, stage_tensor_shape, transformer_config
-    from mindspeed_dsv.platform import init_distributed
-    from tests.model.deepseek4_reference import hf_v4_to_ours
-
-    init_distributed(pp=2)
-    stage = parallel_state.get_pipeline_model_parallel_rank()
-    hf_cfg = tiny_v4_config()
-    cfg = DeepSeekV4Config.from_hf(hf_cfg)
-    hf = make_hf_v4_model(hf_cfg)
-    half = cfg.num_hidden_layers // 2
-    model = DeepSeekV4Model(cfg, transformer_config(cfg, pp=2), pre_process=stage == 0, post_process=stage == 1,
-                            layers=range(stage * half, (stage + 1) * half)).eval()
-    hf_v4_to_ours(hf, model, cfg.n_routed_experts)
-    batches = [token_ids(cfg.vocab_size, batch=2, seq=30, seed=20 + i) for i in range(2)]
-    shape = stage_tensor_shape(cfg, 30, 2)
-
-    def forward_step(data_iterator, m):
-        ids = next(data_iterator)
-        return m(ids), lambda logits: (logits.sum() * 0, {"logits": logits.clone()})
-
-    with torch.no_grad():
-        out = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(batches), model=[model], num_microbatches=2,
-            seq_length=30, micro_batch_size=2, forward_only=True,
-            adjust_tensor_shapes_fn=lambda recv, send: ([shape] * len(recv), [shape] * len(send)),
-        )
-        if stage == 0:
-            return None
-        refs = [hf(ids).logits for ids in batches]
-    assert len(out) == 2
-    return max(((o["logits"] - r).norm() / r.norm()).item() for o, r in zip(out, refs))
-
-
-def test_pipeline_parallel_2_matches_transformers():
-    _, rel = run_distributed(_compare_pp2_on_rank, 2)
-    assert rel < 1e-5, rel
 
 
 def _gradients_on_rank():
@@ -223,8 +154,8 @@ def _gradients_on_rank():
     return max(worst.items(), key=lambda kv: kv[1]), len(worst), sorted(no_grad)
 
 
-def test_gradients_match_transformers():
-    ((name, rel), n, no_grad) = run_distributed(_gradients_on_rank, 1)[0]
+def test_gradients_match_transformers(single_rank):
+    (name, rel), n, no_grad = single_rank["gradients"]
     assert n > 100
     assert rel < 1e-5, f"worst gradient {name}: relative error {rel:.3e}"
     # exactly the indexer's weights receive no gradient from the language-model loss
