@@ -95,6 +95,14 @@ def test_unsupported_settings_are_refused_by_name():
     with pytest.raises(DeepSeekV4ConfigError, match="tensor parallel size 2"):
         transformer_config(DeepSeekV4Config.from_hf(tiny_v4_config()), tp=2)
 
+    import dataclasses
+
+    from mindspeed_dsv.models.deepseek4.moe import V4Router
+
+    config = dataclasses.replace(transformer_config(DeepSeekV4Config.from_hf(tiny_v4_config())), moe_z_loss_coeff=1e-3)
+    with pytest.raises(ValueError, match="does not support {'moe_z_loss_coeff': 0.001}"):
+        V4Router(config)
+
 
 def _hash_table_on_rank():
     from mindspeed_dsv.models.deepseek4 import DeepSeekV4Config, DeepSeekV4Model

@@ -28,6 +28,20 @@ class V4Router(TopKRouter):
     """Learned V4 routing; megatron's expert_bias buffer and token counts (for the bias update) are kept."""
 
     def __init__(self, config, pg_collection=None, routed_scaling_factor: float = 1.0):
+        # megatron router options that `routing` below does not compute are refused, not ignored
+        unsupported = {
+            "moe_expert_capacity_factor": config.moe_expert_capacity_factor,
+            "moe_z_loss_coeff": config.moe_z_loss_coeff,
+            "moe_input_jitter_eps": config.moe_input_jitter_eps,
+            "moe_router_num_groups": config.moe_router_num_groups,
+            "moe_router_force_load_balancing": config.moe_router_force_load_balancing or None,
+            "moe_enable_routing_replay": config.moe_enable_routing_replay or None,
+        }
+        if config.moe_router_load_balancing_type != "none" and config.moe_aux_loss_coeff:
+            unsupported["moe_router_load_balancing_type"] = config.moe_router_load_balancing_type
+        named = {k: v for k, v in unsupported.items() if v}
+        if named:
+            raise ValueError(f"DeepSeek-V4 routing does not support {named}")
         super().__init__(config=config, pg_collection=pg_collection)
         self.routed_scaling_factor = routed_scaling_factor
 
