@@ -168,3 +168,23 @@ def test_gradients_match_transformers(single_rank):
     assert rel < 1e-5, f"worst gradient {name}: relative error {rel:.3e}"
     # exactly the indexer's weights receive no gradient from the language-model loss
     assert no_grad and all(".compressor.indexer." in k for k in no_grad), no_grad
+
+
+def test_config_reads_transformers_saved_form_and_release_keys():
+    """The same model from our tiny config, from transformers' saved form of it (nested main/compress rope
+    parameters) and from the release's legacy keys (compress_ratios, num_hash_layers, qk_rope_head_dim)."""
+    from transformers import DeepseekV4Config as HFConfig
+
+    from mindspeed_dsv.models.deepseek4 import DeepSeekV4Config
+
+    tiny = tiny_v4_config()
+    ours = DeepSeekV4Config.from_hf(tiny)
+    saved = HFConfig(**{k: v for k, v in tiny.items() if k not in ("architectures", "torch_dtype")}).to_dict()
+    assert isinstance(saved["rope_parameters"].get("compress"), dict)
+    assert DeepSeekV4Config.from_hf(saved) == ours
+    legacy = {k: v for k, v in tiny.items() if k not in ("layer_types", "mlp_layer_types", "compress_rates",
+                                                          "partial_rotary_factor")}
+    legacy.update(compress_ratios=[0, 4, 128, 4, 0], compress_rate_hca=8, num_hash_layers=2, qk_rope_head_dim=8)
+    # the release's ratios name the HCA layer by 128; its rate comes from compress_rate_hca
+    assert DeepSeekV4Config.from_hf(legacy) == ours
+    assert ours.compress_rope.rope_type == "yarn" and ours.main_rope.rope_type == "default"
