@@ -1,0 +1,92 @@
+"""The DeepSeek-V4 model: megatron's vocab-parallel embedding and output layer around V4 decoder layers
+(hyper-connected attention and MoE sub-blocks), the final stream collapse and norm.
+
+Hidden streams are [B, S, hc_mult, D] inside a stage (transformers' layout); between pipeline stages they
+travel as megatron's [S, B, hidden] with hidden = hc_mult * D, so the pipeline schedules only need their
+tensor shape adjusted (`stage_tensor_shape`). TP 1.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+
+from mindspeed_dsv.models.layers import RMSNorm
+
+from .attention import V4Attention
+from .config import DeepSeekV4Config, transformer_config
+from .hyper_connection import HyperConnection, HyperHead
+from .moe import build_moe
+
+
+class V4DecoderLayer(MegatronModule):
+    def __init__(self, config, cfg: DeepSeekV4Config, layer: int):
+        super().__init__(config=config)
+        hc = (cfg.hidden_size, cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
+        self.attn_hc = HyperConnection(*hc)
+        self.input_layernorm = RMSNorm(config, cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.self_attention = V4Attention(config, cfg, layer)
+        self.ffn_hc = HyperConnection(*hc)
+        self.pre_mlp_layernorm = RMSNorm(config, cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.mlp = build_moe(config, cfg, layer)
+
+    def forward(self, streams: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        post, comb, x = self.attn_hc(streams)
+        streams = HyperConnection.merge(streams, self.self_attention(self.input_layernorm(x)), post, comb)
+        post, comb, x = self.ffn_hc(streams)
+        return HyperConnection.merge(streams, self.mlp(self.pre_mlp_layernorm(x), input_ids), post, comb)
+
+
+def stage_tensor_shape(cfg: DeepSeekV4Config, seq_length: int, micro_batch_size: int) -> tuple[int, int, int]:
+    """The [S, B, hidden] shape of the streams sent between pipeline stages."""
+    return (seq_length, micro_batch_size, cfg.hc_mult * cfg.hidden_size)
+
+
+class DeepSeekV4Model(MegatronModule):
+    """One pipeline stage: `layers` are the global decoder-layer ids it holds (state-dict names count from 0
+    on every stage, as megatron's TransformerBlock does); the first stage embeds, the last one has the head."""
+
+    def __init__(self, cfg: DeepSeekV4Config, config=None, *, pre_process: bool = True, post_process: bool = True,
+                 layers: range | None = None):
+        config = config if config is not None else transformer_config(cfg)
+        super().__init__(config=config)
+        self.cfg, self.pre_process, self.post_process = cfg, pre_process, post_process
+        self.model_type = ModelType.encoder_or_decoder  # what megatron's schedules ask of a model
+        self.layer_ids = range(cfg.num_hidden_layers) if layers is None else layers
+        self.input_tensor = None
+        if cfg.tie_word_embeddings:
+            raise NotImplementedError("DeepSeek-V4 with tie_word_embeddings=true is not supported")
+        if pre_process:
+            self.embedding = tensor_parallel.VocabParallelEmbedding(
+                cfg.vocab_size, cfg.hidden_size, init_method=config.init_method, config=config
+            )
+        self.layers = torch.nn.ModuleList(V4DecoderLayer(config, cfg, i) for i in self.layer_ids)
+        if post_process:
+            self.hc_head = HyperHead(cfg.hidden_size, cfg.hc_mult, cfg.hc_eps, cfg.rms_norm_eps)
+            self.final_layernorm = RMSNorm(config, cfg.hidden_size, eps=cfg.rms_norm_eps)
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                cfg.hidden_size, cfg.vocab_size, config=config, init_method=config.init_method, bias=False,
+                gather_output=True,
+            )
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Called by megatron's pipeline schedules with the previous stage's output ([S, B, hc_mult * D])."""
+        self.input_tensor = input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, S] token ids (positions 0..S-1; every stage needs them for hash routing) -> logits [B, S, V]
+        on the last stage, the streams as [S, B, hc_mult * D] on the others."""
+        b, s = input_ids.shape
+        n, d = self.cfg.hc_mult, self.cfg.hidden_size
+        if self.pre_process:
+            streams = self.embedding(input_ids).unsqueeze(2).expand(-1, -1, n, -1).contiguous()
+        else:
+            streams = self.input_tensor.view(s, b, n, d).transpose(0, 1)
+        for layer in self.layers:
+            streams = layer(streams, input_ids)
+        if not self.post_process:
+            return streams.transpose(0, 1).reshape(s, b, n * d).contiguous()
+        h = self.final_layernorm(self.hc_head(streams))
+        return self.output_layer(h)[0]
