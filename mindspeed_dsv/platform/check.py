@@ -69,15 +69,19 @@ def report(device: str | None, train_argv: list[str]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    own, train_argv = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mindspeed_dsv.platform.check",
                                 description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--device", choices=("cpu", "cuda", "npu"), default=None,
                    help="Resolve the kernel flags for this device instead of the detected one (default: detected). "
                         "Training flags follow `--`.")
-    args = p.parse_args(own)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    own, train_argv = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    args = build_parser().parse_args(own)
     print("\n".join(report(args.device, train_argv)))
     return 0
 
