@@ -122,11 +122,14 @@ def _check_runtime(op: str, impl: str, device_type: str, why: str) -> None:
             )
 
 
-def resolve_impls(ops_cfg: OpsConfig | None = None, platform=None, overrides: dict | None = None) -> dict:
+def resolve_impls(ops_cfg: OpsConfig | None = None, platform=None, overrides: dict | None = None,
+                  check_install: bool = True) -> dict:
     """Map each op to the implementation name it will use.
 
     ops_cfg: the flags (default: all off). platform: a `Platform`, a device type string, or None for
     `current_platform()`. overrides: {op: impl} forced choices (benchmarks, tests), validated like flags.
+    check_install: also check that this install can run the choice (triton, torch._grouped_mm); off when
+    resolving for another machine's device (dry runs, `platform.check --device`).
     Raises OpUnavailableError naming the flag when the device cannot honour it.
     """
     ops_cfg = ops_cfg or OpsConfig()
@@ -143,7 +146,8 @@ def resolve_impls(ops_cfg: OpsConfig | None = None, platform=None, overrides: di
                 f"(available on: {able}); drop the flag on {device_type}"
             )
         impls[op] = per_device[device_type]
-        _check_runtime(op, impls[op], device_type, why)
+        if check_install:
+            _check_runtime(op, impls[op], device_type, why)
     for op, impl in (overrides or {}).items():
         if op not in IMPL_DEVICES:
             raise ValueError(f"override for unknown op {op!r}; ops are {list(OPS)}")
@@ -153,7 +157,8 @@ def resolve_impls(ops_cfg: OpsConfig | None = None, platform=None, overrides: di
             raise OpUnavailableError(
                 f"{op} implementation {impl!r} runs on {IMPL_DEVICES[op][impl]}, not on {device_type}"
             )
-        _check_runtime(op, impl, device_type, f"override {op}={impl}")
+        if check_install:
+            _check_runtime(op, impl, device_type, f"override {op}={impl}")
         impls[op] = impl
     return impls
 
@@ -164,7 +169,7 @@ def describe(ops_cfg: OpsConfig, impls: dict) -> str:
     return f"ops flags: {' '.join(on) or '(none)'}; kernels: " + ", ".join(f"{k}={v}" for k, v in impls.items())
 
 
-def describe_flags(ops_cfg: OpsConfig, platform=None) -> list[str]:
+def describe_flags(ops_cfg: OpsConfig, platform=None, check_install: bool = True) -> list[str]:
     """One line per kernel flag that is on: the op it concerns and what runs it on this device, or why the device
     refuses it. Each flag is resolved on its own, so one refusal does not hide the others."""
     device_type = _device_type(platform)
@@ -173,7 +178,7 @@ def describe_flags(ops_cfg: OpsConfig, platform=None) -> list[str]:
         if not getattr(ops_cfg, flag):
             continue
         try:
-            impl = resolve_impls(OpsConfig(**{flag: True}), device_type)[op]
+            impl = resolve_impls(OpsConfig(**{flag: True}), device_type, check_install=check_install)[op]
             lines.append(f"{OpsConfig.flag_name(flag)}: {op} -> {impl}: {kernel_of(op, impl)}")
         except OpUnavailableError as err:
             lines.append(f"{OpsConfig.flag_name(flag)}: {op} -> refused: {err}")
