@@ -42,6 +42,29 @@ _FLAG_CHOICE: dict[str, tuple[str, dict[str, str]]] = {
 }
 
 
+# What an implementation name runs, for `describe_flags` (the check command, --dry-run, docs/en/ops.md).
+IMPL_KERNELS: dict[tuple[str, str], str] = {
+    ("attention", "npu"): "torch_npu.npu_fusion_attention (SBH/TND, sparse_mode 3, V zero-padded to d_qk)",
+    ("attention", "sdpa"): "torch scaled_dot_product_attention",
+    ("attention", "sdpa_pad_v"): "torch scaled_dot_product_attention, V zero-padded to d_qk",
+    ("rms_norm", "npu"): "torch_npu.npu_rms_norm",
+    ("rotary", "npu"): "torch_npu.npu_rotary_mul",
+    ("swiglu", "npu"): "torch_npu.npu_swiglu",
+    ("grouped_matmul", "npu"): "torch_npu.npu_grouped_matmul (one 3-D weight, up to 1024 experts per rank)",
+    ("grouped_matmul", "grouped_mm"): "torch._grouped_mm",
+    ("permute", "npu"): "torch_npu.npu_moe_token_permute / npu_moe_token_unpermute (bf16 only)",
+    ("cross_entropy", "fused"): "torch, two passes without a kept fp32 softmax (ops/cross_entropy.py)",
+}
+
+
+def kernel_of(op: str, impl: str) -> str:
+    if impl == "torch":
+        return "plain torch (the reference)"
+    if impl == "compile":
+        return "torch.compile of the reference (triton)"
+    return IMPL_KERNELS[(op, impl)]
+
+
 class OpUnavailableError(RuntimeError):
     """A flag or override asks for a kernel the current device cannot run."""
 
@@ -99,11 +122,14 @@ def _check_runtime(op: str, impl: str, device_type: str, why: str) -> None:
             )
 
 
-def resolve_impls(ops_cfg: OpsConfig | None = None, platform=None, overrides: dict | None = None) -> dict:
+def resolve_impls(ops_cfg: OpsConfig | None = None, platform=None, overrides: dict | None = None,
+                  check_install: bool = True) -> dict:
     """Map each op to the implementation name it will use.
 
     ops_cfg: the flags (default: all off). platform: a `Platform`, a device type string, or None for
     `current_platform()`. overrides: {op: impl} forced choices (benchmarks, tests), validated like flags.
+    check_install: also check that this install can run the choice (triton, torch._grouped_mm); off when
+    resolving for another machine's device (dry runs, `platform.check --device`).
     Raises OpUnavailableError naming the flag when the device cannot honour it.
     """
     ops_cfg = ops_cfg or OpsConfig()
@@ -120,7 +146,8 @@ def resolve_impls(ops_cfg: OpsConfig | None = None, platform=None, overrides: di
                 f"(available on: {able}); drop the flag on {device_type}"
             )
         impls[op] = per_device[device_type]
-        _check_runtime(op, impls[op], device_type, why)
+        if check_install:
+            _check_runtime(op, impls[op], device_type, why)
     for op, impl in (overrides or {}).items():
         if op not in IMPL_DEVICES:
             raise ValueError(f"override for unknown op {op!r}; ops are {list(OPS)}")
@@ -130,7 +157,8 @@ def resolve_impls(ops_cfg: OpsConfig | None = None, platform=None, overrides: di
             raise OpUnavailableError(
                 f"{op} implementation {impl!r} runs on {IMPL_DEVICES[op][impl]}, not on {device_type}"
             )
-        _check_runtime(op, impl, device_type, f"override {op}={impl}")
+        if check_install:
+            _check_runtime(op, impl, device_type, f"override {op}={impl}")
         impls[op] = impl
     return impls
 
@@ -139,3 +167,19 @@ def describe(ops_cfg: OpsConfig, impls: dict) -> str:
     """One line for the training log: flags on, and what each op resolved to."""
     on = [OpsConfig.flag_name(k) for k, v in asdict(ops_cfg).items() if v]
     return f"ops flags: {' '.join(on) or '(none)'}; kernels: " + ", ".join(f"{k}={v}" for k, v in impls.items())
+
+
+def describe_flags(ops_cfg: OpsConfig, platform=None, check_install: bool = True) -> list[str]:
+    """One line per kernel flag that is on: the op it concerns and what runs it on this device, or why the device
+    refuses it. Each flag is resolved on its own, so one refusal does not hide the others."""
+    device_type = _device_type(platform)
+    lines = []
+    for flag, (op, _) in _FLAG_CHOICE.items():
+        if not getattr(ops_cfg, flag):
+            continue
+        try:
+            impl = resolve_impls(OpsConfig(**{flag: True}), device_type, check_install=check_install)[op]
+            lines.append(f"{OpsConfig.flag_name(flag)}: {op} -> {impl}: {kernel_of(op, impl)}")
+        except OpUnavailableError as err:
+            lines.append(f"{OpsConfig.flag_name(flag)}: {op} -> refused: {err}")
+    return lines

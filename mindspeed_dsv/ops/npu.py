@@ -17,6 +17,8 @@ import torch.nn.functional as F
 _CAUSAL_SPARSE_MODE = 3
 _COMPRESSED_MASK_SIZE = 2048
 _compressed_masks: dict = {}
+# npu_grouped_matmul with one 3-D weight: "group_list第1维最大支持1024, 即最多支持1024个group"
+MAX_GROUPS = 1024
 
 
 def _torch_npu():
@@ -110,6 +112,11 @@ class _GroupedMatmul(torch.autograd.Function):
     group_list_type=0 would mean cumulative ends, 1 means per-group counts; we pass counts as they come from
     the router. forward/dgrad split the M (token) axis (group_type=0); wgrad splits the K axis of xᵀ·dy
     (group_type=2), one [K, N] result per expert.
+
+    The weight goes in as ONE 3-D [E, K, N] tensor (the op's "single x / single weight / single y" form), not a
+    list of E matrices: the list form caps the weight list and group_list at 128 groups, the 3-D form at 1024,
+    and accepts a transposed weight, so dgrad passes the [E, N, K] view without a copy (torch_npu 2.13.0
+    _op_plugin_docs.py, npu_grouped_matmul; MindSpeed's BF16GMMFunction does the same).
     """
 
     @staticmethod
@@ -117,7 +124,7 @@ class _GroupedMatmul(torch.autograd.Function):
         torch_npu = _torch_npu()
         ctx.save_for_backward(x, w, counts)
         return torch_npu.npu_grouped_matmul(
-            [x], list(w.unbind(0)), group_list=counts, split_item=3, group_type=0, group_list_type=1
+            [x], [w], group_list=counts, split_item=3, group_type=0, group_list_type=1
         )[0]
 
     @staticmethod
@@ -126,7 +133,7 @@ class _GroupedMatmul(torch.autograd.Function):
         x, w, counts = ctx.saved_tensors
         grad = grad.contiguous()
         dx = torch_npu.npu_grouped_matmul(
-            [grad], [we.t() for we in w.unbind(0)], group_list=counts, split_item=3, group_type=0, group_list_type=1
+            [grad], [w.transpose(1, 2)], group_list=counts, split_item=3, group_type=0, group_list_type=1
         )[0]
         dw = torch_npu.npu_grouped_matmul(
             [x.t()], [grad], group_list=counts, split_item=3, group_type=2, group_list_type=1
@@ -141,17 +148,35 @@ def grouped_matmul(x, weights, tokens_per_expert):
             f"grouped_matmul: x {tuple(x.shape)} must be [T, K], weights {tuple(w.shape)} [E, K, N], "
             f"tokens_per_expert {tuple(tokens_per_expert.shape)} [E]"
         )
-    counts = tokens_per_expert.to(device=x.device, dtype=torch.int64)
-    return _GroupedMatmul.apply(x, w, counts)
+    if w.shape[0] > MAX_GROUPS:
+        raise ValueError(
+            f"grouped_matmul on npu: {w.shape[0]} experts on one rank, npu_grouped_matmul takes at most "
+            f"{MAX_GROUPS} groups; raise --expert-model-parallel-size"
+        )
+    counts = tokens_per_expert.to(device=x.device, dtype=torch.int64)  # group_list must be int64
+    return _GroupedMatmul.apply(x, w.contiguous(), counts)
+
+
+def _require_bf16(op: str, tokens) -> None:
+    # torch_npu 2.13.0 docs: "当前版本permuted_tokens仅支持bfloat16"; casting fp32 tokens down would change the
+    # numbers of an fp32 run behind the user's back, so the combination is refused instead.
+    if tokens.dtype != torch.bfloat16:
+        raise ValueError(
+            f"{op} on npu takes bfloat16 tokens only (torch_npu 2.13.0), got {tokens.dtype}: "
+            f"--use-fused-moe-token-permute-and-unpermute needs --bf16 on npu"
+        )
 
 
 def permute(tokens, indices):
-    """npu_moe_token_permute -> (permuted_tokens, sorted_indices int32), same convention as the reference."""
-    return _torch_npu().npu_moe_token_permute(tokens, indices)
+    """npu_moe_token_permute -> (permuted_tokens, sorted_indices int32), same convention as the reference.
+    indices go in as int64 (the documented dtype)."""
+    _require_bf16("npu_moe_token_permute", tokens)
+    return _torch_npu().npu_moe_token_permute(tokens, indices.to(torch.int64))
 
 
 def unpermute(permuted_tokens, sorted_indices, probs):
-    """npu_moe_token_unpermute(permuted_tokens, sorted_indices, probs): probs in the tokens' dtype."""
+    """npu_moe_token_unpermute(permuted_tokens, sorted_indices, probs): probs in bf16, the tokens' dtype."""
+    _require_bf16("npu_moe_token_unpermute", permuted_tokens)
     return _torch_npu().npu_moe_token_unpermute(
         permuted_tokens, sorted_indices.to(torch.int32), probs.to(permuted_tokens.dtype)
     )

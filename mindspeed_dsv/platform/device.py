@@ -1,8 +1,12 @@
 """The one place that knows which device we run on: cpu, cuda or npu.
 
 Everything else asks `current_platform()` instead of calling `torch.cuda` / `torch.npu`.
-The choice is made once per process: `MINDSPEED_DSV_DEVICE` (cpu|cuda|npu) if set, else npu when
+The choice is made once per process: `MINDSPEED_DSV_DEVICE` (cpu|cuda|npu|npu-emulated) if set, else npu when
 `torch_npu` imports and a device is visible, else cuda when available, else cpu.
+
+`npu-emulated` is the npu path without an NPU: kernels resolve to torch_npu's operators, the npu shims and
+rules apply, but tensors live in host memory and ranks talk over gloo. It is how the test suite runs the whole
+trainer against a `torch_npu` written in torch (tests/ops/fake_torch_npu.py); on a real machine use `npu`.
 """
 
 from __future__ import annotations
@@ -28,10 +32,21 @@ def _import_torch_npu():
 @dataclass(frozen=True)
 class Platform:
     device_type: str  # 'cpu' | 'cuda' | 'npu'
+    # npu only: npu kernels, shims and collective rules, but tensors in host memory and gloo between ranks
+    emulated: bool = False
+
+    def __post_init__(self):
+        if self.emulated and self.device_type != "npu":
+            raise ValueError(f"only the npu can be emulated, not {self.device_type!r}")
 
     @property
     def backend(self) -> str:
-        return _BACKENDS[self.device_type]
+        return "gloo" if self.emulated else _BACKENDS[self.device_type]
+
+    @property
+    def tensors_on_host(self) -> bool:
+        """Tensors live in host memory: the cpu, and the emulated npu."""
+        return self.device_type == "cpu" or self.emulated
 
     @property
     def is_accelerator(self) -> bool:
@@ -42,7 +57,7 @@ class Platform:
         return getattr(torch, self.device_type) if self.is_accelerator else None
 
     def device(self, index: int | None = None) -> torch.device:
-        if not self.is_accelerator:
+        if self.tensors_on_host:
             return torch.device("cpu")
         if index is None:
             index = self._module().current_device()
@@ -84,27 +99,31 @@ class Platform:
 
     def stream(self):
         """A side stream, or None where the device has no streams (cpu)."""
-        return self._module().Stream() if self.is_accelerator else None
+        return None if self.tensors_on_host else self._module().Stream()
 
     def autocast_device_type(self) -> str:
         return self.device_type
 
 
-def _detect() -> str:
+_EMULATED_NPU = "npu-emulated"
+
+
+def _detect() -> Platform:
     forced = os.environ.get("MINDSPEED_DSV_DEVICE")
     if forced:
-        if forced not in _BACKENDS:
-            raise ValueError(f"MINDSPEED_DSV_DEVICE={forced!r}: expected one of {sorted(_BACKENDS)}")
-        if forced == "npu" and _import_torch_npu() is None:
-            raise RuntimeError("MINDSPEED_DSV_DEVICE=npu but torch_npu is not installed")
-        return forced
+        choices = [*sorted(_BACKENDS), _EMULATED_NPU]
+        if forced not in choices:
+            raise ValueError(f"MINDSPEED_DSV_DEVICE={forced!r}: expected one of {choices}")
+        if forced in ("npu", _EMULATED_NPU) and _import_torch_npu() is None:
+            raise RuntimeError(f"MINDSPEED_DSV_DEVICE={forced} but torch_npu is not installed")
+        return Platform("npu", emulated=True) if forced == _EMULATED_NPU else Platform(forced)
     if _import_torch_npu() is not None and hasattr(torch, "npu") and torch.npu.is_available():
-        return "npu"
+        return Platform("npu")
     if torch.cuda.is_available():
-        return "cuda"
-    return "cpu"
+        return Platform("cuda")
+    return Platform("cpu")
 
 
 @lru_cache(maxsize=1)
 def current_platform() -> Platform:
-    return Platform(_detect())
+    return _detect()

@@ -8,17 +8,23 @@ shim, that the installed megatron-core still has the reason the shim exists (and
 unnecessary); a small run that fails without the shim backs the behavioural ones (SHIM_CASES there).
 
 - On cuda nothing CUDA-related is replaced; only the Transformer-Engine-absent shims apply.
-- On npu MindSpeed's adaptor (``mindspeed.megatron_adaptor``) and torch_npu's ``transfer_to_npu`` already route
-  ``torch.cuda`` to ``torch.npu``; we import them (lazily) and add only the TE-absent shims.
-- On cpu the modules below see a stand-in for ``torch`` whose ``cuda`` namespace and ``device="cuda"``
-  arguments resolve to the cpu. Nothing outside those modules is touched.
+- On npu torch_npu alone is enough: its ``transfer_to_npu`` routes ``torch.cuda`` and ``device="cuda"`` to the
+  npu, and the shims marked "npu" handle what it does not (megatron's ``param.type()`` checks against
+  ``torch.cuda.*Tensor`` names, the all-to-all split sizes). MindSpeed's ``megatron_adaptor`` is never imported:
+  it targets megatron-core 0.12.x and, next to 0.16.1, fails on a missing module or swaps in a rotary function
+  with the wrong signature (docs/en/ascend.md). A process that imported it anyway is refused at start-up.
+- Where tensors live in host memory (cpu, and the emulated npu of the tests) the modules below see a stand-in for
+  ``torch`` whose ``cuda`` namespace and ``device="cuda"`` arguments resolve to the cpu (shims marked "host").
+  Nothing outside those modules is touched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
+import sys
 import types
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -32,7 +38,7 @@ from .device import Platform, current_platform
 class Shim:
     target: str  # "package.module:attribute"
     why: str
-    devices: tuple[str, ...]
+    devices: tuple[str, ...]  # 'cpu' | 'cuda' | 'npu', or 'host': wherever tensors live in host memory
     make: Callable[[], Any]  # builds the replacement value
     unless: str | None = None  # a key of KERNELS_PRESENT: the shim is skipped where that kernel is installed
 
@@ -153,12 +159,57 @@ def _move_to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
     return tensor
 
 
+def _npu_type_as_cuda(name: str) -> str:
+    return "torch.cuda." + name[len("torch.npu."):] if name.startswith("torch.npu.") else name
+
+
+@contextlib.contextmanager
+def _npu_types_read_as_cuda():
+    """`tensor.type()` of an npu tensor says 'torch.npu.BFloat16Tensor' where megatron expects
+    'torch.cuda.BFloat16Tensor'. Inside this block only, the npu names read as the cuda ones."""
+    original = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            return _npu_type_as_cuda(original(self))
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _init_with_npu_types_as_cuda(target: str):
+    """A constructor run inside _npu_types_read_as_cuda: megatron's mixed-precision and distributed optimizers
+    sort parameters into fp16/bf16/fp32 groups by `param.type()` in their constructors (and raise TypeError on
+    any other name); nothing after construction looks at the names."""
+
+    def make():
+        owner, attr = Shim(target, "", (), lambda: None).module_and_attr()
+        original = getattr(owner, attr)
+
+        @functools.wraps(original)
+        def __init__(self, *args, **kwargs):
+            with _npu_types_read_as_cuda():
+                original(self, *args, **kwargs)
+
+        return __init__
+
+    return make
+
+
 def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False):
     """megatron's version asserts grad.type() == 'torch.cuda.FloatTensor'; the arithmetic is the same."""
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
     attr = "decoupled_grad" if use_decoupled_grad else "grad"
     grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    for g in grads:
+        # megatron's assertion without the device in the name: clipping scales the fp32 main grads
+        if not use_decoupled_grad and g.dtype != torch.float32:
+            raise TypeError(f"gradient clipping expects fp32 main grads, got {g.dtype} of shape {tuple(g.shape)}")
     clip_coeff = max_norm / (total_norm + 1.0e-6)
     if clip_coeff < 1.0:
         torch._foreach_mul_(grads, clip_coeff)
@@ -230,7 +281,8 @@ def _wgrad_gemm_accumulate(total_input, grad_output, main_grad):
 FUSED_WGRAD = types.SimpleNamespace(
     wgrad_gemm_accum_fp32=_wgrad_gemm_accumulate, wgrad_gemm_accum_fp16=_wgrad_gemm_accumulate
 )
-# Where the shims below provide it; on npu MindSpeed's adaptor owns gradient-accumulation fusion.
+# Where the shims below provide it. Not on npu: torch.addmm(..., out_dtype=fp32) into main_grad is unverified
+# there, so megatron's linears write a weight gradient and DDP adds it (correct, one extra add per weight).
 GRAD_ACCUM_FUSION_DEVICES = ("cpu", "cuda")
 
 
@@ -242,8 +294,8 @@ def _cpu_rng_set(new_state, device=-1, graph_safe=False):
     torch.set_rng_state(new_state)
 
 
-# Modules of megatron-core 0.16.1 that spell the device as CUDA in code we run (the reason for each). On cpu each
-# sees _TORCH_ON_CPU as its `torch`. tests/platform checks that every one still contains a CUDA-only spelling.
+# Modules of megatron-core 0.16.1 that spell the device as CUDA in code we run (the reason for each). Where tensors
+# live in host memory each sees _TORCH_ON_CPU as its `torch` (on a real npu, transfer_to_npu does this job). tests/platform checks that every one still contains a CUDA-only spelling.
 CPU_TORCH_MODULES: dict[str, str] = {
     "megatron.core.pipeline_parallel.schedules": "every schedule allocates total_num_tokens with device='cuda'",
     "megatron.core.transformer.moe.token_dispatcher": "the alltoall dispatcher creates torch.cuda.Stream()",
@@ -286,7 +338,7 @@ KERNELS_PRESENT: dict[str, Callable[[], bool]] = {
 
 
 def _cpu_torch_shim(module: str, why: str) -> "Shim":
-    return Shim(f"{module}:torch", why, ("cpu",), lambda: _TORCH_ON_CPU)
+    return Shim(f"{module}:torch", why, ("host",), lambda: _TORCH_ON_CPU)
 
 
 SHIMS: tuple[Shim, ...] = (
@@ -356,25 +408,39 @@ SHIMS: tuple[Shim, ...] = (
     Shim(
         "megatron.core.models.common.language_module.language_module:LanguageModule.setup_embeddings_and_output_layer",
         "the pipeline embedding sync moves the shared weight with weight.data.cuda().",
-        ("cpu",),
+        ("host",),
         _embedding_setup_on_cpu,
     ),
     Shim(
         "megatron.core.optimizer.optimizer:clip_grad_by_total_norm_fp32",
-        "gradient clipping asserts param.grad.type() == 'torch.cuda.FloatTensor'.",
-        ("cpu",),
+        "gradient clipping asserts param.grad.type() == 'torch.cuda.FloatTensor'; cpu and npu grads have "
+        "other type names.",
+        ("cpu", "npu"),
         lambda: _clip_grad_by_total_norm,
+    ),
+    Shim(
+        "megatron.core.optimizer.optimizer:Float16OptimizerWithFloat16Params.__init__",
+        "--bf16: the constructor groups parameters by param.type() in ['torch.cuda.HalfTensor', "
+        "'torch.cuda.BFloat16Tensor'] / 'torch.cuda.FloatTensor' and raises TypeError on 'torch.npu.*'.",
+        ("npu",),
+        _init_with_npu_types_as_cuda("megatron.core.optimizer.optimizer:Float16OptimizerWithFloat16Params.__init__"),
+    ),
+    Shim(
+        "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.__init__",
+        "--use-distributed-optimizer: the constructor groups parameters by the same torch.cuda type names.",
+        ("npu",),
+        _init_with_npu_types_as_cuda("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.__init__"),
     ),
     Shim(
         "megatron.core.tensor_parallel.random:_get_cuda_rng_state",
         "the RNG tracker's fork() reads the CUDA generator; on cpu the default generator is the one in use.",
-        ("cpu",),
+        ("host",),
         lambda: _cpu_rng_get,
     ),
     Shim(
         "megatron.core.tensor_parallel.random:_set_cuda_rng_state",
         "the RNG tracker's fork() writes the CUDA generator; on cpu the default generator is the one in use.",
-        ("cpu",),
+        ("host",),
         lambda: _cpu_rng_set,
     ),
 )
@@ -383,27 +449,43 @@ _applied: dict[str, Any] = {}
 _ABSENT = object()  # the replaced attribute did not exist (te_general_gemm: its import failed without TE)
 
 
-def _import_npu_adaptor():
-    """On NPU, torch_npu's transfer_to_npu maps torch.cuda to torch.npu, and MindSpeed's adaptor patches
-    Megatron for Ascend. Both are documented entry points; imported only here, only on npu."""
+# MindSpeed's adaptor supports megatron-core 0.12.x only (see the module docstring).
+MINDSPEED_ADAPTOR = "mindspeed.megatron_adaptor"
+
+
+class IncompatibleAdaptorError(RuntimeError):
+    """Something patched megatron for another megatron-core version before our shims ran."""
+
+
+def _import_torch_npu() -> None:
+    """torch_npu registers torch.npu; its transfer_to_npu (the documented entry point) routes torch.cuda and
+    device='cuda' to the npu. Imported only here, only on npu. MindSpeed is not imported: not needed, not
+    compatible (module docstring)."""
+    if MINDSPEED_ADAPTOR in sys.modules:
+        raise IncompatibleAdaptorError(
+            f"{MINDSPEED_ADAPTOR} is imported in this process: it patches megatron-core 0.12.x and breaks 0.16.1 "
+            "(a missing legacy_a2a_token_dispatcher module, a rotary function without cp_group). mindspeed_dsv "
+            "runs on torch_npu alone; remove the import (or the PYTHONPATH entry that imports it)"
+        )
     importlib.import_module("torch_npu")
     importlib.import_module("torch_npu.contrib.transfer_to_npu")
-    try:
-        importlib.import_module("mindspeed.megatron_adaptor")
-    except ImportError:
-        # MindSpeed is optional: without it our own ops layer still reaches the fused NPU kernels.
-        pass
+
+
+def shim_keys(platform: Platform) -> tuple[str, ...]:
+    """The `Shim.devices` entries that apply to this platform."""
+    return (platform.device_type, "host") if platform.tensors_on_host else (platform.device_type,)
 
 
 def apply_megatron_compat(platform: Platform | None = None, skip: tuple[str, ...] = ()) -> list[str]:
     """Apply the shims for this platform once; returns the targets replaced. `skip` is for tests."""
     platform = platform or current_platform()
-    if platform.device_type == "npu" and "npu-adaptor" not in _applied:
-        _import_npu_adaptor()
-        _applied["npu-adaptor"] = True
+    if platform.device_type == "npu" and "torch-npu" not in _applied:
+        _import_torch_npu()
+        _applied["torch-npu"] = True
+    keys = shim_keys(platform)
     done = []
     for shim in SHIMS:
-        if platform.device_type not in shim.devices or shim.target in skip:
+        if not set(keys) & set(shim.devices) or shim.target in skip:
             continue
         if shim.target not in _applied and shim.unless and KERNELS_PRESENT[shim.unless]():
             continue  # the real TE / Apex kernel is installed: megatron uses it as shipped
@@ -418,7 +500,7 @@ def apply_megatron_compat(platform: Platform | None = None, skip: tuple[str, ...
 def undo_megatron_compat() -> None:
     """Restore what apply_megatron_compat replaced (tests use this to prove each shim is needed)."""
     for target, original in list(_applied.items()):
-        if target == "npu-adaptor":
+        if target == "torch-npu":
             continue
         module, attr = Shim(target, "", (), lambda: None).module_and_attr()
         if original is _ABSENT:

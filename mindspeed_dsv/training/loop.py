@@ -86,12 +86,13 @@ def check_run(args) -> tuple[dict, ParallelLayout]:
     if notes and int(os.environ.get("RANK", "0")) == 0:
         print("layout flags taken from the checkpoint: " + ", ".join(notes), flush=True)
     checkpointing.check_save_dir(args.save, args.load, args.lora_load, args.finetune, args.overwrite)
-    if args.use_distributed_optimizer and not platform.is_accelerator:
+    # On npu a shim lets megatron's constructors read torch.npu type names as torch.cuda ones (platform/).
+    if args.use_distributed_optimizer and platform.device_type == "cpu":
         raise ArgumentError(
             "--use-distributed-optimizer needs cuda or npu: megatron-core 0.16.1's distributed optimizer "
             "accepts only torch.cuda parameter types"
         )
-    if args.bf16 and not platform.is_accelerator:
+    if args.bf16 and platform.device_type == "cpu":
         raise ArgumentError("--bf16 needs cuda or npu: megatron-core 0.16.1's mixed-precision optimizer "
                             "accepts only torch.cuda parameter types; train fp32 on cpu")
     check_inputs(args)
@@ -249,9 +250,13 @@ def _forward_step(device, data_iterator, model):
 
 
 def _reduce_lm_loss(losses_reduced) -> float | None:
-    """Average 'lm loss' over micro-batches here, then over the ranks that computed a loss (last stage)."""
+    """Average 'lm loss' over micro-batches here, then over the ranks that computed a loss (last stage): the sum
+    of micro-batch losses over the sum of their counts, so ranks without a loss (earlier stages) add nothing.
+
+    float32, not float64: HCCL on Atlas A2/A3 has no float64 all-reduce. A float32 sum of a few thousand
+    micro-batch means of size ~10 loses nothing visible in a logged loss."""
     platform = current_platform()
-    total = torch.zeros(2, dtype=torch.float64, device=platform.device())
+    total = torch.zeros(2, dtype=torch.float32, device=platform.device())
     for item in losses_reduced:
         total += item["lm loss"].to(total)
     dist.all_reduce(total)

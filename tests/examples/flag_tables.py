@@ -55,6 +55,9 @@ def parsers() -> list[tuple[str, str, argparse.ArgumentParser]]:
     for name, p in sub.choices.items():
         out.append((f"convert-{name}", f"python -m ckpt_convert {name}", p))
     out.append(("plan", "python -m mindspeed_dsv.plan", plan_parser()))
+    from mindspeed_dsv.platform.check import build_parser as check_parser
+
+    out.append(("check", "python -m mindspeed_dsv.platform.check", check_parser()))
     return out
 
 

@@ -156,3 +156,16 @@ def test_real_run_stops_on_missing_inputs(tmp_path):
             {"CKPT_LOAD_DIR": str(tmp_path / "nothing")})
     assert r.returncode == 2
     assert "layout.json" in r.stderr
+
+
+@pytest.mark.parametrize("name", ["pretrain_deepseek3_671b_4k_A3.sh", "tune_deepseek3_671b_4k_full_A2.sh"])
+def test_npu_template_dry_run_prints_kernel_resolution(name):
+    """The A2/A3 dry runs resolve every kernel flag for the npu (env_ascend.sh sets DSV_DEVICE) and print the
+    torch_npu operator each one runs."""
+    r = run([os.path.join(EXAMPLES, name), "--dry-run"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    block = r.stdout.split("kernel flags on npu:\n")[1].split("\n+ ")[0].splitlines()
+    assert [line.split(":")[0].strip() for line in block] == [
+        "--use-flash-attn", "--use-fused-rmsnorm", "--use-fused-rotary-pos-emb", "--use-fused-swiglu",
+        "--moe-grouped-gemm", "--use-fused-moe-token-permute-and-unpermute"]
+    assert "grouped_matmul -> npu: torch_npu.npu_grouped_matmul" in r.stdout

@@ -151,22 +151,48 @@ def test_grouped_matmul_counts_and_grads(npu):
         assert call["group_list_type"] == 1 and call["split_item"] == 3  # counts, single in/out tensor
         assert call["group_list"].tolist() == [3, 0, 4, 2] and call["group_list"].dtype == torch.int64
     assert (fwd["group_type"], dgrad["group_type"], wgrad["group_type"]) == (0, 0, 2)
-    assert fwd["n_weight"] == 4
+    # one 3-D weight (not a list of 4): the form that allows 1024 groups and a transposed weight for dgrad
+    assert (fwd["n_weight"], fwd["weight_dims"], dgrad["weight_dims"]) == (1, [3], [3])
+
+
+def test_grouped_matmul_past_the_list_cap_of_128(npu):
+    """200 experts on one rank: a weight list would be refused by the kernel (128 max); one 3-D weight is not."""
+    fake, fused, ref = npu
+    torch.manual_seed(5)
+    e = 200
+    counts = torch.randint(0, 3, (e,))
+    x = torch.randn(int(counts.sum()), 4, requires_grad=True)
+    w = torch.randn(e, 4, 3, requires_grad=True)
+    out = fused.grouped_matmul(x, w, counts)
+    torch.testing.assert_close(out, ref.grouped_matmul(x, w, counts), rtol=1e-6, atol=1e-6)
+    gx, gw = torch.autograd.grad(out.sum(), (x, w))
+    rx, rw = torch.autograd.grad(ref.grouped_matmul(x, w, counts).sum(), (x, w))
+    torch.testing.assert_close(gx, rx, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gw, rw, rtol=1e-6, atol=1e-6)
+    # the fake keeps the documented cap for the list form, so the old call would fail here
+    with pytest.raises(AssertionError, match="128"):
+        fake.npu_grouped_matmul([x.detach()], list(w.detach().unbind(0)), group_list=counts, split_item=3,
+                                group_type=0, group_list_type=1)
+    with pytest.raises(ValueError, match="at most 1024 groups"):
+        fused.grouped_matmul(torch.randn(0, 4), torch.randn(1025, 4, 3), torch.zeros(1025, dtype=torch.int64))
 
 
 def test_permute_unpermute(npu):
     fake, fused, ref = npu
     torch.manual_seed(4)
     t, topk, e = 6, 2, 4
-    tokens = torch.randn(t, 8, requires_grad=True)
+    tokens = torch.randn(t, 8).bfloat16().requires_grad_()  # the kernel takes bf16 tokens and probs only
     indices = torch.stack([torch.randperm(e)[:topk] for _ in range(t)])
-    probs = torch.rand(t, topk)
+    probs = torch.rand(t, topk).bfloat16()
     p_fused, s_fused = fused.permute(tokens, indices)
     p_ref, s_ref = ref.permute(tokens, indices)
     torch.testing.assert_close(p_fused, p_ref)
     assert torch.equal(s_fused, s_ref) and s_fused.dtype == torch.int32
     out = fused.unpermute(p_fused * 3.0, s_fused, probs)
-    torch.testing.assert_close(out, ref.unpermute(p_ref * 3.0, s_ref, probs), rtol=1e-6, atol=1e-6)
-    assert _calls(fake, "npu_moe_token_unpermute")[0]["probs_dtype"] == torch.float32
-    (g_fused,) = torch.autograd.grad(out.sum(), tokens)
-    torch.testing.assert_close(g_fused, 3.0 * probs.sum(1, keepdim=True).expand(t, 8))
+    torch.testing.assert_close(out, ref.unpermute(p_ref * 3.0, s_ref, probs))
+    assert _calls(fake, "npu_moe_token_unpermute")[0]["probs_dtype"] == torch.bfloat16
+    (g_fused,) = torch.autograd.grad(out.float().sum(), tokens)
+    torch.testing.assert_close(g_fused.float(), 3.0 * probs.float().sum(1, keepdim=True).expand(t, 8),
+                               rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="needs --bf16 on npu"):
+        fused.permute(tokens.float(), indices)

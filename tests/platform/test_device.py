@@ -1,6 +1,5 @@
-"""The device layer on npu, with torch_npu / torch.npu / MindSpeed's adaptor faked at their documented entry points
-(import torch_npu registers torch.npu; torch_npu.contrib.transfer_to_npu and mindspeed.megatron_adaptor patch on
-import), and on cpu for real."""
+"""The device layer on npu, with torch_npu / torch.npu faked at their documented entry points (import torch_npu
+registers torch.npu; torch_npu.contrib.transfer_to_npu patches on import), and on cpu for real."""
 
 import sys
 import types
@@ -47,8 +46,7 @@ class _FakeNpuModule(types.SimpleNamespace):
 def fake_npu(monkeypatch):
     imported = []
     npu = _FakeNpuModule()
-    for name in ("torch_npu", "torch_npu.contrib", "torch_npu.contrib.transfer_to_npu", "mindspeed",
-                 "mindspeed.megatron_adaptor"):
+    for name in ("torch_npu", "torch_npu.contrib", "torch_npu.contrib.transfer_to_npu"):
         mod = types.ModuleType(name)
         monkeypatch.setitem(sys.modules, name, mod)
     real_import = megatron_compat.importlib.import_module
@@ -79,16 +77,44 @@ def test_npu_platform_routes_to_torch_npu(fake_npu):
     assert p.max_memory_allocated() == 123 and p.device_name() == "Ascend910B3"
 
 
-def test_npu_compat_imports_the_adaptors_and_only_te_shims(fake_npu, monkeypatch):
+def test_npu_compat_stands_on_torch_npu_alone(fake_npu, monkeypatch):
     _, imported = fake_npu
     monkeypatch.setattr(megatron_compat, "_applied", {})
     try:
         applied = megatron_compat.apply_megatron_compat(device_mod.current_platform())
-        assert {"torch_npu", "torch_npu.contrib.transfer_to_npu", "mindspeed.megatron_adaptor"} <= set(imported)
-        cpu_only = {s.target for s in megatron_compat.SHIMS if s.devices == ("cpu",)}
-        assert applied and not (set(applied) & cpu_only)  # torch.cuda is torch_npu's business on npu
+        assert {"torch_npu", "torch_npu.contrib.transfer_to_npu"} <= set(imported)
+        assert not [m for m in imported if m.startswith("mindspeed")]  # MindSpeed is never imported
+        host_only = {s.target for s in megatron_compat.SHIMS if s.devices == ("host",)}
+        assert applied and not (set(applied) & host_only)  # torch.cuda is torch_npu's business on npu
+        for target in ("megatron.core.optimizer.optimizer:clip_grad_by_total_norm_fp32",
+                       "megatron.core.optimizer.optimizer:Float16OptimizerWithFloat16Params.__init__",
+                       "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.__init__"):
+            assert target in applied
     finally:
         megatron_compat.undo_megatron_compat()
+
+
+def test_npu_refuses_an_imported_mindspeed_adaptor(fake_npu, monkeypatch):
+    monkeypatch.setattr(megatron_compat, "_applied", {})
+    monkeypatch.setitem(sys.modules, "mindspeed.megatron_adaptor", types.ModuleType("mindspeed.megatron_adaptor"))
+    with pytest.raises(megatron_compat.IncompatibleAdaptorError, match="megatron-core 0.12.x.*remove the import"):
+        megatron_compat.apply_megatron_compat(device_mod.current_platform())
+
+
+def test_emulated_npu_platform(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_npu", types.ModuleType("torch_npu"))
+    monkeypatch.setenv("MINDSPEED_DSV_DEVICE", "npu-emulated")
+    device_mod.current_platform.cache_clear()
+    try:
+        p = device_mod.current_platform()
+        assert (p.device_type, p.emulated, p.backend, p.device(), p.stream()) == ("npu", True, "gloo",
+                                                                                   torch.device("cpu"), None)
+        assert megatron_compat.shim_keys(p) == ("npu", "host")
+        assert megatron_compat.shim_keys(device_mod.Platform("npu")) == ("npu",)
+        with pytest.raises(ValueError, match="only the npu"):
+            device_mod.Platform("cuda", emulated=True)
+    finally:
+        device_mod.current_platform.cache_clear()
 
 
 def test_forcing_npu_without_torch_npu_says_so(monkeypatch):

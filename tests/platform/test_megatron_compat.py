@@ -324,3 +324,47 @@ def test_wgrad_accumulate_bf16_into_fp32_on_cuda():
     expected = main_grad + dy.float().t() @ x.float()
     FUSED_WGRAD.wgrad_gemm_accum_fp32(x, dy, main_grad)
     torch.testing.assert_close(main_grad, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_npu_type_names_pass_megatrons_optimizer_checks_only_with_the_shims(monkeypatch):
+    """On an NPU parameters say 'torch.npu.BFloat16Tensor'; megatron's bf16 optimizer constructor and its grad
+    clipping accept only torch.cuda names. The npu shims let both through; without them both refuse."""
+    from megatron.core.optimizer import OptimizerConfig, clip_grads
+    from megatron.core.optimizer import optimizer as opt_mod
+
+    from mindspeed_dsv.platform.megatron_compat import (
+        _TORCH_ON_CPU,
+        _clip_grad_by_total_norm,
+        _init_with_npu_types_as_cuda,
+    )
+    from tests.ops.fake_torch_npu import npu_type_names
+
+    monkeypatch.setattr(opt_mod, "torch", _TORCH_ON_CPU)  # tensors in host memory, as on the emulated npu
+
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    p.grad = torch.ones(4, dtype=torch.bfloat16)
+    main = torch.nn.Parameter(torch.ones(4))
+    main.grad = torch.full((4,), 3.0)
+    cfg = OptimizerConfig(bf16=True, params_dtype=torch.bfloat16)
+    cls = opt_mod.Float16OptimizerWithFloat16Params
+
+    def build():
+        return cls(torch.optim.SGD([p], lr=0.1), cfg, None, lambda: None)
+
+    with npu_type_names():
+        assert p.type() == "torch.npu.BFloat16Tensor"
+        with pytest.raises(TypeError, match="torch.npu.BFloat16Tensor"):
+            build()
+        with pytest.raises(AssertionError):
+            clip_grads.clip_grad_by_total_norm_fp32([main], max_norm=1.0, total_norm=6.0)  # megatron's own
+        original = cls.__init__
+        cls.__init__ = _init_with_npu_types_as_cuda(
+            "megatron.core.optimizer.optimizer:Float16OptimizerWithFloat16Params.__init__")()
+        try:
+            optimizer = build()
+        finally:
+            cls.__init__ = original
+        assert optimizer.float16_groups[0] == [p] and optimizer.fp32_from_float16_groups[0][0].dtype == torch.float32
+        assert p.type() == "torch.npu.BFloat16Tensor"  # the cuda reading ends with the constructor
+        _clip_grad_by_total_norm([main], max_norm=1.0, total_norm=6.0)
+        assert torch.allclose(main.grad, torch.full((4,), 3.0 / (6.0 + 1e-6)))

@@ -112,7 +112,8 @@ dsv_run() {
 
 # dsv_train ENTRY FLAGS...: launch ENTRY (pretrain_gpt.py / posttrain_gpt.py) with torchrun, or on a dry run
 # parse and check FLAGS with the trainer's own parser and print the plan of the same flags.
-# Uses NNODES, NODE_RANK, DEVICES_PER_NODE, MASTER_ADDR, MASTER_PORT, DEVICE_MEMORY_GB, FALLBACK_MODEL_CONFIG.
+# Uses NNODES, NODE_RANK, DEVICES_PER_NODE, MASTER_ADDR, MASTER_PORT, DEVICE_MEMORY_GB, FALLBACK_MODEL_CONFIG,
+# DSV_DEVICE (the device the dry run resolves kernel flags for; set by env_ascend.sh / env_gpu.sh).
 dsv_train() {
     local entry="$1"; shift
     local world=$(( NNODES * DEVICES_PER_NODE ))
@@ -120,7 +121,8 @@ dsv_train() {
         dsv_log "dry run: world ${world} (${NNODES} nodes x ${DEVICES_PER_NODE})"
         "${PYTHON}" "${DSV_EXAMPLES_DIR}/dry_run.py" --prog "$(basename "${entry}")" --world-size "${world}" \
             ${DEVICE_MEMORY_GB:+--device-memory-gb "${DEVICE_MEMORY_GB}"} \
-            ${FALLBACK_MODEL_CONFIG:+--fallback-model-config "${FALLBACK_MODEL_CONFIG}"} -- "$@"
+            ${FALLBACK_MODEL_CONFIG:+--fallback-model-config "${FALLBACK_MODEL_CONFIG}"} \
+            ${DSV_DEVICE:+--device "${DSV_DEVICE}"} -- "$@"
         return $?
     fi
     # The trainer's checks that need no process group, in one process first: a bad flag or input is one line

@@ -10,7 +10,10 @@
    (``mindspeed_dsv.training.records.resolve``): the --load/--lora-load checkpoint's layout.json (layout flags
    not given are taken from it, as in the run) and the instruction dataset's {prefix}_summary.json
    (--seq-length). Exit 2 naming the flags. A checkpoint or dataset that does not exist yet is not checked.
-3. ``python -m mindspeed_dsv.plan`` runs on the subset of the flags it models (layout, batch, precision,
+3. Each kernel flag is resolved for ``--device`` (the template's device: env_ascend.sh / env_gpu.sh set
+   DSV_DEVICE; default the detected one) and printed with the kernel it runs there; a flag that device cannot
+   honour fails the dry run (exit 2) as it would fail the launch.
+4. ``python -m mindspeed_dsv.plan`` runs on the subset of the flags it models (layout, batch, precision,
    optimizer sharding, recompute, LoRA/QLoRA): per-stage layers, parameters and memory per device.
 
 Nothing is allocated and no process group is started. ``--fallback-model-config`` is used when the flags name
@@ -71,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fallback-model-config", default=None,
                    help="config.json (or its directory) used when the training flags name none that exists.")
     p.add_argument("--prog", default="mindspeed_dsv.train", help="Program name in error messages.")
+    p.add_argument("--device", choices=("cpu", "cuda", "npu"), default=None,
+                   help="Device the kernel flags are resolved for (default: the detected one).")
     args = p.parse_args(own)
 
     from mindspeed_dsv.layout import LayoutError
@@ -102,8 +107,24 @@ def main(argv: list[str] | None = None) -> int:
     if notes:
         print("layout flags taken from the checkpoint: " + ", ".join(notes))
 
+    from mindspeed_dsv.ops.config import OpsConfig, OpUnavailableError, describe_flags, resolve_impls
+
+    ops_cfg = OpsConfig.from_args(ns)
+    device = args.device
+    if device is None:
+        from mindspeed_dsv.platform import current_platform
+
+        device = current_platform().device_type
+    try:  # what this device can do, not what this install has (the dry run may run on another machine)
+        resolve_impls(ops_cfg, device, check_install=False)
+    except OpUnavailableError as err:
+        parser.error(str(err))
+
     pargv = plan_argv(ns, cfg_path, args.world_size, args.device_memory_gb)
     print("training flags OK (" + f"{len(train_argv)} arguments, world size {args.world_size})")
+    print(f"kernel flags on {device}:" + ("" if any(vars(ops_cfg).values()) else " (none on)"))
+    for line in describe_flags(ops_cfg, device, check_install=False):
+        print(f"  {line}")
     print("+ python -m mindspeed_dsv.plan " + " ".join(shlex.quote(a) for a in pargv))
     sys.stdout.flush()
     return plan_main(pargv)

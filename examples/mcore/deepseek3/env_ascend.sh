@@ -14,3 +14,4 @@ export PYTORCH_NPU_ALLOC_CONF=${PYTORCH_NPU_ALLOC_CONF:-expandable_segments:True
 export TASK_QUEUE_ENABLE=${TASK_QUEUE_ENABLE:-2}                       # torch_npu two-level task queue
 export CPU_AFFINITY_CONF=${CPU_AFFINITY_CONF:-1}                       # bind each rank to its NUMA cores
 export STREAMS_PER_DEVICE=${STREAMS_PER_DEVICE:-32}
+DSV_DEVICE=${DSV_DEVICE:-npu}   # the device --dry-run resolves the kernel flags for

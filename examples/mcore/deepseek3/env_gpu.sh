@@ -4,3 +4,4 @@ export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:Tr
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}        # NVLink multicast off
 export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+DSV_DEVICE=${DSV_DEVICE:-cuda}   # the device --dry-run resolves the kernel flags for
