@@ -76,11 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-load", default=None,
                    help="Adapter-only checkpoint (same rank layout) to merge into the base weights. Without it, "
                         "LoRA keys found in --load-dir itself are merged.")
-    p.add_argument("--lora-r", type=int, default=None, help="LoRA rank, as in training.")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha, as in training (scale alpha/r).")
+    p.add_argument("--lora-r", type=int, default=None,
+                   help="LoRA rank. Default: the lora_r training recorded in the adapter checkpoint; needed only "
+                        "for checkpoints that record none; a value differing from the recorded one is refused.")
+    p.add_argument("--lora-alpha", type=float, default=None,
+                   help="LoRA alpha (scale alpha/r). Default: the recorded lora_alpha; needed only for "
+                        "checkpoints that record none; a value differing from the recorded one is refused.")
     p.add_argument("--lora-target-modules", nargs="+", default=None,
-                   help="Megatron module names LoRA was applied to (linear_q_up_proj linear_proj linear_fc1 ...); "
-                        "with --save-lora-to-hf, only these are exported.")
+                   help="Megatron module names LoRA was applied to (linear_q_up_proj linear_proj linear_fc1 ...). "
+                        "Default: the recorded ones (all adapters found if none recorded). A merge refuses a list "
+                        "that differs from the recorded one; with --save-lora-to-hf a part of it selects what is "
+                        "exported; without a record, only adapters of these modules are merged/exported.")
     p.add_argument("--save-lora-to-hf", action="store_true",
                    help="--load-dir holds only LoRA weights: write a PEFT adapter (adapter_config.json + "
                         "adapter_model.safetensors) instead of merged weights. Not with --moe-grouped-gemm.")
@@ -195,20 +201,20 @@ def cmd_mcore2hf(ns) -> int:
     given["moe_tp_extend_ep"] = ns.moe_tp_extend_ep or None
     given["dualpipev"] = True if ns.schedules_method == "dualpipev" else None
     if ns.save_lora_to_hf:
-        if ns.lora_r is None or ns.lora_alpha is None:
-            raise SystemExit("error: --save-lora-to-hf needs --lora-r and --lora-alpha")
+        from ckpt_convert.lora import export_peft, lora_settings
+
+        r, alpha, targets = lora_settings(ns.load_dir, ns.lora_r, ns.lora_alpha, ns.lora_target_modules,
+                                          subset_ok=True)
         layout = ParallelLayout.load(ns.load_dir)
         mcore2hf._check_flags(layout, given, ns.load_dir)
         cfg = hf_io.read_config(ns.load_dir)
         rec = read_record(ns.load_dir)
         reader = McoreReader(ns.load_dir, layout, cfg, mla_mm_split=bool(rec.get("mla_mm_split", False)))
-        from ckpt_convert.lora import export_peft
-
-        stats = export_peft(reader, cfg, layout, ns.save_dir, ns.lora_r, ns.lora_alpha, ns.lora_target_modules,
-                            base_model=rec.get("source_dir"))
+        stats = export_peft(reader, cfg, layout, ns.save_dir, r, alpha, targets, base_model=rec.get("source_dir"))
     else:
         stats = mcore2hf.convert(ns.load_dir, ns.save_dir, given, ns.lora_load, ns.lora_r, ns.lora_alpha,
-                                 ns.save_fp8, ns.workers, not ns.no_progress, ns.mla_mm_split, ns.tokenizer_dir)
+                                 ns.save_fp8, ns.workers, not ns.no_progress, ns.mla_mm_split, ns.tokenizer_dir,
+                                 ns.lora_target_modules)
     print(json.dumps({"save_dir": ns.save_dir, **stats}))
     return 0
 

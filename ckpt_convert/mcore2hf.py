@@ -31,7 +31,8 @@ def hf_groups(reader: McoreReader, cfg: dict, layout: ParallelLayout) -> list[tu
 def _reader(spec) -> McoreReader:
     layout = ParallelLayout.from_dict(spec["layout"])
     return McoreReader(spec["dir"], layout, spec["cfg"], mla_mm_split=spec["mla_mm_split"],
-                       lora_dir=spec["lora_dir"], lora_alpha=spec["lora_alpha"], lora_r=spec["lora_r"])
+                       lora_dir=spec["lora_dir"], lora_alpha=spec["lora_alpha"], lora_r=spec["lora_r"],
+                       lora_target_modules=spec["lora_target_modules"])
 
 
 _R: dict = {}  # the process's reader (the parent's in serial mode, one per worker process otherwise)
@@ -51,7 +52,8 @@ def _write_group(spec, names, shared, path, fp8):
 
 def convert(load_dir: str, save_dir: str, given_layout: dict, lora_load: str | None = None, lora_r=None,
             lora_alpha=None, save_fp8: bool = False, workers: int = 1, progress: bool = True,
-            mla_mm_split: bool | None = None, tokenizer_dir: str | None = None) -> dict:
+            mla_mm_split: bool | None = None, tokenizer_dir: str | None = None,
+            lora_target_modules: list[str] | None = None) -> dict:
     t0 = time.time()
     layout = ParallelLayout.load(load_dir)
     _check_flags(layout, given_layout, load_dir)
@@ -65,8 +67,15 @@ def convert(load_dir: str, save_dir: str, given_layout: dict, lora_load: str | N
         if ll is not None and ll.diff(layout):
             raise McoreCheckpointError(f"--lora-load {lora_load}: its layout differs from the base checkpoint:\n  "
                                        + "\n  ".join(ll.diff(layout)))
+    # The adapters' r/alpha/target modules as training recorded them (flags may only repeat them); a base
+    # without recorded LoRA settings and without --lora-load keeps the flags (needed only if it holds adapters).
+    from ckpt_convert.lora import lora_settings, recorded_lora
+
+    if lora_load is not None or recorded_lora(load_dir)["lora_r"] is not None:
+        lora_r, lora_alpha, lora_target_modules = lora_settings(lora_load or load_dir, lora_r, lora_alpha,
+                                                                lora_target_modules)
     spec = dict(dir=load_dir, layout=layout.to_dict(), cfg=cfg, mla_mm_split=recorded_split, lora_dir=lora_load,
-                lora_alpha=lora_alpha, lora_r=lora_r)
+                lora_alpha=lora_alpha, lora_r=lora_r, lora_target_modules=lora_target_modules)
     reader = _reader(spec)
     extra = reader.unexpected_keys()
     if extra:
@@ -102,13 +111,16 @@ def convert(load_dir: str, save_dir: str, given_layout: dict, lora_load: str | N
                 results.append((futs[f], f.result()))
                 bar.update(1)
     bar.close()
+    # Every process reports how many adapters its reader merged (a worker's count covers all its groups).
     for fname, (info, used) in results:
         lora_merged = max(lora_merged, used)
         for name, (_, nbytes) in info.items():
             weight_map[name] = fname
             total += nbytes
-    if lora_load is not None and workers <= 1 and lora_merged == 0:
-        raise McoreCheckpointError(f"--lora-load {lora_load}: no LoRA weights matched any base tensor")
+    if lora_load is not None and lora_merged == 0:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise McoreCheckpointError(f"--lora-load {lora_load}: no LoRA weights matched any base tensor "
+                                   f"(target modules {lora_target_modules or 'any'})")
     for fname in files:
         os.replace(os.path.join(tmp_dir, fname), os.path.join(save_dir, fname))
     shutil.rmtree(tmp_dir, ignore_errors=True)
