@@ -11,8 +11,7 @@ frozen weight lives from a layer's forward to its backward, only while that laye
 communication (TP all-reduce, SP all-gather / reduce-scatter, expert comm) runs unchanged.
 
 `dequantize_model_weights(model)` puts dequantized weights back as frozen Parameters under their Megatron
-names (`--qlora-save-dequantize`: the saved checkpoint is a plain bf16 LoRA checkpoint that ckpt_convert
-merges like any other).
+names, in memory (what mcore2hf does to an `hf2mcore --qlora-nf4` base before merging adapters into it).
 """
 
 from __future__ import annotations
