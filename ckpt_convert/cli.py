@@ -93,11 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-load", default=None,
                    help="Adapter-only checkpoint (same rank layout) to merge into the base weights. Without it, "
                         "LoRA keys found in --load-dir itself are merged.")
-    p.add_argument("--lora-r", type=int, default=None, help="LoRA rank, as in training.")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha, as in training (scale alpha/r).")
+    p.add_argument("--lora-r", type=int, default=None,
+                   help="LoRA rank. Default: the lora_r training recorded in the adapter checkpoint; needed only "
+                        "for checkpoints that record none; a value differing from the recorded one is refused.")
+    p.add_argument("--lora-alpha", type=float, default=None,
+                   help="LoRA alpha (scale alpha/r). Default: the recorded lora_alpha; needed only for "
+                        "checkpoints that record none; a value differing from the recorded one is refused.")
     p.add_argument("--lora-target-modules", nargs="+", default=None,
-                   help="Megatron module names LoRA was applied to (linear_q_up_proj linear_proj linear_fc1 ...); "
-                        "with --save-lora-to-hf, only these are exported.")
+                   help="Megatron module names LoRA was applied to (linear_q_up_proj linear_proj linear_fc1 ...). "
+                        "Default: the recorded ones (all adapters found if none recorded). A merge refuses a list "
+                        "that differs from the recorded one; with --save-lora-to-hf a part of it selects what is "
+                        "exported; without a record, only adapters of these modules are merged/exported.")
     p.add_argument("--save-lora-to-hf", action="store_true",
                    help="--load-dir holds only LoRA weights: write a PEFT adapter (adapter_config.json + "
                         "adapter_model.safetensors) instead of merged weights. Not with --moe-grouped-gemm.")
@@ -329,23 +335,22 @@ def cmd_mcore2hf(ns) -> int:
     hf_io.check_save_dir(ns.save_dir, [ns.load_dir] + ([ns.lora_load] if ns.lora_load else []), ns.overwrite)
     verify = not ns.no_verify_checksums
     if ns.save_lora_to_hf:
-        if ns.lora_r is None or ns.lora_alpha is None:
-            raise SystemExit("error: --save-lora-to-hf needs --lora-r and --lora-alpha")
+        from ckpt_convert.lora import export_peft, lora_settings
+
+        r, alpha, targets = lora_settings(ns.load_dir, ns.lora_r, ns.lora_alpha, ns.lora_target_modules,
+                                          subset_ok=True)
         layout = ParallelLayout.load(ns.load_dir)
         mcore2hf._check_flags(layout, given, ns.load_dir)
         cfg = hf_io.read_config(ns.load_dir)
         rec = read_record(ns.load_dir)
         reader = McoreReader(ns.load_dir, layout, cfg, mla_mm_split=bool(rec.get("mla_mm_split", False)),
                              verify_checksums=verify)
-        from ckpt_convert.lora import export_peft
-
         with hf_io.staged_dir(ns.save_dir) as stage:  # published whole, like mcore2hf.convert's export
-            stats = export_peft(reader, cfg, layout, stage, ns.lora_r, ns.lora_alpha, ns.lora_target_modules,
-                                base_model=rec.get("source_dir"))
+            stats = export_peft(reader, cfg, layout, stage, r, alpha, targets, base_model=rec.get("source_dir"))
     else:
         stats = mcore2hf.convert(ns.load_dir, ns.save_dir, given, ns.lora_load, ns.lora_r, ns.lora_alpha,
                                  ns.save_fp8, ns.workers, not ns.no_progress, ns.mla_mm_split, ns.tokenizer_dir,
-                                 verify_checksums=verify)
+                                 verify_checksums=verify, lora_target_modules=ns.lora_target_modules)
     print(json.dumps({"save_dir": ns.save_dir, **stats}))
     return 0
 

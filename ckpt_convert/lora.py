@@ -4,6 +4,10 @@ Adapter checkpoints use the base checkpoint's rank layout with keys `<base modul
 `.lora_B.weight` (mindspeed_dsv.peft.lora). A follows the base's input split and B its output split
 (names.lora_splits), so each rank's adapter merges into that rank's shard: W_k + s * B_k @ A (column) or
 W_k + s * B @ A_k (row), which is exactly the corresponding slice of W + s * B @ A.
+
+The scale s = alpha / r comes from the training checkpoint itself (`args.lora_r`, `args.lora_alpha` and
+`args.lora_target_modules` of its rank files, `lora_settings`): a flag may repeat a recorded value but not
+contradict it, so a merge cannot silently use another scale than training did.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
+from ckpt_convert.mcore_io import load_rank_file, rank_file, read_iteration
 from mindspeed_dsv.files import fsync_path, write_json_atomic
 from mindspeed_dsv.layout import ParallelLayout
 from mindspeed_dsv.models import names as nm
@@ -20,6 +25,50 @@ from mindspeed_dsv.peft.lora import merge_lora
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
+
+
+def recorded_lora(ckpt_dir: str) -> dict:
+    """`lora_r`, `lora_alpha`, `lora_target_modules` as training recorded them in `args` of the checkpoint's
+    first rank file; a value is None where the file records none (a converted base, or a hand-made file)."""
+    layout = ParallelLayout.load(ckpt_dir)
+    state = load_rank_file(rank_file(ckpt_dir, layout, 0, 0, 0, read_iteration(ckpt_dir)))
+    args = state.get("args")
+    r = getattr(args, "lora_r", None) or None  # training's 0 means "no LoRA"
+    targets = getattr(args, "lora_target_modules", None) if r else None
+    return {"lora_r": r, "lora_alpha": getattr(args, "lora_alpha", None) if r else None,
+            "lora_target_modules": sorted(targets) if targets else None}
+
+
+def lora_settings(ckpt_dir: str, lora_r: int | None, lora_alpha: float | None,
+                  target_modules: list[str] | None, subset_ok: bool = False) -> tuple[int, float, list[str] | None]:
+    """(r, alpha, target modules) for merging or exporting the adapters of `ckpt_dir`: the recorded values,
+    with the flags filling what is not recorded. A flag that contradicts a recorded value is refused, naming
+    both. `subset_ok`: --lora-target-modules may name part of the recorded modules (PEFT export selects)."""
+    rec = recorded_lora(ckpt_dir)
+    given = {"lora_r": lora_r, "lora_alpha": lora_alpha,
+             "lora_target_modules": sorted(set(target_modules)) if target_modules else None}
+    for key, value in given.items():
+        have = rec[key]
+        if value is None or have is None:
+            continue
+        if key == "lora_target_modules":
+            extra = sorted(set(value) - set(have))
+            if extra or (value != have and not subset_ok):
+                raise ValueError(f"--lora-target-modules {' '.join(value)} conflicts with the modules training "
+                                 f"adapted, recorded in {ckpt_dir}: {' '.join(have)}"
+                                 + (f" (not trained: {' '.join(extra)})" if extra else ""))
+        elif float(value) != float(have):
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(f"{flag} {value} conflicts with {key} {have} recorded by training in {ckpt_dir}; "
+                             f"drop the flag (the recorded value is used) or give {have}")
+    r = rec["lora_r"] if rec["lora_r"] is not None else lora_r
+    alpha = rec["lora_alpha"] if rec["lora_alpha"] is not None else lora_alpha
+    if r is None or alpha is None:
+        missing = [f for f, v in (("--lora-r", r), ("--lora-alpha", alpha)) if v is None]
+        raise ValueError(f"{ckpt_dir} records no LoRA settings (no args.lora_r/lora_alpha in its rank files); "
+                         f"give {' and '.join(missing)}")
+    targets = given["lora_target_modules"] or rec["lora_target_modules"]
+    return int(r), float(alpha), targets
 
 
 def merge_lora_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, r: int) -> torch.Tensor:

@@ -31,7 +31,7 @@ def _reader(spec) -> McoreReader:
     layout = ParallelLayout.from_dict(spec["layout"])
     return McoreReader(spec["dir"], layout, spec["cfg"], mla_mm_split=spec["mla_mm_split"],
                        lora_dir=spec["lora_dir"], lora_alpha=spec["lora_alpha"], lora_r=spec["lora_r"],
-                       verify_checksums=spec["verify_checksums"])
+                       verify_checksums=spec["verify_checksums"], lora_target_modules=spec["lora_target_modules"])
 
 
 _R: dict = {}  # the process's reader (the parent's in serial mode, one per worker process otherwise)
@@ -52,8 +52,8 @@ def _write_group(spec, names, shared, path, fp8):
 
 def convert(load_dir: str, save_dir: str, given_layout: dict, lora_load: str | None = None, lora_r=None,
             lora_alpha=None, save_fp8: bool = False, workers: int = 1, progress: bool = True,
-            mla_mm_split: bool | None = None, tokenizer_dir: str | None = None, verify_checksums: bool = True
-            ) -> dict:
+            mla_mm_split: bool | None = None, tokenizer_dir: str | None = None, verify_checksums: bool = True,
+            lora_target_modules: list[str] | None = None) -> dict:
     """Write the HF export of `load_dir` as `save_dir`, which is replaced as a whole once the export is complete
     (hf_io.staged_dir); the caller has checked `save_dir` (hf_io.check_save_dir)."""
     t0 = time.time()
@@ -69,8 +69,16 @@ def convert(load_dir: str, save_dir: str, given_layout: dict, lora_load: str | N
         if ll is not None and ll.diff(layout):
             raise McoreCheckpointError(f"--lora-load {lora_load}: its layout differs from the base checkpoint:\n  "
                                        + "\n  ".join(ll.diff(layout)))
+    # The adapters' r/alpha/target modules as training recorded them (flags may only repeat them); a base
+    # without recorded LoRA settings and without --lora-load keeps the flags (needed only if it holds adapters).
+    from ckpt_convert.lora import lora_settings, recorded_lora
+
+    if lora_load is not None or recorded_lora(load_dir)["lora_r"] is not None:
+        lora_r, lora_alpha, lora_target_modules = lora_settings(lora_load or load_dir, lora_r, lora_alpha,
+                                                                lora_target_modules)
     spec = dict(dir=load_dir, layout=layout.to_dict(), cfg=cfg, mla_mm_split=recorded_split, lora_dir=lora_load,
-                lora_alpha=lora_alpha, lora_r=lora_r, verify_checksums=verify_checksums)
+                lora_alpha=lora_alpha, lora_r=lora_r, verify_checksums=verify_checksums,
+                lora_target_modules=lora_target_modules)
     reader = _reader(spec)
     if reader.adapter_only():
         raise McoreCheckpointError(f"--load-dir {load_dir}: adapter-only checkpoint (lora_only recorded): pass the "
@@ -119,14 +127,16 @@ def _write_export(out_dir, spec, reader, groups, shared, record, load_dir, lora_
                 bar.update(1)
     bar.close()
     checksums = {}
+    # Every process reports how many adapters its reader merged (a worker's count covers all its groups).
     for fname, (info, used, digest) in results:
         lora_merged = max(lora_merged, used)
         checksums[fname] = digest
         for name, (_, nbytes) in info.items():
             weight_map[name] = fname
             total += nbytes
-    if lora_load is not None and workers <= 1 and lora_merged == 0:
-        raise McoreCheckpointError(f"--lora-load {lora_load}: no LoRA weights matched any base tensor")
+    if lora_load is not None and lora_merged == 0:  # raised inside staged_dir: nothing is published
+        raise McoreCheckpointError(f"--lora-load {lora_load}: no LoRA weights matched any base tensor "
+                                   f"(target modules {spec['lora_target_modules'] or 'any'})")
     hf_io.write_index(out_dir, weight_map, total, checksums)
     out_cfg = dict(cfg)
     if save_fp8:

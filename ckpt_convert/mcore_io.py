@@ -131,7 +131,8 @@ class McoreReader:
 
     def __init__(self, load_dir: str, layout: ParallelLayout, cfg: dict, mla_mm_split: bool = False,
                  lora_dir: str | None = None, lora_alpha: float | None = None, lora_r: int | None = None,
-                 merge_lora_in_base: bool = True, verify_checksums: bool = True):
+                 merge_lora_in_base: bool = True, verify_checksums: bool = True,
+                 lora_target_modules: list[str] | None = None):
         self.dir = load_dir
         self.verify_checksums = verify_checksums
         self._verified: set[str] = set()  # hashed once, however often the LRU below reloads a file
@@ -144,6 +145,7 @@ class McoreReader:
         self.iteration = self.iterations[load_dir]
         self.lora_dir = lora_dir
         self.lora_alpha, self.lora_r = lora_alpha, lora_r
+        self.lora_target_modules = set(lora_target_modules) if lora_target_modules else None  # None: all
         self.merge_lora_in_base = merge_lora_in_base
         self._mm_split = mla_mm_split
         # HF name -> list of (tp, pp, ep, chunk key, TensorMap); the first stage holding it wins
@@ -211,6 +213,8 @@ class McoreReader:
         else:
             return w
         if a_key not in sd and b_key not in sd:
+            return w
+        if self.lora_target_modules is not None and m.lora_module.rsplit(".", 1)[-1] not in self.lora_target_modules:
             return w
         if a_key not in sd or b_key not in sd:
             raise McoreCheckpointError(f"LoRA for {m.lora_module}: only one of lora_A/lora_B is present")

@@ -96,6 +96,15 @@ class Tensor:
         local = self.count / (layout.ep * (layout.tp if layout.moe_tp_extend_ep else 1))
         return one * local / layout.expert_tp
 
+    def local_one_numel(self, layout: ParallelLayout) -> float:
+        """Elements of one of the `count` tensors on a device (one expert's shard, not all local experts)."""
+        one = math.prod(self.shape)
+        if self.split == "rep":
+            return one
+        if self.split in ("col", "row", "vocab"):
+            return one / layout.tp
+        return one / layout.expert_tp
+
     def local_lora_numel(self, layout: ParallelLayout, r: int) -> float:
         """LoRA A (r x in) and B (out x r) on this device: the side that the base weight splits is split too."""
         if not self.linear:
@@ -454,8 +463,13 @@ def make_plan(model_cfg: Any, layout: ParallelLayout, train_args: TrainArgs | No
         # ---- memory
         w_bytes = 2 if train.bf16 else 4
         if train.qlora_nf4:
-            weights = sum(t.local_numel(layout) * (NF4_BYTES_PER_PARAM if (t.linear or t.group == "output") else w_bytes)
+            # Only what training quantizes is NF4: the LoRA-targeted linears (every one, as --lora-r assumes).
+            # Embedding, output layer, norms, router and MTP's eh_proj stay in the training dtype. Each QLoRA
+            # linear dequantizes its weight only while it computes (forward, and again in the backward), so one
+            # layer's dequantized weight is alive at a time: the largest one is added.
+            weights = sum(t.local_numel(layout) * (NF4_BYTES_PER_PARAM if t.linear else w_bytes)
                           for t in stage_tensors)
+            weights += max((t.local_one_numel(layout) for t in stage_tensors if t.linear), default=0) * w_bytes
         else:
             weights = local(stage_tensors) * w_bytes
         if lora_r:

@@ -193,8 +193,6 @@ def build_parser(prog: str = "mindspeed_dsv.train") -> argparse.ArgumentParser:
     lo.add_argument("--lora-ckpt-filter", action="store_true", help="Save only the LoRA adapter weights.")
     lo.add_argument("--qlora-nf4", "--qlora", dest="qlora_nf4", action="store_true",
                     help="Store frozen base weights of the targeted linears as NF4 (QLoRA).")
-    lo.add_argument("--qlora-save-dequantize", action="store_true",
-                    help="Save dequantized base weights with the checkpoint (so mcore2hf needs no NF4 step).")
     return p
 
 
@@ -228,8 +226,10 @@ def validate(args: argparse.Namespace, world_size: int, model_cfg: dict | None =
         problems.append("LoRA flags (--lora-target-modules/--lora-ckpt-filter/--lora-load/--qlora-nf4) need --lora-r > 0")
     if args.lora_r and not args.lora_target_modules:
         problems.append("--lora-r needs --lora-target-modules")
-    if args.qlora_save_dequantize and not args.qlora_nf4:
-        problems.append("--qlora-save-dequantize needs --qlora-nf4")
+    if args.qlora_nf4 and args.save and not args.lora_ckpt_filter:
+        # The base weights live as NF4 outside the model's parameters, so a full save would lack them.
+        problems.append("--qlora-nf4 with --save needs --lora-ckpt-filter (QLoRA saves its adapters; the frozen "
+                        "base is the --load checkpoint, or its NF4 form from hf2mcore --qlora-nf4 for merging)")
     if args.eval_interval and not args.eval_iters:
         problems.append("--eval-interval needs --eval-iters > 0")
     if not args.data_path:

@@ -108,6 +108,7 @@ def setup(args) -> TrainState:
 
     ops = configure_ops(OpsConfig.from_args(args), platform)  # raises, naming the flag, before any weight exists
     chunks = layout.num_model_chunks
+    qlora = bool(args.lora_r and args.qlora_nf4)
     init_distributed(tp=layout.tp, pp=layout.pp, ep=layout.ep, vpp=chunks if chunks > 1 else None, seed=args.seed)
 
     params_dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -126,14 +127,20 @@ def setup(args) -> TrainState:
         # comes from a shim in platform/megatron_compat.py)
         gradient_accumulation_fusion=(not args.no_gradient_accumulation_fusion
                                       and platform.device_type in GRAD_ACCUM_FUSION_DEVICES),
+        # QLoRA builds and loads on the host: apply_qlora then quantizes one layer's weight at a time onto the
+        # device, so the bf16 shard never exists there whole (see below).
+        use_cpu_initialization=True if qlora else None,
+        # ... where random init of weights that --load overwrites (strictly) would only cost host time.
+        **({"perform_initialization": False} if qlora and args.load else {}),
         **_recompute_options(args),
     )
     models = [
         build_model(cfg, layout, vp_stage=(i if chunks > 1 else None), config=tconfig) for i in range(chunks)
     ]
     device = platform.device()
-    for m in models:
-        m.to(device)
+    if not qlora:
+        for m in models:
+            m.to(device)
     # Weights first, then adapters: QLoRA quantizes the loaded base, and LoRA's frozen base must be the
     # checkpoint's. The optimizer is built afterwards, so its fp32 master copies start from the loaded weights.
     resume = None  # (path, file state) whose optimizer/scheduler/iteration the run continues from
@@ -142,13 +149,16 @@ def setup(args) -> TrainState:
         checkpointing.load_weights(path, loaded, models, layout, adapters=False)
         resume = (path, loaded)
     if args.lora_r:
-        models = [_apply_lora(m, args) for m in models]
+        models = [_apply_lora(m, args, device) for m in models]
         if resume is not None and checkpointing.has_adapters(resume[1]):
             checkpointing.load_weights(*resume, models, layout, adapters=True)
         if args.lora_load:
             path, adapters = checkpointing.read_checkpoint(args.lora_load, layout, verify=not args.no_verify_checksums)
             checkpointing.load_weights(path, adapters, models, layout, adapters=True)
             resume = (path, adapters)
+    if qlora:  # the NF4 storage is on the device already; the adapters and untargeted weights follow
+        for m in models:
+            m.to(device)
 
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -211,7 +221,7 @@ def setup(args) -> TrainState:
     return state
 
 
-def _apply_lora(model, args):
+def _apply_lora(model, args, device):
     from mindspeed_dsv.peft.lora import LoraConfig, apply_lora
 
     cfg = LoraConfig(lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
@@ -219,7 +229,7 @@ def _apply_lora(model, args):
     if args.qlora_nf4:
         from mindspeed_dsv.peft.qlora import apply_qlora
 
-        return apply_qlora(model, cfg)
+        return apply_qlora(model, cfg, device=device)
     return apply_lora(model, cfg)
 
 

@@ -22,15 +22,18 @@ def full_adapter(hf_module: str, out_f: int, in_f: int):
     return torch.randn(R, in_f, generator=g) * 0.1, torch.randn(out_f, R, generator=g) * 0.1
 
 
-def write_adapter_ckpt(base_dir, out_dir, hf, with_experts, with_mlp=True):
+def write_adapter_ckpt(base_dir, out_dir, hf, with_experts, with_mlp=True, record=True):
     """Adapters for every LoRA-able linear, sharded by hand: column base -> A whole, B rows of this rank
-    (linear_fc1: [B_gate rows; B_up rows]); row base -> A columns of this rank, B whole."""
+    (linear_fc1: [B_gate rows; B_up rows]); row base -> A columns of this rank, B whole. `record`: the rank
+    files' args carry lora_r/lora_alpha/lora_target_modules as training writes them."""
+    import argparse
     import json
     import shutil
 
     layout = ParallelLayout.load(base_dir)
     cfg = json.load(open(os.path.join(base_dir, "config.json")))
     expected = {}
+    chunks_of = {}
     for tp, pp, ep in all_ranks(layout):
         chunks = {}
         for c in range(layout.num_model_chunks):
@@ -62,7 +65,12 @@ def write_adapter_ckpt(base_dir, out_dir, hf, with_experts, with_mlp=True):
                 sd[m.lora_module + ".lora_A.weight"] = a.contiguous()
                 sd[m.lora_module + ".lora_B.weight"] = b.contiguous()
             chunks[nm.chunk_key(layout, c)] = sd
-        save_rank_file(rank_file(out_dir, layout, tp, pp, ep), chunks, None)
+        chunks_of[(tp, pp, ep)] = chunks
+    targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for ch in chunks_of.values() for sd in ch.values()
+                      for k in sd})
+    args = argparse.Namespace(lora_r=R, lora_alpha=ALPHA, lora_target_modules=targets) if record else None
+    for (tp, pp, ep), chunks in chunks_of.items():
+        save_rank_file(rank_file(out_dir, layout, tp, pp, ep), chunks, args)
     layout.save(out_dir)
     for f in ("config.json", "latest_checkpointed_iteration.txt", "convert.json"):
         shutil.copy(os.path.join(base_dir, f), out_dir)
@@ -82,8 +90,9 @@ def test_merge_equals_independent_formula(base, tmp_path):
     src, mc, hf = base
     expected = write_adapter_ckpt(mc, str(tmp_path / "lora"), hf, with_experts=True)
     assert any(".experts.5." in k for k in expected) and any("o_proj" in k for k in expected)
+    # r and alpha come from the adapter checkpoint's recorded args; no flag needed
     assert main(["mcore2hf", "--load-dir", mc, "--lora-load", str(tmp_path / "lora"), "--save-dir",
-                 str(tmp_path / "merged"), "--lora-r", str(R), "--lora-alpha", str(ALPHA), "--no-progress"]) == 0
+                 str(tmp_path / "merged"), "--no-progress"]) == 0
     out = read_all(str(tmp_path / "merged"))
     for k, w in hf.items():
         if k in expected:
@@ -105,7 +114,11 @@ def test_peft_adapter_loads_and_matches_merged_logits(base, tmp_path):
     # adapters do not load onto the modules they were trained for (see docs/en/convert.md).
     write_adapter_ckpt(mc, str(tmp_path / "lora"), hf, with_experts=False, with_mlp=False)
     assert main(["mcore2hf", "--load-dir", str(tmp_path / "lora"), "--save-dir", str(tmp_path / "peft"),
-                 "--save-lora-to-hf", "--lora-r", str(R), "--lora-alpha", str(ALPHA), "--no-progress"]) == 0
+                 "--save-lora-to-hf", "--no-progress"]) == 0
+    import json
+
+    peft_cfg = json.load(open(tmp_path / "peft" / "adapter_config.json"))
+    assert (peft_cfg["r"], peft_cfg["lora_alpha"]) == (R, ALPHA)  # the recorded values
     assert main(["mcore2hf", "--load-dir", mc, "--lora-load", str(tmp_path / "lora"), "--save-dir",
                  str(tmp_path / "merged"), "--lora-r", str(R), "--lora-alpha", str(ALPHA), "--no-progress"]) == 0
     ids = torch.randint(0, 4096, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -121,3 +134,67 @@ def test_peft_adapter_loads_and_matches_merged_logits(base, tmp_path):
         got, want = model(ids).logits, merged(ids).logits
     assert not torch.allclose(plain, want, atol=1e-3)  # the adapter changes the output
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("flag, value, recorded, same", [("--lora-alpha", "16", "lora_alpha 8.0", "8"),
+                                                         ("--lora-r", "8", "lora_r 4", "4")])
+def test_conflicting_lora_flag_is_refused(base, tmp_path, capsys, flag, value, recorded, same):
+    src, mc, hf = base
+    write_adapter_ckpt(mc, str(tmp_path / "lora"), hf, with_experts=False)
+    merge = ["mcore2hf", "--load-dir", mc, "--lora-load", str(tmp_path / "lora"), "--save-dir", str(tmp_path / "m")]
+    export = ["mcore2hf", "--load-dir", str(tmp_path / "lora"), "--save-dir", str(tmp_path / "p"), "--save-lora-to-hf"]
+    for argv in (merge, export):
+        assert main(argv + [flag, value, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} {value}" in err and f"conflicts with {recorded} recorded" in err, err
+    assert not os.path.exists(tmp_path / "m") and not os.path.exists(tmp_path / "p")
+    # the same value as recorded is accepted
+    assert main(merge + [flag, same, "--no-progress"]) == 0
+
+
+def test_target_modules_checked_against_record(base, tmp_path, capsys):
+    src, mc, hf = base
+    write_adapter_ckpt(mc, str(tmp_path / "lora"), hf, with_experts=False, with_mlp=False)
+    assert main(["mcore2hf", "--load-dir", mc, "--lora-load", str(tmp_path / "lora"), "--save-dir",
+                 str(tmp_path / "m"), "--lora-target-modules", "linear_proj", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--lora-target-modules linear_proj conflicts" in err and "linear_kv_down_proj" in err, err
+    assert main(["mcore2hf", "--load-dir", str(tmp_path / "lora"), "--save-dir", str(tmp_path / "p"),
+                 "--save-lora-to-hf", "--lora-target-modules", "linear_fc1", "--no-progress"]) == 2
+    assert "not trained: linear_fc1" in capsys.readouterr().err
+    # export may select part of the recorded modules
+    assert main(["mcore2hf", "--load-dir", str(tmp_path / "lora"), "--save-dir", str(tmp_path / "p"),
+                 "--save-lora-to-hf", "--lora-target-modules", "linear_proj", "--no-progress"]) == 0
+    import json
+
+    assert json.load(open(tmp_path / "p" / "adapter_config.json"))["target_modules"] == [
+        f"model.layers.{i}.self_attn.o_proj" for i in range(4)]
+
+
+def test_unrecorded_adapters_need_the_flags(base, tmp_path, capsys):
+    src, mc, hf = base
+    write_adapter_ckpt(mc, str(tmp_path / "lora"), hf, with_experts=False, record=False)
+    assert main(["mcore2hf", "--load-dir", mc, "--lora-load", str(tmp_path / "lora"), "--save-dir",
+                 str(tmp_path / "m"), "--lora-r", str(R), "--no-progress"]) == 2
+    assert "records no LoRA settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_no_lora_weight_matched_is_an_error_for_any_workers(base, tmp_path, capsys, workers):
+    import argparse
+    import shutil
+
+    src, mc, hf = base
+    layout = ParallelLayout.load(mc)
+    lora = str(tmp_path / "lora")
+    args = argparse.Namespace(lora_r=R, lora_alpha=ALPHA, lora_target_modules=["linear_proj"])
+    for tp, pp, ep in all_ranks(layout):  # rank files without any adapter of this model
+        save_rank_file(rank_file(lora, layout, tp, pp, ep), {nm.chunk_key(layout, 0): {}}, args)
+    layout.save(lora)
+    for f in ("config.json", "latest_checkpointed_iteration.txt"):
+        shutil.copy(os.path.join(mc, f), lora)
+    out = tmp_path / "m"
+    assert main(["mcore2hf", "--load-dir", mc, "--lora-load", lora, "--save-dir", str(out), "--workers",
+                 str(workers), "--no-progress"]) == 2
+    assert "no LoRA weights matched any base tensor" in capsys.readouterr().err
+    assert not any(out.iterdir())  # no shards, no index, no partial directory left behind

@@ -112,15 +112,14 @@ ZH = {
     "--exit-interval": "步数为 N 的倍数时（保存后）停止；调度仍按 --train-iters 计算，之后 --load 可续训同一任务。",
     "--peak-tflops": "用于计算 MFU 的设备峰值 TFLOP/s；默认取已知设备的 bf16 峰值，CPU 上无。",
     # LoRA
-    "--lora-r": "LoRA 秩；0 表示全参训练。需与 merge_lora2hf 的配置一致。",
-    "--lora-alpha": "LoRA 缩放分子（缩放 = alpha / r）。需与 merge_lora2hf 一致。",
+    "--lora-r": "LoRA 秩；训练时 0 表示全参训练。训练把它记录在检查点里，mcore2hf 合并 / PEFT 导出时从检查点读取；转换时给出的值与记录不同则报错（只有未记录的检查点才需要给出）。",
+    "--lora-alpha": "LoRA 缩放分子（缩放 = alpha / r）。训练记录在检查点里，合并 / 导出时读取；转换时给出的值与记录不同则报错。",
     "--lora-dropout": "LoRA 输入上的 dropout。",
     "--lora-target-modules": "要加 LoRA 的 Megatron 模块名，如 linear_q_down_proj linear_q_up_proj linear_kv_down_proj linear_kv_up_proj linear_proj linear_fc1 linear_fc2。",
     "--lora-load": "只含 LoRA 适配器的权重目录（训练时续训 / 转换时与 base 合并）。",
     "--lora-ckpt-filter": "只保存 LoRA 适配器权重。",
     "--allow-unused-weights": "HF 目录中有目标模型不使用的张量时（例如 --mtp-num-layers 0 时的 MTP 层）仍然转换，并在输出的 'unused' 中逐一列出。默认关闭：列出这些张量并拒绝转换。",
     "--qlora-nf4": "QLoRA：被适配的线性层的冻结 base 权重以 NF4 存储（训练时在加载后量化）。",
-    "--qlora-save-dequantize": "保存时把 NF4 base 权重反量化后一并保存。",
     # preprocess
     "--input": "输入：.jsonl/.json/.parquet 文件、通配符、目录，或以逗号分隔的多个。",
     "--output-prefix": "输出路径前缀；数据集名追加在后（如 PREFIX_text_document）。",

@@ -244,3 +244,36 @@ def test_671b_config_asset(cfg671):
     assert (rp["beta_fast"], rp["beta_slow"], rp["mscale"], rp["mscale_all_dim"], rp["rope_theta"]) == (32, 1, 1, 1, 10000)
     tiny = set(__import__("json").load(open(os.path.join(REPO, "assets/tiny_deepseek3/config.json"))))
     assert tiny - set(cfg671) <= {"pad_token_id"}  # same key names as the tiny config
+
+
+def test_qlora_prices_only_quantized_weights_as_nf4(cfg671):
+    """Only the LoRA-targeted linears are NF4: a larger vocabulary adds embedding + output rows at 2 bytes (bf16)
+    each under QLoRA exactly as under LoRA; MTP's eh_proj (not a LoRA target) is not NF4 either."""
+    lay = dict(tp=1, pp=1, ep=1, num_layers=61, mtp_num_layers=1)
+    args = [TrainArgs(lora_r=8, qlora_nf4=q, world_size=1, global_batch_size=1) for q in (False, True)]
+
+    def weights(cfg, train):
+        return make_plan(cfg, ParallelLayout(**lay), train).stages[0].memory.weights
+
+    bigger = dict(cfg671, vocab_size=cfg671["vocab_size"] + 1000)
+    for train in args:
+        assert weights(bigger, train) - weights(cfg671, train) == pytest.approx(2 * 1000 * 7168 * 2)
+    # LoRA -> QLoRA saves 2 - 0.5625 bytes per targeted weight, minus the one dequantized layer it keeps
+    # (the largest linear: a dense layer's fc1, 2 x 18432 x 7168), and nothing on the embedding/output/eh_proj.
+    from mindspeed_dsv.peft.lora import LORA_TARGET_MODULES  # the names training can adapt and quantize
+    from mindspeed_dsv.plan import NF4_BYTES_PER_PARAM
+
+    plan = make_plan(cfg671, ParallelLayout(**lay), args[0])
+    targeted = sum(t.numel for t in _tensors_of(plan, cfg671) if t.name.rsplit(".", 1)[-1] in LORA_TARGET_MODULES)
+    saved = weights(cfg671, args[0]) - weights(cfg671, args[1])
+    assert saved == pytest.approx(targeted * (2 - NF4_BYTES_PER_PARAM) - 2 * 18432 * 7168 * 2)
+
+
+def _tensors_of(plan, cfg):
+    from mindspeed_dsv.plan import decoder_layer_tensors, embedding_tensors, model_shape, mtp_layer_tensors, output_tensors
+
+    m = model_shape(cfg)
+    out = embedding_tensors(m) + output_tensors(m) + mtp_layer_tensors(m, m.num_hidden_layers)
+    for i in range(m.num_hidden_layers):
+        out += decoder_layer_tensors(m, dense=i < m.first_k_dense_replace)
+    return out

@@ -264,3 +264,63 @@ def qlora_checks():
     out2, _ = block.linear_qkv(t["x"])
     res["out_after_dequant"] = out2.detach()
     return res
+
+
+def qlora_saved_tensors():
+    """Column and row QLoRA linears: every dequantized weight made in forward is gone before the backward
+    (weakrefs to all outputs of dequantize_nf4 are dead), the backward dequantizes again, and the gradients
+    equal autograd on the direct formula with the dequantized weight."""
+    import gc
+    import weakref
+
+    import mindspeed_dsv.peft.qlora as qlora
+    from mindspeed_dsv.peft.lora import LoraConfig
+    from mindspeed_dsv.peft.nf4 import dequantize_nf4, quantize_nf4
+    from mindspeed_dsv.platform import init_distributed
+
+    init_distributed(tp=1)
+    t = _full_tensors()
+    block = _Block(_config())
+    with torch.no_grad():
+        for name, W, b in (("linear_qkv", t["W_col"], t["b_col"]), ("linear_proj", t["W_row"], t["b_row"])):
+            getattr(block, name).weight.copy_(W)
+            getattr(block, name).bias.copy_(b)
+    originals = [weakref.ref(block.linear_qkv.weight), weakref.ref(block.linear_proj.weight)]
+    qlora.apply_qlora(block, LoraConfig(lora_r=R, lora_alpha=ALPHA, lora_target_modules=["linear_qkv", "linear_proj"]),
+                      blocksize=32, device="cpu")
+    gc.collect()
+    res = {"originals_released": [r() is None for r in originals]}
+    for name in ("linear_qkv", "linear_proj"):
+        m = getattr(block, name)
+        with torch.no_grad():
+            m.lora_A.weight.copy_(t["A"])
+            m.lora_B.weight.copy_(t["B"])
+
+    made = []  # weakrefs to every dequantized weight; observation only, the function is unchanged
+
+    def recording(nf4, *args, **kwargs):
+        out = dequantize_nf4(nf4, *args, **kwargs)
+        made.append(weakref.ref(out))
+        return out
+
+    qlora.dequantize_nf4 = recording
+    for name, which in (("linear_qkv", "column"), ("linear_proj", "row")):
+        m = getattr(block, name)
+        made.clear()
+        x = t["x"].clone().requires_grad_(True)
+        out, bias = m(x)
+        if bias is not None:
+            out = out + bias  # the row layer skips its bias add
+        gc.collect()
+        alive_before_backward = sum(r() is not None for r in made)
+        made_in_forward = len(made)
+        (out * t["gy"]).sum().backward()
+        W = t["W_col"] if which == "column" else t["W_row"]
+        W_deq = dequantize_nf4(quantize_nf4(W, blocksize=32, backend="torch"), backend="torch")
+        ref = dict(t, W_col=W_deq, W_row=W_deq)
+        y, dx, dA, dB = _reference(ref, which)
+        res[which] = dict(alive=alive_before_backward, made_forward=made_in_forward, made_total=len(made),
+                          out=(out.detach(), y), dx=(x.grad, dx), dA=(m.lora_A.weight.grad, dA),
+                          dB=(m.lora_B.weight.grad, dB))
+    qlora.dequantize_nf4 = dequantize_nf4
+    return res

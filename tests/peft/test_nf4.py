@@ -65,6 +65,17 @@ def test_chunked_quantization_is_one_pass(monkeypatch):
     assert torch.equal(whole.packed, chunked.packed) and torch.equal(whole.absmax, chunked.absmax)
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_chunked_dequantization_is_one_pass(monkeypatch, double_quant):
+    w = _weights((40, 190), torch.bfloat16)  # 7600 elements: a short last block, odd number of chunks
+    t = N.quantize_nf4(w, double_quant=double_quant, backend="torch")
+    monkeypatch.setattr(N, "_DEQUANT_CHUNK_ELEMENTS", 1 << 30)
+    whole = N.dequantize_nf4(t, backend="torch")
+    monkeypatch.setattr(N, "_DEQUANT_CHUNK_ELEMENTS", 256)
+    chunked = N.dequantize_nf4(t, backend="torch")
+    assert torch.equal(whole, chunked) and chunked.dtype == torch.bfloat16
+
+
 def test_double_quant_format():
     w = _weights((256, 256), torch.float32)  # 1024 blocks -> 4 second-level blocks of 256
     plain = N.quantize_nf4(w, backend="torch")

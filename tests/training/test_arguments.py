@@ -33,6 +33,8 @@ def test_typo_is_an_argparse_error(capsys):
         (["--recompute-method", "uniform"], 1, "--recompute-method needs --recompute-granularity full"),
         (["--lora-target-modules", "linear_proj"], 1, "need --lora-r > 0"),
         (["--lora-r", "8"], 1, "--lora-r needs --lora-target-modules"),
+        (["--lora-r", "8", "--lora-target-modules", "linear_proj", "--qlora-nf4", "--save", "out"], 1,
+         "--qlora-nf4 with --save needs --lora-ckpt-filter"),
         (["--save-interval", "5"], 1, "--save-interval needs --save"),
         (["--hidden-size", "256"], 1, "--hidden-size 256 differs from config.json hidden_size=128"),
         (["--global-batch-size", "3", "--micro-batch-size", "2"], 2, "not a multiple of --micro-batch-size 2"),
