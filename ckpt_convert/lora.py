@@ -31,7 +31,9 @@ def recorded_lora(ckpt_dir: str) -> dict:
     """`lora_r`, `lora_alpha`, `lora_target_modules` as training recorded them in `args` of the checkpoint's
     first rank file; a value is None where the file records none (a converted base, or a hand-made file)."""
     layout = ParallelLayout.load(ckpt_dir)
-    state = load_rank_file(rank_file(ckpt_dir, layout, 0, 0, 0, read_iteration(ckpt_dir)))
+    # Only the saved args are read here (mmap, no tensor data): the weights are checked against their checksums
+    # where they are read (McoreReader), which --no-verify-checksums can turn off.
+    state = load_rank_file(rank_file(ckpt_dir, layout, 0, 0, 0, read_iteration(ckpt_dir)), verify=False)
     args = state.get("args")
     r = getattr(args, "lora_r", None) or None  # training's 0 means "no LoRA"
     targets = getattr(args, "lora_target_modules", None) if r else None

@@ -197,4 +197,6 @@ def test_no_lora_weight_matched_is_an_error_for_any_workers(base, tmp_path, caps
     assert main(["mcore2hf", "--load-dir", mc, "--lora-load", lora, "--save-dir", str(out), "--workers",
                  str(workers), "--no-progress"]) == 2
     assert "no LoRA weights matched any base tensor" in capsys.readouterr().err
-    assert not any(out.iterdir())  # no shards, no index, no partial directory left behind
+    # no shards, no index, no partial directory left behind (the export is staged beside --save-dir)
+    assert not out.exists() or not any(out.iterdir())
+    assert not [p.name for p in tmp_path.iterdir() if ".partial" in p.name]

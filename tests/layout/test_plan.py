@@ -273,7 +273,7 @@ def _tensors_of(plan, cfg):
     from mindspeed_dsv.plan import decoder_layer_tensors, embedding_tensors, model_shape, mtp_layer_tensors, output_tensors
 
     m = model_shape(cfg)
-    out = embedding_tensors(m) + output_tensors(m) + mtp_layer_tensors(m, m.num_hidden_layers)
+    out = embedding_tensors(m) + output_tensors(m) + mtp_layer_tensors(m)
     for i in range(m.num_hidden_layers):
         out += decoder_layer_tensors(m, dense=i < m.first_k_dense_replace)
     return out

@@ -72,6 +72,13 @@ def _reasons():
         "megatron.core.models.common.language_module.language_module:LanguageModule.setup_embeddings_and_output_layer":
             lambda: ".cuda()" in _source(orig("megatron.core.models.common.language_module.language_module:"
                                               "LanguageModule.setup_embeddings_and_output_layer")),
+        # npu: the optimizers group parameters by torch.cuda.* type names (param.type())
+        "megatron.core.optimizer.optimizer:Float16OptimizerWithFloat16Params.__init__": lambda: (
+            "param.type() in ['torch.cuda.HalfTensor', 'torch.cuda.BFloat16Tensor']" in _source(
+                mod("megatron.core.optimizer.optimizer"))),
+        "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.__init__": lambda: (
+            "model_param.type() in ['torch.cuda.HalfTensor', 'torch.cuda.BFloat16Tensor']" in _source(
+                mod("megatron.core.optimizer.distrib_optimizer"))),
         "megatron.core.optimizer.optimizer:clip_grad_by_total_norm_fp32": lambda: "torch.cuda.FloatTensor" in _source(
             orig("megatron.core.optimizer.optimizer:clip_grad_by_total_norm_fp32")),
         "megatron.core.tensor_parallel.random:_get_cuda_rng_state": lambda: "cuda" in _source(
