@@ -64,14 +64,19 @@ def add_mtp(path: str, seed: int = 0) -> None:
 
 
 def edit_rank_file(path: str, edit) -> None:
-    """Load a rank file, apply `edit(state)`, save it, and record its new sha256 in the iteration's checksums.json
-    (a deliberate change, not corruption: tests of what the loaded values do must get past checksum verification)."""
-    from mindspeed_dsv.files import sha256_file
-    from mindspeed_dsv.rankfiles import CHECKSUMS
-
+    """Load a rank file, apply `edit(state)`, save it and re-record its checksum (see rerecord_checksum)."""
     state = torch.load(path, weights_only=False)
     edit(state)
     torch.save(state, path)
+    rerecord_checksum(path)
+
+
+def rerecord_checksum(path: str) -> None:
+    """Record a rank file's new sha256 in its iteration's checksums.json: a deliberate change, not corruption (tests
+    of what the loaded values do must get past checksum verification)."""
+    from mindspeed_dsv.files import sha256_file
+    from mindspeed_dsv.rankfiles import CHECKSUMS
+
     iter_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
     record = os.path.join(iter_dir, CHECKSUMS)
     if os.path.isfile(record):

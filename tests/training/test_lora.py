@@ -85,6 +85,7 @@ def _dequantized_copy(nf4_dir: str, out_dir: str) -> str:
 
     from ckpt_convert.mcore_io import all_ranks, dense_state, load_rank_file, rank_file, read_iteration
     from mindspeed_dsv.layout import ParallelLayout
+    from tests.ckpt.helpers import rerecord_checksum
 
     shutil.copytree(nf4_dir, out_dir)
     layout = ParallelLayout.load(nf4_dir)
@@ -94,23 +95,9 @@ def _dequantized_copy(nf4_dir: str, out_dir: str) -> str:
         state = {k: (dense_state(v) if k.startswith("model") else v) for k, v in state.items()}
         torch.save(state, path + ".tmp")  # the loaded file is memory-mapped: write beside it, then swap
         os.replace(path + ".tmp", path)
-        _rerecord_checksum(path)
+        rerecord_checksum(path)
     return out_dir
 
-
-def _rerecord_checksum(path: str) -> None:
-    """A deliberate rewrite of a rank file: its sha256 in the iteration's checksums.json follows it."""
-    import json
-    import os
-
-    from mindspeed_dsv.files import sha256_file
-
-    iter_dir = os.path.dirname(os.path.dirname(path))
-    record = os.path.join(iter_dir, "checksums.json")
-    if os.path.isfile(record):
-        rec = json.load(open(record))
-        rec["sha256"][os.path.relpath(path, iter_dir)] = sha256_file(path)
-        json.dump(rec, open(record, "w"))
 
 
 QLORA_TARGETS = ["linear_q_up_proj", "linear_proj", "linear_fc1", "linear_fc2"]
