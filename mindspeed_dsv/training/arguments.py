@@ -221,8 +221,6 @@ def validate(args: argparse.Namespace, world_size: int, model_cfg: dict | None =
         problems.append(str(err))
         layout = None
     if layout is not None:
-        if layout.dualpipev:
-            problems.append("--schedules-method dualpipev: training with it is not implemented (conversion and plan only)")
         if layout.cp > 1:
             problems.append("--context-parallel-size > 1 is not supported yet")
         dp = world_size // (layout.tp * layout.pp * layout.cp)
@@ -233,11 +231,31 @@ def validate(args: argparse.Namespace, world_size: int, model_cfg: dict | None =
                 f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
                 f"{args.micro_batch_size} × data-parallel size {dp}"
             )
+        if layout.dualpipev:
+            problems += _dualpipev_problems(layout, args, dp, model_cfg)
         if layout.tp > 1 and layout.num_experts and not layout.sequence_parallel:
             problems.append("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel (megatron-core rule)")
     if problems:
         raise ArgumentError("; ".join(problems))
     return layout
+
+
+def _dualpipev_problems(layout: ParallelLayout, args, dp: int, model_cfg: dict | None) -> list[str]:
+    """What --schedules-method dualpipev needs beyond the layout's own checks (layers divisible by 2*pp, no VPP,
+    no --num-layer-list: ParallelLayout.validate)."""
+    out = []
+    flag = "--schedules-method dualpipev"
+    if layout.pp < 2:
+        out.append(f"{flag} needs --pipeline-model-parallel-size > 1 (got {layout.pp})")
+    num_mb = args.global_batch_size // (args.micro_batch_size * dp)
+    if num_mb < 2 * layout.pp:
+        out.append(f"{flag} needs at least 2 * --pipeline-model-parallel-size = {2 * layout.pp} micro-batches per "
+                   f"step; --global-batch-size {args.global_batch_size} / (--micro-batch-size {args.micro_batch_size}"
+                   f" * data-parallel size {dp}) = {num_mb}")
+    if model_cfg is not None and model_cfg.get("tie_word_embeddings"):
+        out.append(f"{flag} needs untied embeddings, but config.json has tie_word_embeddings true (the embedding "
+                   "and the output layer sit in different chunks of rank 0)")
+    return out
 
 
 def resolve_model_config_path(args) -> str:

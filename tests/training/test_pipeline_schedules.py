@@ -68,3 +68,11 @@ def reference(hf5, tiny_data, tmp_path_factory):
 )
 def test_noop_layers_match_unpadded(reference, hf5, tiny_data, tmp_path, world, flags):
     _assert_same(reference, _run(hf5, tiny_data, tmp_path, "run", world, flags))
+
+
+def test_dualpipev_matches_one_rank(reference, hf5, tiny_data, tmp_path):
+    """PP2 dualpipev, 8 layers = 5 + noop 5,6,7 as 4 virtual stages [0,1 | 2,3 | 4,5n | 6n,7n]: rank 0 holds the
+    embedding, the first and the last (all-noop) stage, the output layer, the loss and MTP (with its own copy of
+    the embedding, whose gradient is summed with the embedding's). 4 micro-batches = the minimum 2 * PP."""
+    flags = ["--num-layers", "8", "--noop-layers", "5,6,7", "--schedules-method", "dualpipev"]
+    _assert_same(reference, _run(hf5, tiny_data, tmp_path, "dualpipev", 2, flags))
