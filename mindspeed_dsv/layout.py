@@ -477,6 +477,10 @@ class ParallelLayout:
 
     def to_megatron_pp_layout_str(self) -> str:
         """The same layout in Megatron's string form, e.g. 'Ettt|tttmL' (E embedding, t decoder, m MTP, L loss)."""
+        if self.dualpipev:
+            raise LayoutError(f"{_FLAGS['dualpipev']} has no Megatron string layout: megatron would number chunk 1 "
+                              "of rank r as virtual stage pp+r (the builder's DualPipeVLayerLayout numbers it "
+                              "2*pp-1-r)")
         letter = {"embedding": "E", "decoder": "t", "mtp": "m", "loss": "L"}
         return "|".join("".join(letter[x] for x in s) for s in self.to_megatron_pp_layout())
 
