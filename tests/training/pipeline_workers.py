@@ -31,7 +31,8 @@ def _hf_grads(state) -> dict[str, torch.Tensor]:
 
 
 def train_steps(argv: list[str], steps: int) -> list[dict]:
-    """`steps` optimizer steps of the trainer; per step {'loss': float, 'grads': {hf name: array}} (this rank's)."""
+    """`steps` optimizer steps of the trainer; per step {'loss': float, 'grads': {hf name: array}} (this rank's);
+    the last step also holds 'eval', the loss of a forward-only pass over the next global batch."""
     from mindspeed_dsv.training import loop
     from mindspeed_dsv.training.arguments import build_parser
     from mindspeed_dsv.training.data import build_data_iterators
@@ -55,4 +56,9 @@ def train_steps(argv: list[str], steps: int) -> list[dict]:
         state.scheduler.step(increment=args.global_batch_size)
         # numpy arrays: tensors would travel back to the test through shared memory that dies with the rank
         history.append({"loss": loop._reduce_lm_loss(losses), "grads": {k: v.numpy() for k, v in grads.items()}})
+    # then one forward-only pass (the schedule evaluate() runs) over the next global batch
+    for m in state.models:
+        m.eval()
+    with torch.no_grad():
+        history[-1]["eval"] = loop._reduce_lm_loss(loop._run_schedule(state, iters, num_microbatches, forward_only=True))
     return history
