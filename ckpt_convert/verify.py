@@ -48,7 +48,7 @@ def read_tokens(path: str) -> torch.Tensor:
 
 def check_layout(layout, mcore_dir: str):
     if layout.dualpipev:
-        raise VerifyError(f"{mcore_dir}: dualpipev is a conversion-only layout (the model cannot be built with it); "
+        raise VerifyError(f"{mcore_dir}: verify does not run the dualpipev schedule (training does); "
                           "reshard to a layout without --schedules-method dualpipev and verify that")
     return layout
 
