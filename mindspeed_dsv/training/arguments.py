@@ -123,6 +123,9 @@ def build_parser(prog: str = "mindspeed_dsv.train") -> argparse.ArgumentParser:
                    choices=["seq_aux_loss", "aux_loss", "none"], help="Auxiliary balance loss kind.")
     t.add_argument("--moe-token-dispatcher-type", default="alltoall", choices=["alltoall", "allgather"],
                    help="How tokens reach their experts across expert-parallel ranks.")
+    t.add_argument("--moe-fb-overlap", action="store_true",
+                   help="MindSpeed-LLM's overlap of one micro-batch's forward with another's backward under dualpipev "
+                   "(hides the expert all-to-all). Not implemented: given, it is refused with an error.")
     t.add_argument("--mtp-loss-scaling-factor", type=float, default=0.3, help="Weight of the MTP loss.")
 
     c = p.add_argument_group("checkpointing")
@@ -191,6 +194,9 @@ def validate(args: argparse.Namespace, world_size: int, model_cfg: dict | None =
         problems.append("--lora-r needs --lora-target-modules")
     if args.qlora_save_dequantize and not args.qlora_nf4:
         problems.append("--qlora-save-dequantize needs --qlora-nf4")
+    if args.moe_fb_overlap:
+        problems.append("--moe-fb-overlap is not implemented: --schedules-method dualpipev runs a forward and then a "
+                        "backward where DualPipe overlaps them (same numbers, no all-to-all hiding); drop the flag")
     if args.eval_interval and not args.eval_iters:
         problems.append("--eval-interval needs --eval-iters > 0")
     if not args.data_path:

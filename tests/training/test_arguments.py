@@ -44,6 +44,7 @@ def test_typo_is_an_argparse_error(capsys):
          "--global-batch-size 1 / (--micro-batch-size 1 * data-parallel size 1) = 1"),
         (["--schedules-method", "dualpipev", "--pipeline-model-parallel-size", "4", "--global-batch-size", "8"], 4,
          "needs --num-layers (4) divisible by 2 * --pipeline-model-parallel-size (8); pad with --noop-layers"),
+        (["--moe-fb-overlap"], 1, "--moe-fb-overlap is not implemented"),
         (["--schedules-method", "dualpipev", "--global-batch-size", "4"], 1,
          "dualpipev needs --pipeline-model-parallel-size > 1 (got 1)"),
         (["--schedules-method", "dualpipev", "--pipeline-model-parallel-size", "2", "--global-batch-size", "4",
