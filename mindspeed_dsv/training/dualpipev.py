@@ -50,7 +50,8 @@ class _Links:
         self.pending: list = []
 
     def send(self, peer: int, tensor: torch.Tensor) -> None:
-        self.pending.append((dist.isend(tensor.contiguous(), self.ranks[peer], group=self.group), tensor))
+        buf = tensor.contiguous()  # kept alive until the send completes (finish)
+        self.pending.append((dist.isend(buf, self.ranks[peer], group=self.group), buf))
 
     def recv(self, peer: int, key: tuple) -> torch.Tensor:
         while key not in self.arrived:
