@@ -50,7 +50,10 @@ class _Links:
         self.pending: list = []
 
     def send(self, peer: int, tensor: torch.Tensor) -> None:
-        buf = tensor.contiguous()  # kept alive until the send completes (finish)
+        # each sent buffer is kept until its send completes; completed ones are dropped here, so a step does not
+        # hold every micro-batch's gradient
+        self.pending = [(work, kept) for work, kept in self.pending if not work.is_completed()]
+        buf = tensor.contiguous()
         self.pending.append((dist.isend(buf, self.ranks[peer], group=self.group), buf))
 
     def recv(self, peer: int, key: tuple) -> torch.Tensor:
