@@ -75,10 +75,10 @@ class _Links:
 
 
 def forward_backward_dualpipev(*, forward_step_func, data_iterator, model, num_microbatches: int, seq_length: int,
-                               micro_batch_size: int, forward_only: bool = False, trace: list | None = None):
+                               micro_batch_size: int, forward_only: bool = False):
     """One global batch through the two chunks of this rank in dualpipev order; like megatron's
     forward_backward_* functions, returns the loss-function outputs of the micro-batches (on rank 0, where the
-    loss is taken) and finalizes the gradients when not forward_only. `trace` (optional) collects the ops run."""
+    loss is taken) and finalizes the gradients when not forward_only."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel.schedules import backward_step, forward_step
     from megatron.core.utils import get_model_config, get_model_type
@@ -146,8 +146,6 @@ def forward_backward_dualpipev(*, forward_step_func, data_iterator, model, num_m
     try:
         for op in dualpipev_order(pp, rank, num_microbatches, forward_only):
             (forward if op.kind == "F" else backward)(op.chunk, op.microbatch)
-            if trace is not None:
-                trace.append(op)
         links.finish()
     finally:
         for c in reversed(contexts):
