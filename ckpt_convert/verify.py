@@ -60,7 +60,7 @@ def check_token_ids(tokens: torch.Tensor, vocab_size: int, path: str) -> None:
 
 def check_layout(layout, mcore_dir: str):
     if layout.dualpipev:
-        raise VerifyError(f"{mcore_dir}: dualpipev is a conversion-only layout (the model cannot be built with it); "
+        raise VerifyError(f"{mcore_dir}: verify does not run the dualpipev schedule (training does); "
                           "reshard to a layout without --schedules-method dualpipev and verify that")
     return layout
 

@@ -461,31 +461,34 @@ class ParallelLayout:
     # ------------------------------------------------------------------ megatron
     def to_megatron_pp_layout(self) -> list[list[str]]:
         """``pipeline_model_parallel_layout`` for megatron-core 0.16.1 TransformerConfig: one list per
-        virtual stage (in order v*pp + r) of LayerType names, which is what Megatron's list form takes
-        (its single letters 'E','t','m','L' exist only in the string form, see to_megatron_pp_layout_str):
-        'embedding', 'decoder' (noop layers included; the model builder turns those ids into identity
-        layers), 'mtp' and 'loss'. TransformerConfig must get num_layers = self.num_layers (noop included)
-        and mtp_num_layers = self.mtp_num_layers.
+        (rank, chunk) slot, in megatron's slot order chunk*pp + rank, of LayerType names, which is what Megatron's
+        list form takes (its single letters 'E','t','m','L' exist only in the string form, see
+        to_megatron_pp_layout_str): 'embedding', 'decoder' (noop layers included; the model builder turns those
+        ids into identity layers), 'mtp' and 'loss'. TransformerConfig must get num_layers = self.num_layers
+        (noop included) and mtp_num_layers = self.mtp_num_layers.
 
-        dualpipev cannot be expressed: Megatron numbers layers chunk-major (rank r chunk 1 = virtual stage
-        pp+r), while dualpipev folds the second half back (chunk 1 = 2*pp-1-r). It is layout-only for now
-        (conversion and plan); training with it is not implemented.
+        For dualpipev the slot of (rank r, chunk 1) holds virtual stage 2*pp-1-r: megatron numbers layers
+        chunk-major, so its layer offsets would be wrong for chunk 1; the model builder wraps this list in
+        ``models.builder.DualPipeVLayerLayout``, which numbers them in dualpipev order.
         """
-        if self.dualpipev:
-            raise LayoutError(f"{_FLAGS['dualpipev']} has no Megatron-Core pipeline layout: it is supported by "
-                              "conversion and the plan only, not by training")
         self.validate()
-        stages = []
-        for v, size in enumerate(self.virtual_stage_sizes()):
-            stage = ["embedding"] if v == 0 else []
-            stage += ["decoder"] * size
-            if v == self.num_virtual_stages - 1:
-                stage += ["mtp"] * (self.mtp_num_layers or 0) + ["loss"]
-            stages.append(stage)
+        stages = [[] for _ in range(self.num_virtual_stages)]
+        for r in range(self.pp):
+            for c in range(self.num_model_chunks):
+                v = self._virtual_stage(r, c)
+                stage = ["embedding"] if v == 0 else []
+                stage += ["decoder"] * len(self.stage_layers(r, c))
+                if v == self.num_virtual_stages - 1:
+                    stage += ["mtp"] * (self.mtp_num_layers or 0) + ["loss"]
+                stages[c * self.pp + r] = stage
         return stages
 
     def to_megatron_pp_layout_str(self) -> str:
         """The same layout in Megatron's string form, e.g. 'Ettt|tttmL' (E embedding, t decoder, m MTP, L loss)."""
+        if self.dualpipev:
+            raise LayoutError(f"{_FLAGS['dualpipev']} has no Megatron string layout: megatron would number chunk 1 "
+                              "of rank r as virtual stage pp+r (the builder's DualPipeVLayerLayout numbers it "
+                              "2*pp-1-r)")
         letter = {"embedding": "E", "decoder": "t", "mtp": "m", "loss": "L"}
         return "|".join("".join(letter[x] for x in s) for s in self.to_megatron_pp_layout())
 
@@ -609,8 +612,10 @@ LAYOUT_HELP = {
                    "e.g. 61,62,63 with --num-layers 64. Cannot be used with --num-layer-list. Default none. "
                    "Must match training.",
     "schedules_method": "Pipeline schedule: 'dualpipev' puts virtual stages r and 2*pp-1-r on rank r (rank 0 holds "
-                        "the first and last layers). Needs --num-layers divisible by 2*pp; no VPP. Conversion and "
-                        "plan only for now. Default None. Must match training.",
+                        "the embedding, the first and last layers, the output layer, the loss and MTP) and runs "
+                        "DeepSeek's DualPipeV order. Needs --pipeline-model-parallel-size > 1, --num-layers "
+                        "divisible by 2*pp (pad with --noop-layers), at least 2*pp micro-batches, no VPP, untied "
+                        "embeddings. Default None (1F1B, or interleaved with VPP). Must match training.",
     "num_layers": "Decoder layers including --noop-layers, excluding MTP. Default: num_hidden_layers of config.json "
                   "plus the noop layers. Must match training.",
     "mtp_num_layers": "Multi-token-prediction layers kept (0 drops them); they live with the output layer. "

@@ -12,7 +12,7 @@ Parameters are counted exactly from the config shapes, tensor by tensor from the
 (models/names.py: the one place for shapes and split rules; MLA down
 projections and norms replicated over TP, up/out projections, dense and shared MLP and vocabulary split over
 TP, routed experts split over EP and, unless --moe-tp-extend-ep, each over TP). Memory is an estimate; the
-formulas are written next to the code that applies them (``_layer_activation_elems``, ``_in_flight``,
+formulas are written next to the code that applies them (``_layer_activation_elems``, ``_simulate``,
 ``_memory``) and in docs/en/layouts.md.
 """
 
@@ -305,6 +305,7 @@ class Plan:
     stages: list[StagePlan]
     megatron_pp_layout: str | None
     warnings: list[str] = field(default_factory=list)
+    schedules: list[ScheduleRow] = field(default_factory=list)  # 1F1B / VPP / dualpipev at this PP (pp > 1)
 
     @property
     def max_memory(self) -> float:
@@ -343,25 +344,65 @@ def _layer_activation_elems(m: DeepSeekConfig, layout: ParallelLayout, train: Tr
     return attn + mlp, router_bytes
 
 
-def _in_flight(layout: ParallelLayout, pp_rank: int, num_microbatches: int | None) -> float:
-    """Micro-batches whose activations a rank holds at its peak, in units of 'one micro-batch through all
-    layers of this rank':
-      1F1B: pp - r (the warm-up depth plus the one being worked on);
-      interleaved VPP with c chunks: Megatron warms up (pp - r - 1)*2 + (c - 1)*pp chunk-micro-batches, plus
-        one in flight, each 1/c of the rank's layers;
-      dualpipev: pp + 1 (DualPipe paper, table 2).
-    Capped by the number of micro-batches."""
-    pp, c = layout.pp, layout.num_model_chunks
+@dataclass
+class ScheduleRow:
+    """One pipeline schedule simulated for this layout's PP and micro-batches (mindspeed_dsv.pipeline_order)."""
+
+    name: str
+    bubble: float  # idle fraction of the ranks' time
+    peak_in_flight: list[float]  # per rank, micro-batches whose activations it holds at its peak (rank units)
+    current: bool = False  # the schedule of the planned layout
+
+
+def _simulate(layout: ParallelLayout, num_microbatches: int):
+    """Play the op order the trainer runs for this layout (megatron's 1F1B / interleaved, our dualpipev)
+    against its data dependencies. Forward time of a virtual stage = its real (non-noop) layers, backward = 2x."""
+    from mindspeed_dsv import pipeline_order as po
+
+    pp, chunks, m = layout.pp, layout.num_model_chunks, num_microbatches
     if layout.dualpipev:
-        n = pp + 1.0
-        cap = num_microbatches
-    elif c > 1:
-        n = ((pp - pp_rank - 1) * 2 + (c - 1) * pp + 1) / c
-        cap = num_microbatches
+        orders = [po.dualpipev_order(pp, r, m) for r in range(pp)]
+    elif chunks > 1:
+        orders = [po.interleaved_order(pp, r, m, chunks) for r in range(pp)]
     else:
-        n = float(pp - pp_rank)
-        cap = num_microbatches
-    return min(n, cap) if cap is not None else n
+        orders = [po.one_f_one_b_order(pp, r, m) for r in range(pp)]
+    real = [0] * layout.num_virtual_stages
+    for r in range(pp):
+        for c in range(chunks):
+            real[layout._virtual_stage(r, c)] = sum(not layout.is_noop(i) for i in layout.stage_layers(r, c))
+    return po.simulate(orders, layout._virtual_stage, layout.num_virtual_stages,
+                       lambda kind, v: real[v] * (1.0 if kind == "F" else 2.0))
+
+
+def _sim_microbatches(layout: ParallelLayout, num_microbatches: int | None) -> int:
+    """The plan's micro-batches, or (no --global-batch-size) 4*pp: a multiple of pp and >= 2*pp, as every
+    schedule needs, and enough for the in-flight peak, which stops growing after the warm-up."""
+    return num_microbatches if num_microbatches is not None else 4 * layout.pp
+
+
+def schedule_table(layout: ParallelLayout, num_microbatches: int | None) -> list[ScheduleRow]:
+    """1F1B, interleaved 1F1B with 2 chunks per rank, and dualpipev for this layout's layers, PP and
+    micro-batches, each where its constraints hold (layers divisible, micro-batches enough); the layout's own
+    schedule is added if it is none of these (VPP with more chunks)."""
+    from mindspeed_dsv.pipeline_order import ScheduleError
+
+    m = _sim_microbatches(layout, num_microbatches)
+    base = dataclasses.replace(layout, vpp=None, dualpipev=False, noop_layers=list(layout.noop_layers))
+    variants = [("1F1B", base)]
+    if layout.num_layer_list is None and layout.num_layers % (2 * layout.pp) == 0:
+        variants += [("interleaved 1F1B, 2 chunks", dataclasses.replace(base, vpp=layout.num_layers // (2 * layout.pp))),
+                     ("dualpipev", dataclasses.replace(base, dualpipev=True))]
+    if all(lay != layout for _, lay in variants):
+        variants.append((f"interleaved 1F1B, {layout.num_model_chunks} chunks", layout))
+    rows = []
+    for name, lay in variants:
+        try:
+            lay.validate()
+            sim = _simulate(lay, m)
+        except (LayoutError, ScheduleError):
+            continue
+        rows.append(ScheduleRow(name, sim.bubble, sim.peak_in_flight, current=lay == layout))
+    return rows
 
 
 def make_plan(model_cfg: Any, layout: ParallelLayout, train_args: TrainArgs | None = None) -> Plan:
@@ -391,8 +432,16 @@ def make_plan(model_cfg: Any, layout: ParallelLayout, train_args: TrainArgs | No
                             f"micro-batches ({num_mb}) divisible by --pipeline-model-parallel-size {layout.pp}")
         if num_mb < layout.pp:
             warnings.append(f"only {num_mb} micro-batches for {layout.pp} pipeline stages: the pipeline never fills")
-    if layout.dualpipev:
-        warnings.append("dualpipev is layout-only here: conversion and this plan support it, training does not yet")
+    if layout.pp > 1:
+        from mindspeed_dsv.pipeline_order import ScheduleError
+
+        try:
+            sim = _simulate(layout, _sim_microbatches(layout, num_mb))
+        except ScheduleError as err:
+            raise PlanError(str(err)) from None
+        in_flight = sim.peak_in_flight
+    else:
+        in_flight = [1.0]
     if layout.first_k_dense_replace < m.first_k_dense_replace:
         warnings.append(f"--first-k-dense-replace {layout.first_k_dense_replace} < config's "
                         f"{m.first_k_dense_replace}: dense layers of the checkpoint will not fit this model")
@@ -491,12 +540,12 @@ def make_plan(model_cfg: Any, layout: ParallelLayout, train_args: TrainArgs | No
             optimizer = dense_train * opt_b / (dp * layout.cp) + expert_train * opt_b / edp
         else:
             optimizer = trainable * opt_b
-        activations = _activations(m, layout, train, r, per_chunk_layer_acts, chunks, num_mb)
+        activations = _activations(m, layout, train, r, per_chunk_layer_acts, chunks, in_flight[r])
         memory = Memory(weights=weights, grads=grads, optimizer=optimizer, activations=activations)
         stages.append(StagePlan(pp_rank=r, chunks=chunks, params=sum(ch.params for ch in chunks),
                                 params_per_device=int(round(local(stage_tensors))),
                                 trainable_per_device=int(round(trainable)), memory=memory,
-                                in_flight_microbatches=_in_flight(layout, r, num_mb)))
+                                in_flight_microbatches=in_flight[r]))
 
     if train.device_memory_gb:
         over = [s.pp_rank for s in stages if s.memory.total > train.device_memory_gb * GiB]
@@ -510,16 +559,18 @@ def make_plan(model_cfg: Any, layout: ParallelLayout, train_args: TrainArgs | No
     return Plan(layout=layout, model=m, train=train, world_size=train.world_size, dp=dp, expert_dp=edp,
                 num_microbatches=num_mb, total_params=int(total), activated_params=int(activated),
                 mtp_params=int(mtp_total), hf_checkpoint_params=int(hf_total), params_by_group=groups,
-                stages=stages, megatron_pp_layout=mpl, warnings=warnings)
+                stages=stages, megatron_pp_layout=mpl, warnings=warnings,
+                schedules=schedule_table(layout, num_mb) if layout.pp > 1 else [])
 
 
-def _activations(m, layout, train, r, per_chunk_layer_acts, chunks, num_mb) -> float:
+def _activations(m, layout, train, r, per_chunk_layer_acts, chunks, in_flight: float) -> float:
     """Activation bytes on pipeline rank r at its peak.
 
     Per micro-batch, each real layer keeps its `_layer_activation_elems` (bf16: 2 bytes each, fp32 router
     extra), except layers recomputed under --recompute-granularity full, which keep only their input
     (T*h/sp). uniform: the rank's layers form groups of N, each keeps its input; block: the first N layers
-    of each chunk keep only their input. That per-micro-batch total is multiplied by `_in_flight`. Then
+    of each chunk keep only their input. That per-micro-batch total is multiplied by `in_flight`, the rank's
+    peak of micro-batches held, from the simulation of its schedule (`_simulate`). Then
     added once: the recompute working set (one group / one layer re-run in full), and on the output
     stage the fp32 logits (T*vocab/t*4 bytes, plus one set per MTP layer) and the MTP layers' own
     activations. 'selective' recompute is counted like none (flash attention already keeps no scores).
@@ -545,7 +596,7 @@ def _activations(m, layout, train, r, per_chunk_layer_acts, chunks, num_mb) -> f
             per_mb += k * layer_input + sum(full_bytes[k:])
             if k:
                 working = max(working, max(full_bytes[:k]))
-    total = per_mb * _in_flight(layout, r, num_mb) + working
+    total = per_mb * in_flight + working
     if any(ch.output for ch in chunks):
         logits = T * layout.padded_vocab_size(m.vocab_size) / layout.tp * 4
         mtp = layout.mtp_num_layers or 0
@@ -631,6 +682,16 @@ def format_plan(plan: Plan) -> str:
                      f"grads {mem.grads / GiB:.1f}, optimizer {mem.optimizer / GiB:.1f}, activations "
                      f"{mem.activations / GiB:.1f} ({s.in_flight_microbatches:g} micro-batches in flight), "
                      f"total {mem.total / GiB:.1f}")
+    if plan.schedules:
+        m = _sim_microbatches(L, plan.num_microbatches)
+        lines.append("")
+        lines.append(f"pipeline schedules at PP {L.pp}, {m} micro-batches (simulated op order; forward = real layers "
+                     "of a stage, backward = 2x, communication free):")
+        for row in plan.schedules:
+            peaks = " ".join(f"{p:g}" for p in row.peak_in_flight)
+            mark = "  <- this layout" if row.current else ""
+            lines.append(f"  {row.name:<28} bubble {100 * row.bubble:5.1f}%   peak in-flight micro-batches per "
+                         f"rank: {peaks}{mark}")
     lines.append("")
     lines.append(f"peak estimated memory per device: {plan.max_memory / GiB:.1f} GiB "
                  "(excludes communication buffers, allocator fragmentation and framework workspace)")

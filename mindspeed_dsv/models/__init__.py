@@ -5,7 +5,7 @@ converter's name map) start without loading megatron."""
 
 from .config import DeepSeekConfig, ModelConfigError, transformer_config
 
-_BUILDER = ("build_model", "default_layout", "layer_kinds", "model_transformer_config")
+_BUILDER = ("build_model", "build_model_chunks", "default_layout", "layer_kinds", "model_transformer_config")
 
 
 def __getattr__(name):

@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import LayerType
+from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
 
 from .gpt import DeepSeekGPTModel
 
@@ -40,6 +43,38 @@ def layer_kinds(cfg: DeepSeekConfig, layout, pp_rank: int, chunk: int) -> list[s
     return kinds
 
 
+class DualPipeVLayerLayout(PipelineParallelLayerLayout):
+    """megatron's pipeline layout for dualpipev: slot (rank r, chunk 1) holds virtual stage 2*pp-1-r.
+
+    megatron-core 0.16.1 numbers layers chunk-major (slot (r, 1) = virtual stage pp+r); only the numbering
+    differs, so this subclass overrides the layer offsets and the flattened (layer-id) order and keeps the rest:
+    megatron's slot table answers what each (rank, chunk) builds, and its checks then see the embedding first,
+    the decoder layers, MTP and the loss last, as in any layout.
+    """
+
+    def __init__(self, layout: list, pipeline_model_parallel_size: int):
+        super().__init__(layout, pipeline_model_parallel_size)
+        if self.virtual_pipeline_model_parallel_size != 2:
+            raise ValueError(f"dualpipev needs 2 chunks per rank, got {self.virtual_pipeline_model_parallel_size}")
+        self.flatten_layout = [t for r, c in self._stage_slots() for t in self.layout[r][c]]
+
+    def _stage_slots(self) -> list[tuple[int, int]]:
+        """(rank, chunk) of virtual stages 0 .. 2*pp-1."""
+        pp = self.pipeline_model_parallel_size
+        return [(v, 0) for v in range(pp)] + [(2 * pp - 1 - v, 1) for v in range(pp, 2 * pp)]
+
+    def get_layer_offset(self, layer_type: LayerType = LayerType.decoder, vp_stage=None, pp_rank=None):
+        if pp_rank is None:
+            pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        slots = self._stage_slots()
+        before = slots[: slots.index((pp_rank, vp_stage or 0))]
+        return sum(self.layout[r][c].count(layer_type) for r, c in before)
+
+    def get_layer_id_list(self, layer_type: LayerType = LayerType.decoder, vp_stage=None, pp_rank=None):
+        offset = self.get_layer_offset(layer_type, vp_stage, pp_rank)
+        return list(range(offset, offset + self.get_num_layers_to_build(layer_type, vp_stage, pp_rank)))
+
+
 def model_transformer_config(cfg: DeepSeekConfig, layout, **train_options):
     """The megatron config for this model under `layout`; train_options are transformer_config's kwargs."""
     moe_layer_freq = []
@@ -55,15 +90,44 @@ def model_transformer_config(cfg: DeepSeekConfig, layout, **train_options):
         tp=layout.tp,
         pp=layout.pp,
         ep=layout.ep,
-        vpp=chunks if (chunks > 1 and not layout.dualpipev) else None,
+        vpp=chunks if chunks > 1 else None,
         sequence_parallel=layout.sequence_parallel,
         num_layers=layout.num_layers,
         mtp_num_layers=layout.mtp_num_layers,
-        pipeline_layout=layout.to_megatron_pp_layout() if layout.pp > 1 else None,
+        pipeline_layout=_megatron_pp_layout(layout),
         moe_grouped_gemm=layout.moe_grouped_gemm,
         **extra,
         **train_options,
     )
+
+
+def _megatron_pp_layout(layout):
+    if layout.pp == 1:
+        return None
+    if layout.dualpipev:
+        return DualPipeVLayerLayout(layout.to_megatron_pp_layout(), layout.pp)
+    return layout.to_megatron_pp_layout()
+
+
+def _process_groups(layout) -> ProcessGroupCollection | None:
+    """megatron's groups, except under dualpipev: there the embedding and the MTP layers (which keep their own
+    copy of it) both live on rank 0, in chunks 0 and 1, so megatron's first/last-rank embedding group must not
+    be used; build_model_chunks copies the weight and the trainer's dualpipev schedule sums the two gradients."""
+    if not layout.dualpipev:
+        return None
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    pgs.embd = None
+    return pgs
+
+
+def build_model_chunks(cfg: DeepSeekConfig, layout, config) -> list[GPTModel]:
+    """Every model chunk of the current pipeline rank (one, VPP's, or dualpipev's two)."""
+    chunks = layout.num_model_chunks
+    models = [build_model(cfg, layout, vp_stage=(i if chunks > 1 else None), config=config) for i in range(chunks)]
+    if layout.dualpipev and models[1].mtp_process:
+        with torch.no_grad():  # megatron zero-fills the MTP copy, expecting the embedding group to fill it
+            models[1].embedding.word_embeddings.weight.copy_(models[0].embedding.word_embeddings.weight)
+    return models
 
 
 def build_model(
@@ -104,4 +168,5 @@ def build_model(
         parallel_output=True,
         mtp_block_spec=mtp,
         vp_stage=vp_stage,
+        pg_collection=_process_groups(layout),
     )

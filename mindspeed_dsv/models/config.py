@@ -238,6 +238,11 @@ def transformer_config(
         expert_model_parallel_size=ep,
         sequence_parallel=sequence_parallel,
         pipeline_dtype=params_dtype,
+        # gloo matches point-to-point messages between two ranks in posting order, with no tag; megatron's
+        # batched p2p posts "to prev" before "to next", so at PP=2 with VPP (prev == next) a rank's activation
+        # and gradient swap places (measured: VPP losses off at the first step). The unbatched path orders its
+        # sends and receives by even/odd rank and puts one direction on another group.
+        batch_p2p_comm=platform.backend != "gloo",
         params_dtype=params_dtype,
         bf16=bf16,
         use_cpu_initialization=use_cpu_initialization,

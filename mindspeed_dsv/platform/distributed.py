@@ -20,11 +20,14 @@ def init_distributed(
     etp: int | None = None,
     seed: int = 1234,
     timeout_minutes: int = 30,
+    embedding_on_first_stage_only: bool = False,
 ) -> None:
     """Initialise torch.distributed (from torchrun's env vars) and megatron's model-parallel groups.
 
     `vpp` is the number of virtual pipeline chunks per stage (megatron's meaning), not MindSpeed's
-    layers-per-virtual-stage; the layout object converts between them.
+    layers-per-virtual-stage; the layout object converts between them. `embedding_on_first_stage_only`
+    (dualpipev): the embedding and everything that shares it live on the first pipeline rank, so megatron's
+    embedding group (by default first and last rank, whose gradients it sums) holds that rank alone.
     """
     from megatron.core import parallel_state, tensor_parallel
 
@@ -52,6 +55,7 @@ def init_distributed(
         context_parallel_size=cp,
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
+        get_embedding_ranks=(lambda pp_ranks, *_: pp_ranks[:1]) if embedding_on_first_stage_only else None,
     )
     platform.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

@@ -151,6 +151,9 @@ def build_parser(prog: str = "mindspeed_dsv.train") -> argparse.ArgumentParser:
                    choices=["seq_aux_loss", "aux_loss", "none"], help="Auxiliary balance loss kind.")
     t.add_argument("--moe-token-dispatcher-type", default="alltoall", choices=["alltoall", "allgather"],
                    help="How tokens reach their experts across expert-parallel ranks.")
+    t.add_argument("--moe-fb-overlap", action="store_true",
+                   help="MindSpeed-LLM's overlap of one micro-batch's forward with another's backward under dualpipev "
+                   "(hides the expert all-to-all). Not implemented: given, it is refused with an error.")
     t.add_argument("--mtp-loss-scaling-factor", type=float, default=0.3, help="Weight of the MTP loss.")
 
     c = p.add_argument_group("checkpointing")
@@ -230,6 +233,9 @@ def validate(args: argparse.Namespace, world_size: int, model_cfg: dict | None =
         # The base weights live as NF4 outside the model's parameters, so a full save would lack them.
         problems.append("--qlora-nf4 with --save needs --lora-ckpt-filter (QLoRA saves its adapters; the frozen "
                         "base is the --load checkpoint, or its NF4 form from hf2mcore --qlora-nf4 for merging)")
+    if args.moe_fb_overlap:
+        problems.append("--moe-fb-overlap is not implemented: --schedules-method dualpipev runs a forward and then a "
+                        "backward where DualPipe overlaps them (same numbers, no all-to-all hiding); drop the flag")
     if args.eval_interval and not args.eval_iters:
         problems.append("--eval-interval needs --eval-iters > 0")
     if not args.data_path:
@@ -260,8 +266,6 @@ def validate(args: argparse.Namespace, world_size: int, model_cfg: dict | None =
         problems.append(str(err))
         layout = None
     if layout is not None:
-        if layout.dualpipev:
-            problems.append("--schedules-method dualpipev: training with it is not implemented (conversion and plan only)")
         if layout.cp > 1:
             problems.append("--context-parallel-size > 1 is not supported yet")
         dp = world_size // (layout.tp * layout.pp * layout.cp)
@@ -272,6 +276,8 @@ def validate(args: argparse.Namespace, world_size: int, model_cfg: dict | None =
                 f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
                 f"{args.micro_batch_size} × data-parallel size {dp}"
             )
+        if layout.dualpipev:
+            problems += _dualpipev_problems(layout, args, dp, model_cfg)
         if layout.tp > 1 and layout.num_experts and not layout.sequence_parallel:
             problems.append("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel (megatron-core rule)")
     if problems:
@@ -313,6 +319,24 @@ def entry_argv(entry: str, argv: list[str]) -> list[str]:
     if entry == "posttrain_gpt.py" and "--is-instruction-dataset" not in argv:
         return ["--is-instruction-dataset", *argv]
     return list(argv)
+
+
+def _dualpipev_problems(layout: ParallelLayout, args, dp: int, model_cfg: dict | None) -> list[str]:
+    """What --schedules-method dualpipev needs beyond the layout's own checks (layers divisible by 2*pp, no VPP,
+    no --num-layer-list: ParallelLayout.validate)."""
+    out = []
+    flag = "--schedules-method dualpipev"
+    if layout.pp < 2:
+        out.append(f"{flag} needs --pipeline-model-parallel-size > 1 (got {layout.pp})")
+    num_mb = args.global_batch_size // (args.micro_batch_size * dp)
+    if num_mb < 2 * layout.pp:
+        out.append(f"{flag} needs at least 2 * --pipeline-model-parallel-size = {2 * layout.pp} micro-batches per "
+                   f"step; --global-batch-size {args.global_batch_size} / (--micro-batch-size {args.micro_batch_size}"
+                   f" * data-parallel size {dp}) = {num_mb}")
+    if model_cfg is not None and model_cfg.get("tie_word_embeddings"):
+        out.append(f"{flag} needs untied embeddings, but config.json has tie_word_embeddings true (the embedding "
+                   "and the output layer sit in different chunks of rank 0)")
+    return out
 
 
 def resolve_model_config_path(args) -> str:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from mindspeed_dsv.rankfiles import McoreCheckpointError
 from mindspeed_dsv.layout import LayoutError, ParallelLayout
-from mindspeed_dsv.models import DeepSeekConfig, build_model, model_transformer_config
+from mindspeed_dsv.models import DeepSeekConfig, build_model_chunks, model_transformer_config
 from mindspeed_dsv.platform import current_platform, init_distributed
 from mindspeed_dsv.platform.megatron_compat import GRAD_ACCUM_FUSION_DEVICES
 
@@ -109,7 +109,8 @@ def setup(args) -> TrainState:
     ops = configure_ops(OpsConfig.from_args(args), platform)  # raises, naming the flag, before any weight exists
     chunks = layout.num_model_chunks
     qlora = bool(args.lora_r and args.qlora_nf4)
-    init_distributed(tp=layout.tp, pp=layout.pp, ep=layout.ep, vpp=chunks if chunks > 1 else None, seed=args.seed)
+    init_distributed(tp=layout.tp, pp=layout.pp, ep=layout.ep, vpp=chunks if chunks > 1 else None, seed=args.seed,
+                     embedding_on_first_stage_only=layout.dualpipev)
 
     params_dtype = torch.bfloat16 if args.bf16 else torch.float32
     tconfig = model_transformer_config(
@@ -134,9 +135,7 @@ def setup(args) -> TrainState:
         **({"perform_initialization": False} if qlora and args.load else {}),
         **_recompute_options(args),
     )
-    models = [
-        build_model(cfg, layout, vp_stage=(i if chunks > 1 else None), config=tconfig) for i in range(chunks)
-    ]
+    models = build_model_chunks(cfg, layout, tconfig)
     device = platform.device()
     if not qlora:
         for m in models:
@@ -303,12 +302,15 @@ def _aux_metrics(num_microbatches: int) -> dict:
 
 
 def _run_schedule(state: TrainState, iterators, num_microbatches: int, forward_only: bool):
-    """One global batch through megatron's pipeline schedule (1F1B, interleaved, or none); the losses of the
-    micro-batches the last stage computed."""
+    """One global batch through the pipeline schedule (megatron's 1F1B, interleaved or none; our dualpipev);
+    the losses of the micro-batches the loss stage computed."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from .dualpipev import forward_backward_dualpipev
+
     chunks = len(state.models) > 1  # the interleaved schedule takes one model and iterator per chunk
-    return get_forward_backward_func()(
+    schedule = forward_backward_dualpipev if state.layout.dualpipev else get_forward_backward_func()
+    return schedule(
         forward_step_func=partial(_forward_step, current_platform().device()),
         data_iterator=iterators if chunks else iterators[0],
         model=state.models if chunks else state.models[0],

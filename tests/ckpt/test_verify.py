@@ -67,4 +67,4 @@ def test_verify_refuses_dualpipev(src, tmp_path, capsys):
     assert main(["hf2mcore", "--load-dir", hf, "--save-dir", str(tmp_path / "mc"), "--no-progress",
                  "--target-pipeline-parallel-size", "2", "--schedules-method", "dualpipev"]) == 0
     code = main(["verify", "--hf-dir", hf, "--mcore-dir", str(tmp_path / "mc"), "--tokens-file", tokens])
-    assert code == 2 and "dualpipev is a conversion-only layout" in capsys.readouterr().err
+    assert code == 2 and "verify does not run the dualpipev schedule" in capsys.readouterr().err

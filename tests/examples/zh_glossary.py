@@ -34,7 +34,7 @@ ZH = {
     "--num-layers-per-virtual-pipeline-stage": "虚拟流水线（VPP）每个虚拟阶段的层数；不能与 --num-layer-list 同时使用。",
     "--num-layer-list": "每个 PP 阶段的层数（逗号分隔），之和等于 --num-layers；不能与 --noop-layers、VPP 同时使用。",
     "--noop-layers": "空操作层的全局编号（逗号分隔），用于补齐层数使各阶段均分，如 --num-layers 64 时的 61,62,63。",
-    "--schedules-method": "流水线调度方法，可选 dualpipev；目前仅转换与 plan 支持，训练尚不支持。",
+    "--schedules-method": "流水线调度方法，可选 dualpipev：rank r 持有虚拟阶段 r 与 2*pp-1-r（rank 0 持有嵌入层、首尾各层、输出层、损失与 MTP），按 DeepSeek DualPipeV 的顺序运行。需要 --pipeline-model-parallel-size > 1、--num-layers 可被 2*pp 整除（可用 --noop-layers 补齐）、每步至少 2*pp 个微批次、不能与 VPP 同用、嵌入与输出层不共享权重。默认 None（1F1B，或启用 VPP 时为交错式 1F1B）。须与训练一致。",
     "--num-layers": "解码层数（含空操作层，不含 MTP 层）；默认取 config.json 的 num_hidden_layers 加空操作层数。",
     "--mtp-num-layers": "保留的 MTP 层数（0 表示丢弃）；MTP 层与输出层位于同一阶段。默认取 config.json（训练时取 --load 检查点 layout.json 的记录）。",
     "--first-k-dense-replace": "前若干层（HF 编号）使用 dense MLP；默认取 config.json。",
@@ -94,6 +94,7 @@ ZH = {
     "--moe-router-bias-update-rate": "无辅助损失均衡：每个全局批次专家偏置的更新步长（0 冻结）。",
     "--moe-router-load-balancing-type": "辅助负载均衡损失的类型。",
     "--moe-token-dispatcher-type": "token 在专家并行 rank 间的分发方式。",
+    "--moe-fb-overlap": "MindSpeed-LLM 在 dualpipev 下将一个 micro-batch 的前向与另一个的反向重叠执行（隐藏专家 all-to-all）。尚未实现：给出时报错拒绝。",
     "--mtp-loss-scaling-factor": "MTP 损失的权重。",
     # checkpointing
     "--load": "起始权重目录（hf2mcore 输出或训练的 --save 目录）。",

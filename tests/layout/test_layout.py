@@ -331,8 +331,38 @@ def test_megatron_accepts_pp_layout(kw):
 def test_megatron_layout_string_and_dualpipev():
     assert L(pp=2, num_layers=4, mtp_num_layers=1).to_megatron_pp_layout_str() == "Ett|ttmL"
     assert L(pp=2, num_layers=8, vpp=2).to_megatron_pp_layout_str() == "Ett|tt|tt|ttL"
-    with pytest.raises(LayoutError, match="dualpipev"):
-        L(pp=2, num_layers=8, dualpipev=True).to_megatron_pp_layout()
+    with pytest.raises(LayoutError, match="dualpipev has no Megatron string layout"):
+        L(pp=2, num_layers=8, dualpipev=True).to_megatron_pp_layout_str()
+
+
+@pytest.mark.parametrize("kw", [
+    dict(pp=2, num_layers=8, noop_layers="5,6,7", mtp_num_layers=1),
+    dict(pp=8, num_layers=64, noop_layers="61,62,63", mtp_num_layers=1),
+    dict(pp=4, num_layers=8, mtp_num_layers=0),
+])
+def test_dualpipev_megatron_layout_numbers_the_v(kw):
+    """megatron, through DualPipeVLayerLayout, builds on (rank, chunk) the layers our layout puts there, with
+    the embedding on rank 0 chunk 0 and the loss and MTP on rank 0 chunk 1."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.enums import LayerType
+
+    from mindspeed_dsv.models.builder import DualPipeVLayerLayout
+
+    lay = L(dualpipev=True, **kw)
+    mpl = DualPipeVLayerLayout(lay.to_megatron_pp_layout(), lay.pp)
+    mpl.validate_layer_layout(num_layers=lay.num_layers, mtp_num_layers=lay.mtp_num_layers or None)
+    prev = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    parallel_state.set_virtual_pipeline_model_parallel_world_size(2)
+    try:
+        for r in range(lay.pp):
+            for c in range(2):
+                assert mpl.get_layer_id_list(LayerType.decoder, vp_stage=c, pp_rank=r) == lay.stage_layers(r, c)
+                assert mpl.layout[r][c].count(LayerType.embedding) == (r == 0 and c == 0)
+                assert mpl.layout[r][c].count(LayerType.loss) == (r == 0 and c == 1)
+                assert mpl.layout[r][c].count(LayerType.mtp) == (kw["mtp_num_layers"] if (r, c) == (0, 1) else 0)
+    finally:
+        parallel_state.set_virtual_pipeline_model_parallel_world_size(prev)
+    assert lay.stage_layers(0, 1) == list(range(lay.num_layers - lay.num_layers // (2 * lay.pp), lay.num_layers))
 
 
 def test_docs_cover_every_layout_flag_in_both_languages():

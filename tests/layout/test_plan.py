@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from mindspeed_dsv.layout import LayoutError, ParallelLayout
-from mindspeed_dsv.plan import GiB, PlanError, TrainArgs, make_plan
+from mindspeed_dsv.plan import GiB, PlanError, TrainArgs, format_plan, make_plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -277,3 +277,22 @@ def _tensors_of(plan, cfg):
     for i in range(m.num_hidden_layers):
         out += decoder_layer_tensors(m, dense=i < m.first_k_dense_replace)
     return out
+
+
+def test_plan_simulates_the_schedules(cfg671):
+    """The A2 pretrain template (PP8, 64 = 61 + noop 61,62,63, dualpipev, 240 micro-batches): the memory estimate
+    uses the in-flight peak of the simulated dualpipev order, and the table compares 1F1B, VPP and dualpipev."""
+    from mindspeed_dsv.pipeline_order import dualpipev_order, dualpipev_stage, simulate
+
+    lay_kw, train_kw = TEMPLATES["pretrain_A2"]
+    plan = make_plan(cfg671, ParallelLayout(**lay_kw), TrainArgs(**train_kw))
+    assert plan.num_microbatches == 240
+    assert [s.in_flight_microbatches for s in plan.stages] == [8.5] * 8  # (2 * PP + 1) half-chunks
+    rows = {r.name: r for r in plan.schedules}
+    assert set(rows) == {"1F1B", "interleaved 1F1B, 2 chunks", "dualpipev"} and rows["dualpipev"].current
+    assert rows["1F1B"].peak_in_flight == [8, 7, 6, 5, 4, 3, 2, 1]
+    # uniform stages: the same simulation gives DualPipe's bubble, below 1F1B's (P-1)/(M+P-1)
+    even = simulate([dualpipev_order(8, r, 240) for r in range(8)], lambda r, c: dualpipev_stage(8, r, c), 16)
+    assert even.bubble < 7 / 247
+    text = format_plan(plan)
+    assert "pipeline schedules at PP 8, 240 micro-batches" in text and "<- this layout" in text

@@ -41,7 +41,16 @@ def test_typo_is_an_argparse_error(capsys):
         (["--tensor-model-parallel-size", "2"], 2, "needs --sequence-parallel"),
         (["--expert-model-parallel-size", "3"], 3, "3 must divide"),
         (["--pipeline-model-parallel-size", "2", "--num-layer-list", "1,2"], 2, "--num-layer-list 1,2 sums to 3"),
-        (["--schedules-method", "dualpipev", "--pipeline-model-parallel-size", "2"], 2, "dualpipev"),
+        (["--schedules-method", "dualpipev", "--pipeline-model-parallel-size", "2"], 2,
+         "dualpipev needs at least 2 * --pipeline-model-parallel-size = 4 micro-batches per step; "
+         "--global-batch-size 1 / (--micro-batch-size 1 * data-parallel size 1) = 1"),
+        (["--schedules-method", "dualpipev", "--pipeline-model-parallel-size", "4", "--global-batch-size", "8"], 4,
+         "needs --num-layers (4) divisible by 2 * --pipeline-model-parallel-size (8); pad with --noop-layers"),
+        (["--moe-fb-overlap"], 1, "--moe-fb-overlap is not implemented"),
+        (["--schedules-method", "dualpipev", "--global-batch-size", "4"], 1,
+         "dualpipev needs --pipeline-model-parallel-size > 1 (got 1)"),
+        (["--schedules-method", "dualpipev", "--pipeline-model-parallel-size", "2", "--global-batch-size", "4",
+          "--num-layers-per-virtual-pipeline-stage", "1"], 2, "cannot be used with --num-layers-per-virtual"),
         (["--train-iters", "0"], 1, "--train-iters must be > 0, got 0"),
         (["--lr=-0.1"], 1, "--lr must be >= 0, got -0.1"),
         (["--micro-batch-size", "0"], 1, "--micro-batch-size must be > 0, got 0"),
@@ -52,3 +61,17 @@ def test_contradictions_name_the_flags(flags, world, message):
     with pytest.raises((ArgumentError, ValueError)) as err:
         _check(*flags, world=world)
     assert message in str(err.value), str(err.value)
+
+
+def test_dualpipev_refuses_tied_embeddings():
+    args = build_parser().parse_args([*BASE, "--schedules-method", "dualpipev", "--pipeline-model-parallel-size", "2",
+                                      "--global-batch-size", "4"])
+    with pytest.raises(ArgumentError) as err:
+        validate(args, 2, tiny_hf_config(tie_word_embeddings=True))
+    assert "dualpipev needs untied embeddings, but config.json has tie_word_embeddings true" in str(err.value)
+
+
+def test_dualpipev_with_noop_padding_is_accepted():
+    layout = _check("--schedules-method", "dualpipev", "--pipeline-model-parallel-size", "4", "--global-batch-size",
+                    "8", "--num-layers", "8", "--noop-layers", "4,5,6,7", world=4)
+    assert layout.dualpipev and layout.stage_layers(0, 1) == [7]

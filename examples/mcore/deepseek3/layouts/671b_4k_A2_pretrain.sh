@@ -1,7 +1,9 @@
 # Layout of pretrain_deepseek3_671b_4k_A2.sh: Atlas 800T A2, 64 nodes x 8 NPUs (64 GB), 4K sequences.
-# TP4 x EP8 with --moe-tp-extend-ep spreads the 256 experts over 32 ranks (8 per device); PP8 with VPP 4 over
-# 64 layers (61 + noop 61,62,63). MindSpeed-LLM's A2 template runs --schedules-method dualpipev on this layout;
-# our trainer does not run dualpipev yet, so this uses interleaved 1F1B (VPP) on the same 64-layer padding.
+# TP4 x EP8 with --moe-tp-extend-ep spreads the 256 experts over 32 ranks (8 per device); PP8 with dualpipev over
+# 64 layers (61 + noop 61,62,63), as MindSpeed-LLM's A2 template: 16 virtual stages of 4 layers, rank r holds
+# stages r and 15-r, so rank 0 holds the embedding, layers 0-3, layers 60-63 (three of them noop), the output
+# layer, the loss and MTP. 3840 / DP 16 = 240 micro-batches per step (dualpipev needs >= 2 * PP = 16).
+# (MindSpeed's --moe-fb-overlap, the forward/backward overlap of the expert all-to-all, is not implemented.)
 # Sourced by the training script (and by hf2mcore if you continue from an HF checkpoint): one source of truth.
 LAYOUT_ARGS=(
     --tensor-model-parallel-size 4
@@ -11,7 +13,7 @@ LAYOUT_ARGS=(
     --sequence-parallel
     --num-layers 64
     --noop-layers 61,62,63
-    --num-layers-per-virtual-pipeline-stage 4
+    --schedules-method dualpipev
     --mtp-num-layers 1
     --first-k-dense-replace 3
     --num-experts 256

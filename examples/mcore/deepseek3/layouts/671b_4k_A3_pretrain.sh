@@ -1,6 +1,8 @@
 # Layout of pretrain_deepseek3_671b_4k_A3.sh: Atlas 900 A3 SuperPoD, 32 nodes x 16 dies (64 GB), 4K sequences.
-# TP2 x EP16 with --moe-tp-extend-ep (8 experts per die), PP8 with VPP 4 over 64 layers (noop 61,62,63).
-# MindSpeed-LLM's A3 template uses dualpipev here; our trainer does not run it yet (see layouts.md).
+# TP2 x EP16 with --moe-tp-extend-ep (8 experts per die), PP8 with dualpipev over 64 layers (61 + noop
+# 61,62,63), as MindSpeed-LLM's A3 template: rank r holds virtual stages r and 15-r (rank 0: embedding, first and
+# last layers, output layer, loss, MTP). 3840 / DP 32 = 120 micro-batches per step (>= 2 * PP = 16).
+# (MindSpeed's --moe-fb-overlap is not implemented; see layouts.md.)
 LAYOUT_ARGS=(
     --tensor-model-parallel-size 2
     --pipeline-model-parallel-size 8
@@ -9,7 +11,7 @@ LAYOUT_ARGS=(
     --sequence-parallel
     --num-layers 64
     --noop-layers 61,62,63
-    --num-layers-per-virtual-pipeline-stage 4
+    --schedules-method dualpipev
     --mtp-num-layers 1
     --first-k-dense-replace 3
     --num-experts 256
