@@ -29,6 +29,19 @@ class RMSNorm(torch.nn.Module):
         return get_ops().rms_norm(x, self.weight, self.eps)
 
 
+class SwiGLU(MegatronModule):
+    """silu(gate) * up on megatron's fused [gate | up] fc1 output, via `ops.swiglu`: the activation module of the dense
+    MLP, the shared experts and SequentialMLP's experts (megatron builds `submodules.activation_func` when
+    `use_te_activation_func` is set; without it MLP calls its own torch glu). GroupedMLPExperts calls ops.swiglu
+    itself."""
+
+    def __init__(self, config, **_unused):
+        super().__init__(config=config)
+
+    def forward(self, x):
+        return get_ops().swiglu(x)
+
+
 class CoreAttention(MegatronModule):
     """softmax(q kᵀ · scale) v for MLA, via the ops layer. q/k: [s, b, h, d_qk], v: [s, b, h, d_v]."""
 
