@@ -44,50 +44,51 @@ def _counted(calls: dict, name: str, fn):
     return counted
 
 
-def _step_on_rank(tp: int, ep: int, ours: bool, count_permutes: bool = False):
+def _steps_on_rank(tp: int, ep: int):
     """One forward + backward of the tiny model (fp32, grouped experts; 4 of its 8 experts per EP rank, so the
-    received rows need sorting by local expert). Each data-parallel rank reads its own tokens: uneven splits."""
+    received rows need sorting by local expert) with our dispatcher, then the same weights and tokens with
+    megatron's. Each data-parallel rank reads its own tokens: uneven splits."""
     from megatron.core import parallel_state
 
     from mindspeed_dsv.models import DeepSeekConfig, build_model, moe_layer
     from mindspeed_dsv.models.builder import default_layout
-    from mindspeed_dsv.ops import configure_ops, get_ops
+    from mindspeed_dsv.ops import configure_ops
+
     from mindspeed_dsv.platform import init_distributed
 
     init_distributed(tp=tp, ep=ep)
-    configure_ops(overrides={"grouped_matmul": "grouped_mm"})
+    ops = configure_ops(overrides={"grouped_matmul": "grouped_mm"})
     calls = {"permute": 0, "unpermute": 0}
-    if count_permutes:  # count the ops layer's permute calls the dispatcher makes
-        ops = get_ops()
-        for name in calls:
-            setattr(ops, name, _counted(calls, name, getattr(ops, name)))
-    if not ours:
-        moe_layer.AllToAllTokenDispatcher.applies = staticmethod(lambda *args: False)
-        _uneven_all_gather_on_gloo()
+    for name in calls:  # count the ops layer's permute calls (only our dispatcher makes them)
+        setattr(ops, name, _counted(calls, name, getattr(ops, name)))
+    _uneven_all_gather_on_gloo()
     cfg = DeepSeekConfig.from_hf(tiny_hf_config(num_nextn_predict_layers=0, num_hidden_layers=1 + MOE_LAYERS))
-    torch.manual_seed(0)
-    model = build_model(cfg, default_layout(cfg, moe_grouped_gemm=True, sequence_parallel=tp > 1))
-    kinds = {type(m.token_dispatcher).__name__ for m in model.modules() if hasattr(m, "token_dispatcher")}
-    dp_rank = parallel_state.get_data_parallel_rank()
-    g = torch.Generator().manual_seed(10 + dp_rank)
+    layout = default_layout(cfg, moe_grouped_gemm=True, sequence_parallel=tp > 1)
+    ours = build_model(cfg, layout)
+    applies = moe_layer.AllToAllTokenDispatcher.applies
+    moe_layer.AllToAllTokenDispatcher.applies = staticmethod(lambda *args: False)
+    ref = build_model(cfg, layout)
+    moe_layer.AllToAllTokenDispatcher.applies = applies
+    ref.load_state_dict(ours.state_dict())
+
+    g = torch.Generator().manual_seed(10 + parallel_state.get_data_parallel_rank())
     ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=g)
-    pos = torch.arange(24)[None].expand_as(ids)
-    labels = torch.roll(ids, -1, dims=1)
-    with _RecordOps() as rec:
-        loss = model(ids, pos, attention_mask=None, labels=labels).mean()
-        loss.backward()
-    syncs = [n for n in rec.names if n.split(".")[0] in SYNCING_OPS]
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return kinds, syncs, loss.item(), grads, calls
+    results = []
+    for model in (ours, ref):
+        kinds = {type(m.token_dispatcher).__name__ for m in model.modules() if hasattr(m, "token_dispatcher")}
+        with _RecordOps() as rec:
+            loss = model(ids, torch.arange(24)[None].expand_as(ids), attention_mask=None,
+                         labels=torch.roll(ids, -1, dims=1)).mean()
+            loss.backward()
+        syncs = [n for n in rec.names if n.split(".")[0] in SYNCING_OPS]
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((kinds, syncs, loss.item(), grads, dict(calls)))
+    return results
 
 
 def _compare(tp: int, ep: int):
-    world = tp * ep
-    ours = run_distributed(_step_on_rank, world, tp, ep, True, True)
-    ref = run_distributed(_step_on_rank, world, tp, ep, False)
-    for rank, ((kinds, syncs, loss, grads, calls), (ref_kinds, ref_syncs, ref_loss, ref_grads, _)) in enumerate(
-        zip(ours, ref)
-    ):
+    runs = run_distributed(_steps_on_rank, tp * ep, tp, ep)
+    for rank, ((kinds, syncs, loss, grads, calls), (ref_kinds, ref_syncs, ref_loss, ref_grads, _)) in enumerate(runs):
         assert kinds == {"AllToAllTokenDispatcher"}, kinds
         assert ref_kinds == {"MoEAlltoAllTokenDispatcher"}, ref_kinds
         # No aten op that makes the host wait (masked_select, nonzero, .item(), unique) comes from our dispatcher:
@@ -108,7 +109,7 @@ def _compare(tp: int, ep: int):
         for name, g in grads.items():
             err = ((g - ref_grads[name]).norm() / ref_grads[name].norm().clamp(min=1e-30)).item()
             assert err < 1e-5, f"rank {rank} {name}: relative grad difference {err:.2e}"
-    return ours
+    return [ours for ours, _ in runs]
 
 
 def test_ep2_matches_megatrons_alltoall_dispatcher():
