@@ -9,15 +9,15 @@ Our dispatchers do the same job with `ops.permute` (a stable sort by expert id: 
 produces) and `ops.unpermute` (each token's probability-weighted sum of its experts' outputs, summed in fp32;
 megatron sums them in the activation dtype with scatter_add), so the ops flags (--use-fused-moe-token-permute-
 and-unpermute) reach every layout. The routing probabilities are applied at that sum, as transformers'
-DeepSeek-V3 does, so the experts get no probabilities (`GroupedMLPExperts` takes None for "already weighted").
+DeepSeek-V3 does, so the experts get no probabilities: `GroupedMLPExperts` takes None for "already weighted", and
+megatron's `SequentialMLP` (per-expert MLPs, what LoRA wraps) gets weights of 1 (x * 1 is exact in any dtype).
 
 - `LocalTokenDispatcher`: every expert on this rank (expert-parallel and expert-tensor-parallel size 1): no
   communication, the counts stay on the device for the grouped GEMM.
 - `AllToAllTokenDispatcher`: experts spread over ranks (EP and/or expert TP): megatron-core's all-to-all over
   its expert group, one each way; one host sync for the split sizes the all-to-all needs.
 
-With capacity factors, the allgather dispatcher or megatron's SequentialMLP experts (which read the counts on the
-host anyway) the layer keeps megatron's dispatcher unchanged; the trainer refuses
+With capacity factors or the allgather dispatcher the layer keeps megatron's dispatcher unchanged; the trainer refuses
 --use-fused-moe-token-permute-and-unpermute there (it would not act).
 """
 
@@ -31,9 +31,12 @@ from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 from mindspeed_dsv.ops import count_tokens_per_expert, get_ops
 
 
-def _dropless_grouped(config, experts) -> bool:
+def _ours_apply(config, experts) -> bool:
     """The MoE settings both our dispatchers implement: alltoall type, dropless, no padding, no shared-expert
-    overlap, probabilities applied after the experts, and our grouped experts (which accept probs=None)."""
+    overlap, probabilities applied after the experts, and experts we can hand weights that are already applied
+    (`_experts_scale_by_probs`)."""
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
     from .experts import GroupedMLPExperts
 
     return (
@@ -43,15 +46,28 @@ def _dropless_grouped(config, experts) -> bool:
         and not config.moe_router_padding_for_quantization
         and not config.moe_shared_expert_overlap
         and not config.moe_apply_probs_on_input
-        and isinstance(experts, GroupedMLPExperts)
+        and isinstance(experts, (GroupedMLPExperts, SequentialMLP))
     )
+
+
+def _experts_scale_by_probs(experts) -> bool:
+    """The routing weights are applied at unpermute, so the experts must not apply them again: GroupedMLPExperts
+    takes None (it skips the multiply); SequentialMLP's MLPs always scale by what they get, so they get ones."""
+    from .experts import GroupedMLPExperts
+
+    return not isinstance(experts, GroupedMLPExperts)
+
+
+def _probs_for_experts(scale_by_probs: bool, rows: torch.Tensor):
+    return torch.ones(rows.shape[0], dtype=rows.dtype, device=rows.device) if scale_by_probs else None
 
 
 class LocalTokenDispatcher(MoETokenDispatcher):
     """Dispatcher for a rank that holds all experts: permute -> (no communication) -> unpermute."""
 
-    def __init__(self, config, pg_collection, ops=None):
+    def __init__(self, config, pg_collection, experts, ops=None):
         super().__init__(config=config, pg_collection=pg_collection)
+        self.experts_scale_by_probs = _experts_scale_by_probs(experts)
         if self.ep_size != 1 or self.tp_size != 1:
             raise ValueError(
                 f"LocalTokenDispatcher needs expert-parallel and expert-tensor-parallel size 1, got "
@@ -64,7 +80,7 @@ class LocalTokenDispatcher(MoETokenDispatcher):
     def applies(config, pg_collection, experts) -> bool:
         """True where this dispatcher is exact and useful (see the module docstring)."""
         local = pg_collection.ep.size() == 1 and pg_collection.expt_tp.size() == 1
-        return local and _dropless_grouped(config, experts)
+        return local and _ours_apply(config, experts)
 
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
         self.hidden_shape = hidden_states.shape
@@ -82,7 +98,7 @@ class LocalTokenDispatcher(MoETokenDispatcher):
 
     def dispatch_postprocess(self, hidden_states, probs):
         tokens_per_expert, self.tokens_per_expert = self.tokens_per_expert, None
-        return hidden_states, tokens_per_expert, None
+        return hidden_states, tokens_per_expert, _probs_for_experts(self.experts_scale_by_probs, hidden_states)
 
     def combine_preprocess(self, hidden_states):
         return hidden_states
@@ -115,8 +131,9 @@ class AllToAllTokenDispatcher(MoETokenDispatcher):
     sums them in fp32 before its all-to-all).
     """
 
-    def __init__(self, num_local_experts: int, local_expert_indices, config, pg_collection, ops=None):
+    def __init__(self, num_local_experts: int, local_expert_indices, config, pg_collection, experts, ops=None):
         super().__init__(config=config, pg_collection=pg_collection)
+        self.experts_scale_by_probs = _experts_scale_by_probs(experts)
         self.topk = config.moe_router_topk
         self.num_experts = config.num_moe_experts
         self.num_local_experts = num_local_experts
@@ -141,9 +158,9 @@ class AllToAllTokenDispatcher(MoETokenDispatcher):
 
     @staticmethod
     def applies(config, pg_collection, experts) -> bool:
-        """True where experts are spread over ranks and the dispatch is dropless with grouped experts."""
+        """True where experts are spread over ranks and the MoE settings are ours (`_ours_apply`)."""
         spread = pg_collection.ep.size() > 1 or pg_collection.expt_tp.size() > 1
-        return spread and _dropless_grouped(config, experts)
+        return spread and _ours_apply(config, experts)
 
     def _slots(self, indices: torch.Tensor) -> torch.Tensor:
         """[T, k] global expert ids -> [T, k * etp] slot ids (ep rank, expert-TP rank, local expert), flattened."""
@@ -187,7 +204,7 @@ class AllToAllTokenDispatcher(MoETokenDispatcher):
             )
             hidden_states, self.local_sorted_indices = self.ops.permute(hidden_states, row_expert.unsqueeze(1))
         tokens_per_expert, self.tokens_per_expert, self.received = self.tokens_per_expert, None, None
-        return hidden_states, tokens_per_expert, None
+        return hidden_states, tokens_per_expert, _probs_for_experts(self.experts_scale_by_probs, hidden_states)
 
     def combine_preprocess(self, hidden_states):
         if self.local_sorted_indices is not None:
@@ -213,8 +230,8 @@ class DeepSeekMoELayer(MoELayer):
             pg_collection = get_default_pg_collection()
         super().__init__(config=config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection)
         if LocalTokenDispatcher.applies(config, pg_collection, self.experts):
-            self.token_dispatcher = LocalTokenDispatcher(config, pg_collection)
+            self.token_dispatcher = LocalTokenDispatcher(config, pg_collection, self.experts)
         elif AllToAllTokenDispatcher.applies(config, pg_collection, self.experts):
             self.token_dispatcher = AllToAllTokenDispatcher(
-                self.num_local_experts, self.local_expert_indices, config, pg_collection
+                self.num_local_experts, self.local_expert_indices, config, pg_collection, self.experts
             )

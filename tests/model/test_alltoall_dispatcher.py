@@ -44,8 +44,8 @@ def _counted(calls: dict, name: str, fn):
     return counted
 
 
-def _steps_on_rank(tp: int, ep: int):
-    """One forward + backward of the tiny model (fp32, grouped experts; 4 of its 8 experts per EP rank, so the
+def _steps_on_rank(tp: int, ep: int, grouped: bool):
+    """One forward + backward of the tiny model (fp32, grouped experts or SequentialMLP; 4 of 8 experts per EP rank, so the
     received rows need sorting by local expert) with our dispatcher, then the same weights and tokens with
     megatron's. Each data-parallel rank reads its own tokens: uneven splits."""
     from megatron.core import parallel_state
@@ -63,7 +63,7 @@ def _steps_on_rank(tp: int, ep: int):
         setattr(ops, name, _counted(calls, name, getattr(ops, name)))
     _uneven_all_gather_on_gloo()
     cfg = DeepSeekConfig.from_hf(tiny_hf_config(num_nextn_predict_layers=0, num_hidden_layers=1 + MOE_LAYERS))
-    layout = default_layout(cfg, moe_grouped_gemm=True, sequence_parallel=tp > 1)
+    layout = default_layout(cfg, moe_grouped_gemm=grouped, sequence_parallel=tp > 1)
     ours = build_model(cfg, layout)
     applies = moe_layer.AllToAllTokenDispatcher.applies
     moe_layer.AllToAllTokenDispatcher.applies = staticmethod(lambda *args: False)
@@ -86,8 +86,8 @@ def _steps_on_rank(tp: int, ep: int):
     return results
 
 
-def _compare(tp: int, ep: int):
-    runs = run_distributed(_steps_on_rank, tp * ep, tp, ep)
+def _compare(tp: int, ep: int, grouped: bool = True):
+    runs = run_distributed(_steps_on_rank, tp * ep, tp, ep, grouped)
     for rank, ((kinds, syncs, loss, grads, calls), (ref_kinds, ref_syncs, ref_loss, ref_grads, _)) in enumerate(runs):
         assert kinds == {"AllToAllTokenDispatcher"}, kinds
         assert ref_kinds == {"MoEAlltoAllTokenDispatcher"}, ref_kinds
@@ -105,15 +105,19 @@ def _compare(tp: int, ep: int):
         assert calls == {"permute": 2 * MOE_LAYERS, "unpermute": 2 * MOE_LAYERS}, calls
         assert loss == pytest.approx(ref_loss, rel=1e-6), (rank, loss, ref_loss)
         assert set(grads) == set(ref_grads)
-        assert any(".mlp.experts.weight1" in n for n in grads) and any(".mlp.router." in n for n in grads)
+        experts = ".mlp.experts.weight1" if grouped else ".mlp.experts.local_experts.0.linear_fc1.weight"
+        assert any(experts in n for n in grads) and any(".mlp.router." in n for n in grads)
         for name, g in grads.items():
             err = ((g - ref_grads[name]).norm() / ref_grads[name].norm().clamp(min=1e-30)).item()
             assert err < 1e-5, f"rank {rank} {name}: relative grad difference {err:.2e}"
     return [ours for ours, _ in runs]
 
 
-def test_ep2_matches_megatrons_alltoall_dispatcher():
-    ours = _compare(tp=1, ep=2)
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped_experts", "sequential_mlp"])
+def test_ep2_matches_megatrons_alltoall_dispatcher(grouped):
+    """SequentialMLP (per-expert MLPs: what LoRA wraps) gets routing weights of 1, the weights being applied at
+    unpermute."""
+    ours = _compare(tp=1, ep=2, grouped=grouped)
     assert ours[0][2] != ours[1][2]  # the ranks saw different tokens: uneven splits were exercised
 
 
