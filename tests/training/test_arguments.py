@@ -40,9 +40,18 @@ def test_typo_is_an_argparse_error(capsys):
         (["--expert-model-parallel-size", "3"], 3, "3 must divide"),
         (["--pipeline-model-parallel-size", "2", "--num-layer-list", "1,2"], 2, "--num-layer-list 1,2 sums to 3"),
         (["--schedules-method", "dualpipev", "--pipeline-model-parallel-size", "2"], 2, "dualpipev"),
+        (["--use-fused-moe-token-permute-and-unpermute", "--moe-token-dispatcher-type", "allgather"], 1,
+         "--use-fused-moe-token-permute-and-unpermute needs --moe-token-dispatcher-type alltoall"),
     ],
 )
 def test_contradictions_name_the_flags(flags, world, message):
     with pytest.raises((ArgumentError, ValueError)) as err:
         _check(*flags, world=world)
     assert message in str(err.value), str(err.value)
+
+
+
+def test_fused_permute_is_accepted_at_any_ep_with_either_expert_kind():
+    """Our dispatchers serve EP=1 and EP>1, grouped experts and SequentialMLP (tests/model/test_alltoall_dispatcher)."""
+    for flags, world in ((["--expert-model-parallel-size", "2"], 2), (["--moe-grouped-gemm"], 1)):
+        _check("--use-fused-moe-token-permute-and-unpermute", *flags, world=world)
