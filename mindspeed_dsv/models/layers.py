@@ -37,6 +37,14 @@ class SwiGLU(MegatronModule):
 
     def __init__(self, config, **_unused):
         super().__init__(config=config)
+        # megatron's glu also knows other activations, a clamp and an offset; DeepSeek uses none of them.
+        if not config.gated_linear_unit or config.activation_func is not torch.nn.functional.silu:
+            raise ValueError("SwiGLU needs gated_linear_unit=True and activation_func=silu")
+        if config.activation_func_clamp_value is not None or config.glu_linear_offset:
+            raise ValueError(
+                f"SwiGLU has no clamp or offset: activation_func_clamp_value={config.activation_func_clamp_value}, "
+                f"glu_linear_offset={config.glu_linear_offset}"
+            )
 
     def forward(self, x):
         return get_ops().swiglu(x)
