@@ -34,7 +34,8 @@ ZH = {
     "--mtp-num-layers": "保留的 MTP 层数（0 表示丢弃）；MTP 层与输出层位于同一阶段。默认取 config.json。",
     "--first-k-dense-replace": "前若干层（HF 编号）使用 dense MLP；默认取 config.json。",
     "--num-experts": "路由专家数；默认取 config.json 的 n_routed_experts。",
-    "--moe-grouped-gemm": "每层本地专家存为一个分组权重（weight1/weight2）并用 Grouped GEMM 计算。",
+    "--moe-grouped-gemm": "每层本地专家存为一个分组权重（weight1/weight2）并用 Grouped GEMM 计算"
+    "（cpu/cuda：torch._grouped_mm，npu：npu_grouped_matmul）。",
     "--moe-tp-extend-ep": "TP 扩展 EP：专家不在 TP 内切分，而是整体分布到 TP×EP 个 rank 上。",
     "--sequence-parallel": "序列并行：norm/残差激活沿序列维按 TP 切分；MoE 且 TP>1 时必须开启。仅影响运行时。",
     "--context-parallel-size": "上下文并行度 CP：序列切分到多个 rank（训练暂不支持 >1）。仅影响运行时。",
