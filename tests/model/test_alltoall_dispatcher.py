@@ -81,7 +81,8 @@ def _steps_on_rank(tp: int, ep: int, grouped: bool):
                          labels=torch.roll(ids, -1, dims=1)).mean()
             loss.backward()
         syncs = [n for n in rec.names if n.split(".")[0] in SYNCING_OPS]
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        # numpy, not tensors: torch shares tensors between processes through the sender, which may have exited
+        grads = {n: p.grad.numpy().copy() for n, p in model.named_parameters() if p.grad is not None}
         results.append((kinds, syncs, loss.item(), grads, dict(calls)))
     return results
 
@@ -108,7 +109,8 @@ def _compare(tp: int, ep: int, grouped: bool = True):
         experts = ".mlp.experts.weight1" if grouped else ".mlp.experts.local_experts.0.linear_fc1.weight"
         assert any(experts in n for n in grads) and any(".mlp.router." in n for n in grads)
         for name, g in grads.items():
-            err = ((g - ref_grads[name]).norm() / ref_grads[name].norm().clamp(min=1e-30)).item()
+            g, ref_g = torch.from_numpy(g), torch.from_numpy(ref_grads[name])
+            err = ((g - ref_g).norm() / ref_g.norm().clamp(min=1e-30)).item()
             assert err < 1e-5, f"rank {rank} {name}: relative grad difference {err:.2e}"
     return [ours for ours, _ in runs]
 

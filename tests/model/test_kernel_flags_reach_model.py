@@ -67,11 +67,14 @@ def _on_rank():
         mla_norms=sum(isinstance(m, RMSNorm) for n, m in fused.named_modules() if "self_attention." in n),
     )
     kernels = {name: sum(n == name for n, _ in fake.calls) for name in ("npu_rotary_mul", "npu_swiglu", "npu_rms_norm")}
-    return norm_classes, places, kernels, plain_logits, fused_logits, hf_logits
+    # numpy, not tensors: torch shares tensors between processes through the sender, which may have exited
+    logits = (t.numpy().copy() for t in (plain_logits, fused_logits, hf_logits))
+    return (norm_classes, places, kernels, *logits)
 
 
 def test_fused_rotary_swiglu_rmsnorm_reach_every_place():
-    ((norm_classes, places, kernels, plain, fused, hf),) = run_distributed(_on_rank, 1)
+    ((norm_classes, places, kernels, *logits),) = run_distributed(_on_rank, 1)
+    plain, fused, hf = (torch.from_numpy(x) for x in logits)
     assert norm_classes == {"RMSNorm"}  # no other norm module anywhere (megatron's, torch's)
     layers, mtp = 4, 1  # tiny config
     assert places["rotary"] == 2 * (layers + mtp)
