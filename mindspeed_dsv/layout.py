@@ -624,7 +624,8 @@ LAYOUT_HELP = {
                              "Must match training.",
     "num_experts": "Routed experts. Default: n_routed_experts of config.json. Must match training.",
     "moe_grouped_gemm": "Store each layer's local experts as one grouped weight (weight1/weight2) instead of "
-                        "per-expert linears. Default off. Must match training.",
+                        "per-expert linears; training computes them with one grouped GEMM (cpu/cuda: "
+                        "torch._grouped_mm, npu: npu_grouped_matmul). Default off. Must match training.",
     "moe_tp_extend_ep": "Split whole experts over TP*EP ranks instead of splitting each expert over TP. "
                         "Default off. Must match training.",
     "make_vocab_size_divisible_by": "Pad the vocabulary (embedding and output-layer rows) to a multiple of this "

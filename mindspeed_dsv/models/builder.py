@@ -12,6 +12,7 @@ from megatron.core.transformer.pipeline_parallel_layer_layout import PipelinePar
 from .gpt import DeepSeekGPTModel
 
 from .config import DeepSeekConfig, transformer_config
+from .rotary import use_ops_rotary_in_mla
 from .spec import DeepSeekSpecProvider, decoder_block_spec, mtp_block_spec
 
 
@@ -147,6 +148,7 @@ def build_model(
     layout = layout if layout is not None else default_layout(cfg)
     if config is None:
         config = model_transformer_config(cfg, layout, params_dtype=params_dtype, **train_options)
+    use_ops_rotary_in_mla()  # MLA's rotary follows the ops flags (models/rotary.py says why it is done this way)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     chunk = vp_stage or 0
     provider = DeepSeekSpecProvider(grouped_experts=layout.moe_grouped_gemm)

@@ -221,6 +221,9 @@ def transformer_config(
         layernorm_epsilon=cfg.rms_norm_eps,
         gated_linear_unit=True,
         activation_func=F.silu,
+        # MLPs build their activation from the spec (models.layers.SwiGLU -> ops.swiglu) instead of megatron's own
+        # glu; the name says TE, but megatron only reads it as "use submodules.activation_func" here.
+        use_te_activation_func=True,
         add_bias_linear=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,

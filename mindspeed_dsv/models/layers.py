@@ -29,6 +29,27 @@ class RMSNorm(torch.nn.Module):
         return get_ops().rms_norm(x, self.weight, self.eps)
 
 
+class SwiGLU(MegatronModule):
+    """silu(gate) * up on megatron's fused [gate | up] fc1 output, via `ops.swiglu`: the activation module of the dense
+    MLP, the shared experts and SequentialMLP's experts (megatron builds `submodules.activation_func` when
+    `use_te_activation_func` is set; without it MLP calls its own torch glu). GroupedMLPExperts calls ops.swiglu
+    itself."""
+
+    def __init__(self, config, **_unused):
+        super().__init__(config=config)
+        # megatron's glu also knows other activations, a clamp and an offset; DeepSeek uses none of them.
+        if not config.gated_linear_unit or config.activation_func is not torch.nn.functional.silu:
+            raise ValueError("SwiGLU needs gated_linear_unit=True and activation_func=silu")
+        if config.activation_func_clamp_value is not None or config.glu_linear_offset:
+            raise ValueError(
+                f"SwiGLU has no clamp or offset: activation_func_clamp_value={config.activation_func_clamp_value}, "
+                f"glu_linear_offset={config.glu_linear_offset}"
+            )
+
+    def forward(self, x):
+        return get_ops().swiglu(x)
+
+
 class CoreAttention(MegatronModule):
     """softmax(q kᵀ · scale) v for MLA, via the ops layer. q/k: [s, b, h, d_qk], v: [s, b, h, d_v]."""
 

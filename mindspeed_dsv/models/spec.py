@@ -18,7 +18,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from mindspeed_dsv.platform.megatron_compat import replicated_linear_class
 
-from .layers import CoreAttention, NoopTransformerLayer, RMSNorm
+from .layers import CoreAttention, NoopTransformerLayer, RMSNorm, SwiGLU
 from .moe_layer import DeepSeekMoELayer
 
 ReplicatedLinear = replicated_linear_class()
@@ -35,6 +35,10 @@ class DeepSeekSpecProvider(LocalSpecProvider):
 
     def core_attention(self) -> type:
         return CoreAttention
+
+    def activation_func(self) -> type:
+        # megatron gives this to the shared experts' and SequentialMLP's MLPs; the dense MLP's spec below too.
+        return SwiGLU
 
     def grouped_mlp_modules(self, moe_use_grouped_gemm: bool, moe_use_legacy_grouped_gemm: bool):
         if moe_use_grouped_gemm:
@@ -53,7 +57,12 @@ def layer_spec(provider: DeepSeekSpecProvider, moe: bool, num_experts: int | Non
         )
         mlp.module = DeepSeekMoELayer  # megatron's MoELayer, with a sync-free dispatcher where it applies
     else:
-        mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
+        mlp = ModuleSpec(
+            module=MLP,
+            submodules=MLPSubmodules(
+                linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear, activation_func=provider.activation_func()
+            ),
+        )
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(

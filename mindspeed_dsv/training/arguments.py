@@ -73,17 +73,21 @@ def build_parser(prog: str = "mindspeed_dsv.train") -> argparse.ArgumentParser:
     k = p.add_argument_group("kernels (mindspeed_dsv.ops; see docs/en/ops.md)")
     k.add_argument("--use-flash-attn", action="store_true",
                    help="Fused attention: torch SDPA on cuda/cpu, npu_fusion_attention on npu.")
-    k.add_argument("--use-fused-rmsnorm", action="store_true", help="Fused RMSNorm (cuda: torch.compile, npu: npu_rms_norm).")
+    k.add_argument("--use-fused-rmsnorm", action="store_true",
+                   help="Every RMSNorm (layers, MLA q/kv, final, MTP) fused: cuda: torch.compile, npu: npu_rms_norm; "
+                   "cpu: refused.")
     k.add_argument("--use-fused-rotary-pos-emb", action="store_true",
-                   help="Fused rotary (npu: npu_rotary_mul). MLA applies megatron's rotary, so no effect on DeepSeek yet.")
+                   help="MLA's rotary (queries and keys) fused: cuda: torch.compile, npu: npu_rotary_mul; cpu: refused.")
     k.add_argument("--use-fused-swiglu", action="store_true",
-                   help="Fused SwiGLU in the grouped experts (cuda: torch.compile, npu: npu_swiglu).")
+                   help="Every SwiGLU (dense MLP, shared and routed experts) fused: cuda: torch.compile, "
+                   "npu: npu_swiglu; cpu: refused.")
     k.add_argument("--use-fused-moe-token-permute-and-unpermute", action="store_true",
-                   help="Fused MoE token permute/unpermute where all experts are local (EP=1, grouped experts): "
-                   "cuda: torch.compile of the sort-based permute, npu: npu_moe_token_permute/unpermute.")
+                   help="MoE token permute/unpermute of our dispatchers (any EP/TP, alltoall, dropless) fused: "
+                   "cuda: torch.compile of the sort-based permute, npu: npu_moe_token_permute/unpermute; cpu: refused.")
     k.add_argument("--cross-entropy-loss-fusion", action="store_true",
                    help="Fused vocab-parallel cross entropy: two passes over the [tokens, vocab] logits, no fp32 "
-                   "softmax kept (cuda: torch.compile'd; cpu/npu: the same math in torch).")
+                   "softmax kept, main and MTP losses (cuda: torch.compile'd passes; cpu/npu: the same math in eager torch, "
+                   "no npu kernel).")
 
     d = p.add_argument_group("data")
     d.add_argument("--data-path", nargs="*", default=None,
@@ -280,6 +284,10 @@ def validate(args: argparse.Namespace, world_size: int, model_cfg: dict | None =
             problems += _dualpipev_problems(layout, args, dp, model_cfg)
         if layout.tp > 1 and layout.num_experts and not layout.sequence_parallel:
             problems.append("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel (megatron-core rule)")
+        if args.use_fused_moe_token_permute_and_unpermute and args.moe_token_dispatcher_type != "alltoall":
+            # It acts through our token dispatchers (models/moe_layer.py), which replace megatron's alltoall one only.
+            problems.append("--use-fused-moe-token-permute-and-unpermute needs --moe-token-dispatcher-type alltoall "
+                            "(megatron's allgather dispatcher permutes with its own code and would ignore it)")
     if problems:
         raise ArgumentError("; ".join(problems))
     return layout

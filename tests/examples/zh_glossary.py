@@ -39,20 +39,23 @@ ZH = {
     "--mtp-num-layers": "保留的 MTP 层数（0 表示丢弃）；MTP 层与输出层位于同一阶段。默认取 config.json（训练时取 --load 检查点 layout.json 的记录）。",
     "--first-k-dense-replace": "前若干层（HF 编号）使用 dense MLP；默认取 config.json。",
     "--num-experts": "路由专家数；默认取 config.json 的 n_routed_experts。",
-    "--moe-grouped-gemm": "每层本地专家存为一个分组权重（weight1/weight2）并用 Grouped GEMM 计算。",
+    "--moe-grouped-gemm": "每层本地专家存为一个分组权重（weight1/weight2）并用 Grouped GEMM 计算"
+    "（cpu/cuda：torch._grouped_mm，npu：npu_grouped_matmul）。",
     "--moe-tp-extend-ep": "TP 扩展 EP：专家不在 TP 内切分，而是整体分布到 TP×EP 个 rank 上。",
     "--make-vocab-size-divisible-by": "把词表（词嵌入和输出层的行）填充到该值乘以 TP 的倍数（与 Megatron 相同）；填充的 id 永不预测（在 loss 中屏蔽），导出时去掉。默认 1（只填充 TP 均分所需的行）。须与训练一致。",
     "--sequence-parallel": "序列并行：norm/残差激活沿序列维按 TP 切分；MoE 且 TP>1 时必须开启。仅影响运行时。",
     "--context-parallel-size": "上下文并行度 CP：序列切分到多个 rank（训练暂不支持 >1）。仅影响运行时。",
     # kernels
     "--use-flash-attn": "融合注意力：cpu/cuda 上为 torch SDPA，npu 上为 npu_fusion_attention。",
-    "--use-fused-rmsnorm": "融合 RMSNorm（cuda：torch.compile，npu：npu_rms_norm）。",
-    "--use-fused-rotary-pos-emb": "融合 RoPE（npu：npu_rotary_mul）；MLA 暂用 Megatron 的 RoPE，故对 DeepSeek 暂无影响。",
-    "--use-fused-swiglu": "分组专家中的融合 SwiGLU（cuda：torch.compile，npu：npu_swiglu）。",
-    "--use-fused-moe-token-permute-and-unpermute": "专家全在本卡时（EP=1，分组专家）融合的 token 重排/还原"
-    "（cuda：对排序式重排做 torch.compile，npu：npu_moe_token_permute/unpermute）。",
-    "--cross-entropy-loss-fusion": "融合的词表并行交叉熵：对 [token, 词表] logits 只遍历两次，不保留 fp32 softmax"
-    "（cuda：torch.compile；cpu/npu：同样的 torch 计算）。",
+    "--use-fused-rmsnorm": "模型中所有 RMSNorm（各层、MLA 的 q/kv 归一化、最终归一化、MTP）使用融合算子："
+    "cuda：torch.compile，npu：npu_rms_norm；cpu：拒绝。",
+    "--use-fused-rotary-pos-emb": "MLA 的 RoPE（query 与 key）使用融合算子：cuda：torch.compile，npu：npu_rotary_mul；cpu：拒绝。",
+    "--use-fused-swiglu": "所有 SwiGLU（稠密 MLP、共享专家与路由专家）使用融合算子：cuda：torch.compile，npu：npu_swiglu；"
+    "cpu：拒绝。",
+    "--use-fused-moe-token-permute-and-unpermute": "我们的 token 分发器（任意 EP/TP、alltoall、无丢弃）中的 token 重排/还原"
+    "使用融合算子：cuda：对排序式重排做 torch.compile，npu：npu_moe_token_permute/unpermute；cpu：拒绝。",
+    "--cross-entropy-loss-fusion": "融合的词表并行交叉熵：对 [token, 词表] logits 只遍历两次，不保留 fp32 softmax，"
+    "主损失与 MTP 损失均用（cuda：torch.compile 的两遍计算；cpu/npu：同样的 eager torch 计算，无 npu 专用算子）。",
     # data
     "--data-path": "preprocess_data.py 写出的数据前缀，可带权重：'w1 前缀1 w2 前缀2'。",
     "--split": "每个数据集的 训练,验证,测试 比例。",

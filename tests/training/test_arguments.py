@@ -55,6 +55,8 @@ def test_typo_is_an_argparse_error(capsys):
         (["--lr=-0.1"], 1, "--lr must be >= 0, got -0.1"),
         (["--micro-batch-size", "0"], 1, "--micro-batch-size must be > 0, got 0"),
         (["--adam-beta2", "1.0"], 1, "--adam-beta2 must be in [0, 1), got 1.0"),
+        (["--use-fused-moe-token-permute-and-unpermute", "--moe-token-dispatcher-type", "allgather"], 1,
+         "--use-fused-moe-token-permute-and-unpermute needs --moe-token-dispatcher-type alltoall"),
     ],
 )
 def test_contradictions_name_the_flags(flags, world, message):
@@ -75,3 +77,8 @@ def test_dualpipev_with_noop_padding_is_accepted():
     layout = _check("--schedules-method", "dualpipev", "--pipeline-model-parallel-size", "4", "--global-batch-size",
                     "8", "--num-layers", "8", "--noop-layers", "4,5,6,7", world=4)
     assert layout.dualpipev and layout.stage_layers(0, 1) == [7]
+
+def test_fused_permute_is_accepted_at_any_ep_with_either_expert_kind():
+    """Our dispatchers serve EP=1 and EP>1, grouped experts and SequentialMLP (tests/model/test_alltoall_dispatcher)."""
+    for flags, world in ((["--expert-model-parallel-size", "2"], 2), (["--moe-grouped-gemm"], 1)):
+        _check("--use-fused-moe-token-permute-and-unpermute", *flags, world=world)
