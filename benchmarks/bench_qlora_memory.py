@@ -88,7 +88,7 @@ def _worker(mode: str, cfg_path: str, seq: int, lora_r: int) -> dict:
         argv.append("--qlora-nf4")
     if cuda:
         argv.append("--bf16")
-    state = setup(build_parser().parse_args(argv))
+    state = setup(build_parser().parse_args(argv), own_batches=True)
     model = state.models[0].module
     nf4_bytes = nf4_numel = 0
     for m in model.modules():

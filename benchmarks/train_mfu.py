@@ -215,7 +215,7 @@ def worker_ours(a, hf_cfg, flags):
     args = build_parser().parse_args(argv)
     if a.worker.startswith("exp:"):
         _experiment_patches(a.worker)
-    state = setup(args)
+    state = setup(args, own_batches=True)
     opt_times = []
     real_step = state.optimizer.step
 

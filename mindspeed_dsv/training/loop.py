@@ -76,9 +76,10 @@ def _recompute_options(args) -> dict:
     return opts
 
 
-def check_run(args) -> tuple[dict, ParallelLayout]:
+def check_run(args, own_batches: bool = False) -> tuple[dict, ParallelLayout]:
     """The checks that need no process group: flags, config.json, the platform, the tokenizer and the datasets
-    (named when missing, truncated or of the other kind). Returns (config.json, layout)."""
+    (named when missing, truncated or of the other kind). Returns (config.json, layout). `own_batches`: the caller
+    feeds its own micro-batches (benchmarks), so no tokenizer or dataset is opened and none is checked."""
     platform = current_platform()
     hf_config = read_model_config(args)
     # flags + the checkpoint's layout record + the dataset summary; the dry run calls the same function
@@ -95,14 +96,16 @@ def check_run(args) -> tuple[dict, ParallelLayout]:
     if args.bf16 and platform.device_type == "cpu":
         raise ArgumentError("--bf16 needs cuda or npu: megatron-core 0.16.1's mixed-precision optimizer "
                             "accepts only torch.cuda parameter types; train fp32 on cpu")
-    check_inputs(args)
+    if not own_batches:
+        check_inputs(args)
     return hf_config, layout
 
 
-def setup(args) -> TrainState:
-    """Everything up to the first step. Flags are validated before any process group or weight exists."""
+def setup(args, own_batches: bool = False) -> TrainState:
+    """Everything up to the first step. Flags are validated before any process group or weight exists.
+    `own_batches`: see check_run (train_step is then driven with the caller's batches, not build_data_iterators)."""
     platform = current_platform()
-    hf_config, layout = check_run(args)
+    hf_config, layout = check_run(args, own_batches)
     cfg = DeepSeekConfig.from_hf(hf_config)
     from mindspeed_dsv.ops import OpsConfig, configure_ops, describe
 

@@ -41,7 +41,7 @@ def train_steps(argv: list[str], steps: int) -> list[dict]:
     state = loop.setup(args)
     dp = loop._world_size() // (state.layout.tp * state.layout.pp)
     num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
-    iters, _ = build_data_iterators(args, state.layout, state.consumed_samples, state.cfg)
+    iters, _, _ = build_data_iterators(args, state.layout, state.consumed_samples, state.cfg)
     for m in state.models:
         m.train()
     history = []
