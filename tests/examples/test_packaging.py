@@ -43,7 +43,8 @@ def test_declared_dependencies_are_the_tested_pins():
     base, extras = declared()
     assert base == pins("requirements.txt")
     assert extras["test"] == pins("requirements-test.txt")
-    assert extras["npu"] == {"torch-npu": pins("requirements.txt")["torch"]}  # torch_npu is built per torch release
+    assert extras["npu"] == pins("requirements-npu.txt")
+    assert extras["npu"]["torch-npu"] == pins("requirements.txt")["torch"]  # torch_npu is built per torch release
     assert base["megatron-core"] == "0.16.1" and base["torch"] == "2.13.0"
 
 
