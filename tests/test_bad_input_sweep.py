@@ -151,8 +151,65 @@ def adapter_checkpoints(p: Paths):
     _edit_rank_file(p.mcore, os.path.join(p.tmp, "rank4"), rank4)
 
 
+def existing_outputs(p: Paths):
+    """What a new write must not destroy: a trained checkpoint, an earlier HF export, a dataset; and a rank file
+    with one flipped byte (same size)."""
+    shutil.copytree(p.mcore, os.path.join(p.tmp, "ckpt"))
+    shutil.copytree(p.hf, os.path.join(p.tmp, "export"))
+    for ext in ("bin", "idx"):
+        shutil.copyfile(f"{p.pt}.{ext}", os.path.join(p.tmp, f"ds_text_document.{ext}"))
+    shutil.copytree(p.mcore, os.path.join(p.tmp, "flipped"))
+    path = os.path.join(p.tmp, "flipped", "iter_0000001", "mp_rank_00", "model_optim_rng.pt")
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    open(os.path.join(p.tmp, "empty.jsonl"), "w").close()
+
+
 # ------------------------------------------------------------------------------------------------ the table
 ROWS = [
+    # issue 18 items 1-4: a write into a directory that holds something is refused before anything is written
+    Row("hf2mcore_into_a_checkpoint",
+        (*CONVERT, "hf2mcore", "--load-dir", "{hf}", "--save-dir", "{tmp}/ckpt", "--no-progress"),
+        2, (r"--save-dir {tmp}/ckpt already holds .*--overwrite",), setup=existing_outputs),
+    Row("mcore2hf_into_an_export",
+        (*CONVERT, "mcore2hf", "--load-dir", "{mcore}", "--save-dir", "{tmp}/export", "--no-progress"),
+        2, (r"--save-dir {tmp}/export already holds weight files \(model.safetensors.*--overwrite",),
+        setup=existing_outputs),
+    Row("train_save_into_another_run",
+        (*PRETRAIN, *TRAIN_BASE, "--data-path", "{pt}", "--save", "{tmp}/ckpt"),
+        1, (r"--save {tmp}/ckpt already holds checkpoints .*--overwrite",), setup=existing_outputs),
+    Row("preprocess_over_a_dataset",
+        (*PREPROCESS, "--input", "assets/data/pretrain_pydoc.jsonl", "--output-prefix", "{tmp}/ds",
+         "--tokenizer-name-or-path", "{tok}", "--no-progress"),
+        1, (r"--output-prefix {tmp}/ds: 2 output file\(s\) exist .*--overwrite",), setup=existing_outputs),
+    # item 5: a flipped byte (same size) is named by the checksum record
+    Row("mcore2hf_flipped_byte",
+        (*CONVERT, "mcore2hf", "--load-dir", "{tmp}/flipped", "--save-dir", "{tmp}/out", "--no-progress"),
+        2, (r"{tmp}/flipped/iter_0000001/mp_rank_00/model_optim_rng.pt: sha256 .*--no-verify-checksums",),
+        setup=existing_outputs),
+    # items 7, 9, 10: contradictory dtypes, an empty input file, a typo in --map-keys
+    Row("hf2mcore_contradictory_dtypes",
+        (*CONVERT, "hf2mcore", "--load-dir", "{hf}", "--save-dir", "{tmp}/out", "--bf16", "--fp16", "--no-progress"),
+        2, (r"contradictory dtype flags --bf16 and --fp16",)),
+    Row("preprocess_empty_input",
+        (*PREPROCESS, "--input", "{tmp}/empty.jsonl", "--output-prefix", "{tmp}/e", "--tokenizer-name-or-path",
+         "{tok}", "--no-progress"),
+        1, (r"--input {tmp}/empty.jsonl: empty input file \(no records\)",), setup=existing_outputs),
+    Row("preprocess_map_keys_typo",
+        (*PREPROCESS, "--input", "assets/data/alpaca_builtins.jsonl", "--output-prefix", "{tmp}/m",
+         "--tokenizer-name-or-path", "{tok}", "--handler-name", "AlpacaStyleInstructionHandler", "--map-keys",
+         '{"instrucion": "instruction"}', "--no-progress"),
+        1, (r"--map-keys: unknown field\(s\) 'instrucion' for --handler-name AlpacaStyleInstructionHandler; valid "
+            r"fields: instruction, input, output",)),
+    # item 6: --seq-length other than the one the instruction data was packed to
+    Row("train_seq_length_differs_from_data",
+        (*POSTTRAIN, "--model-config", TOK, "--seq-length", "256", "--train-iters", "2", "--micro-batch-size", "1",
+         "--data-path", "{sft}"),
+        2, (r"--seq-length 256 differs from the seq_length 128 the data was",)),
+
     # issue 18 item 11: a tokenizer directory that does not exist
     Row("preprocess_tokenizer_missing",
         (*PREPROCESS, "--input", "assets/data/pretrain_pydoc.jsonl", "--output-prefix", "{tmp}/x",
