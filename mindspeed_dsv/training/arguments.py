@@ -111,7 +111,8 @@ def build_parser(prog: str = "mindspeed_dsv.train") -> argparse.ArgumentParser:
     t.add_argument("--micro-batch-size", type=int, default=1, help="Samples per micro-batch per data-parallel rank.")
     t.add_argument("--no-gradient-accumulation-fusion", action="store_true",
                    help="Compute each linear's weight gradient separately and add it to the fp32 gradient buffer, "
-                   "instead of accumulating inside the GEMM (default on cpu/cuda; npu leaves it to MindSpeed).")
+                   "instead of accumulating inside the GEMM. The fusion is on by default on cpu/cuda; on npu it is always off "
+                   "(not verified there yet), which is what this flag asks for.")
     t.add_argument("--global-batch-size", type=int, default=None,
                    help="Samples per optimizer step over all data-parallel ranks. Default: micro-batch × DP.")
     t.add_argument("--train-iters", type=int, default=None, help="Optimizer steps to train.")

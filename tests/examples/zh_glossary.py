@@ -68,8 +68,7 @@ ZH = {
     "--no-shuffle": "保持数据顺序（调试用）。",
     # training
     "--micro-batch-size": "每个数据并行 rank 每个微批的样本数。",
-    "--no-gradient-accumulation-fusion": "关闭梯度累加融合：各线性层的权重梯度单独算出再加到 fp32 梯度缓冲区，而不是在 GEMM 内累加"
-    "（cpu/cuda 默认开启；npu 交给 MindSpeed）。",
+    "--no-gradient-accumulation-fusion": "关闭梯度累加融合：各线性层的权重梯度单独算出再加到 fp32 梯度缓冲区，而不是在 GEMM 内累加。cpu/cuda 上默认开启融合；npu 上始终关闭（尚未在 npu 上验证），即本参数所要求的行为。",
     "--global-batch-size": "所有数据并行 rank 一次优化步的样本数；默认 微批 × DP。",
     "--train-iters": "训练的优化步数。",
     "--lr": "峰值学习率。",
