@@ -17,9 +17,12 @@ written by the inverse (`chunk_to_theirs`); a change of layout goes through our 
 over an mcore source). Every key is checked against the name map (names.rank_maps) of its rank file and chunk:
 an unknown key names the key, the file and the layout it expected.
 
-Not read (refused with a message): bitsandbytes-packed QLoRA NF4 weights (tags <= 26.0.0), LoRA weights of their
-fused linear_qkv, grouped experts split over TP inside each expert (MindSpeed-LLM's layout of that case is not
-documented well enough to be proven here). Optimizer state and RNG state are not converted (the output is a
+QLoRA NF4 weights (their `--qlora-nf4`, tags <= 26.0.0: bitsandbytes' packed quant state stored as
+`<weight key>.absmax`, `.quant_map`, `.nested_absmax`, `.nested_quant_map`, `.quant_state.bitsandbytes__nf4`) are
+dequantized by our NF4 code (mindspeed_dsv.peft.nf4, the same format) to the dtype they record.
+
+Not read (refused with a message): LoRA weights, grouped experts split over TP inside each expert (MindSpeed-LLM's
+layout of that case is not documented well enough to be proven here). Optimizer state and RNG state are not converted (the output is a
 weights-only checkpoint at iteration 1, as their converter writes).
 """
 
@@ -36,7 +39,7 @@ import torch
 from ckpt_convert import hf_io
 from ckpt_convert.mcore_io import (CKPT_FILE, TRACKER, McoreCheckpointError, all_ranks, args_record, iter_dir_name,
                                    load_rank_file, rank_file, read_iteration, save_rank_file, write_record)
-from mindspeed_dsv.layout import LayoutError, ParallelLayout
+from mindspeed_dsv.layout import ParallelLayout
 from mindspeed_dsv.models import names as nm
 
 QKV = "self_attention.linear_qkv.weight"
@@ -49,7 +52,8 @@ _OUR_MTP_NORM = re.compile(r"^mtp\.layers\.(\d+)\.final_layernorm\.weight$")
 # Entries of a rank file that are not model chunks; kept out of the conversion on purpose.
 NON_MODEL_KEYS = ("checkpoint_version", "iteration", "args", "optimizer", "opt_param_scheduler", "rng_state",
                   "num_floating_point_operations_so_far")
-_NF4_MARKERS = ("absmax", "quant_map", "quant_state", "bitsandbytes__nf4", "nested_")
+# bitsandbytes' QuantState.as_dict(packed=True) entries, stored by MindSpeed-LLM under "<weight key>.<entry>"
+_NF4_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4")
 
 
 class MindSpeedCheckpointError(ValueError):
@@ -72,17 +76,55 @@ def _q_lora_rank(cfg: dict) -> int:
     return q
 
 
+def dequantize_bnb_nf4(packed: torch.Tensor, state: dict[str, torch.Tensor], where: str) -> torch.Tensor:
+    """A weight stored as bitsandbytes NF4 (`packed` uint8 + the entries of QuantState.as_dict(packed=True)),
+    dequantized by mindspeed_dsv.peft.nf4 to the dtype and shape the quant state records."""
+    import json
+
+    from mindspeed_dsv.peft.nf4 import NF4_CODE, NF4Tensor, dequantize_nf4
+
+    try:
+        meta = json.loads(bytes(state[".quant_state.bitsandbytes__nf4"].to(torch.uint8).tolist()).decode("utf-8"))
+    except (KeyError, ValueError) as e:
+        raise MindSpeedCheckpointError(f"{where}: NF4 quant state unreadable ({e})") from None
+    if meta.get("quant_type") != "nf4" or not torch.equal(state[".quant_map"].float().cpu(), NF4_CODE):
+        raise MindSpeedCheckpointError(f"{where}: quant type {meta.get('quant_type')!r} with its own code book; only "
+                                       "bitsandbytes' NF4 is read")
+    nested = ".nested_absmax" in state
+    t = NF4Tensor(packed=packed.reshape(-1), absmax=state[".absmax"], shape=torch.Size(meta["shape"]),
+                  dtype=getattr(torch, meta["dtype"]), blocksize=int(meta["blocksize"]),
+                  offset=torch.tensor(float(meta["nested_offset"])) if nested else None,
+                  absmax2=state[".nested_absmax"] if nested else None,
+                  code2=state[".nested_quant_map"] if nested else None,
+                  blocksize2=int(meta.get("nested_blocksize", 256)))
+    return dequantize_nf4(t, backend="torch")
+
+
+def _dequantize_nf4_entries(sd: dict, where: str) -> dict:
+    """The chunk with every bitsandbytes NF4 weight (and its quant-state entries) replaced by the dense weight."""
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    for key in sd:
+        for suffix in _NF4_SUFFIXES:
+            if key.endswith(suffix):
+                states.setdefault(key[: -len(suffix)], {})[suffix] = sd[key]
+    if not states:
+        return sd
+    out = {k: v for k, v in sd.items() if not any(k.endswith(s) for s in _NF4_SUFFIXES)}
+    for base, state in states.items():
+        if base not in out:
+            raise MindSpeedCheckpointError(f"{where}: NF4 quant state for {base} without the weight itself")
+        out[base] = dequantize_bnb_nf4(out[base], state, f"{where}: {base}")
+    return out
+
+
 def chunk_to_ours(sd: dict, cfg: dict, where: str) -> dict[str, torch.Tensor]:
-    """One model chunk of a MindSpeed-LLM rank file, renamed to our names (tensors are not copied)."""
+    """One model chunk of a MindSpeed-LLM rank file, renamed to our names (tensors are not copied; NF4 weights of
+    their --qlora-nf4 are dequantized)."""
     q = _q_lora_rank(cfg)
     out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
+    for key, value in _dequantize_nf4_entries(sd, where).items():
         if key.endswith("_extra_state"):
             continue
-        if any(mark in key for mark in _NF4_MARKERS):
-            raise MindSpeedCheckpointError(
-                f"{where}: {key}: a bitsandbytes-packed QLoRA NF4 weight (MindSpeed-LLM --qlora-nf4); not "
-                "supported: dequantize it with their tools first, or convert from the HF model")
         if ".lora_" in key:
             raise MindSpeedCheckpointError(f"{where}: {key}: LoRA weights are not converted; merge them with "
                                            "MindSpeed-LLM's merge_lora2hf first")

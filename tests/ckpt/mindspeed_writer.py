@@ -94,9 +94,10 @@ def _layer(hf, h, pre, tp, k, dense, local_experts, grouped, mm_split, cfg):
 
 def write_mindspeed(hf_dir, save_dir, cfg, tp=1, pp=1, ep=1, vpp=None, dualpipev=False, noop_layers=(),
                     num_layers=None, mtp_num_layers=0, grouped=False, tp_extend_ep=False, mm_split=False,
-                    iteration=1, save_args=None):
+                    iteration=1, save_args=None, nf4_modules=()):
     """Write MindSpeed-LLM rank files for the HF model in hf_dir. `save_args`: an argparse.Namespace stored as
-    'args' (their training checkpoints have one, their converter's output has none)."""
+    'args' (their training checkpoints have one, their converter's output has none). `nf4_modules`: linears
+    stored as their --qlora-nf4 does (bitsandbytes Params4bit defaults: NF4, blocks of 64, nested absmax)."""
     hf = read_all(hf_dir)
     n_real = cfg["num_hidden_layers"]
     num_layers = num_layers or n_real
@@ -142,6 +143,8 @@ def write_mindspeed(hf_dir, save_dir, cfg, tp=1, pp=1, ep=1, vpp=None, dualpipev
                                             mm_split, cfg))
                             sd[f"mtp.final_layernorms.{m}.weight"] = hf[p + "shared_head.norm.weight"]
                         sd["output_layer.weight"] = _tp(hf["lm_head.weight"], tp, k, 0)
+                    if nf4_modules:
+                        sd = _bnb_nf4(sd, nf4_modules)
                     state["model" if n_chunks == 1 else f"model{c}"] = sd
                 name = f"mp_rank_{k:02d}" + (f"_{r:03d}" if pp > 1 else "") + (f"_{x:03d}" if ep > 1 else "")
                 state.update(checkpoint_version=3.0, iteration=iteration)
@@ -160,4 +163,20 @@ def _layer_extend(hf, h, pre, tp, k, dense, local, grouped, mm_split, cfg):
         return out
     whole = _layer(hf, h, pre, 1, 0, dense, local, grouped, mm_split, cfg)
     out.update({key: v for key, v in whole.items() if ".local_experts." in key})
+    return out
+
+
+def _bnb_nf4(sd, modules):
+    """Their --qlora-nf4: each targeted weight becomes bitsandbytes' packed uint8 plus every entry of
+    QuantState.as_dict(packed=True) under '<key>.<entry>' (quantized by bitsandbytes itself, on the CPU)."""
+    import bitsandbytes.functional as F
+
+    out = {}
+    for key, w in sd.items():
+        if key.endswith(".weight") and key.rsplit(".", 2)[-2] in modules:
+            packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+            out[key] = packed
+            out.update({f"{key}.{k}": v for k, v in state.as_dict(packed=True).items()})
+        else:
+            out[key] = w
     return out

@@ -122,6 +122,46 @@ def test_mindspeed2hf_equals_source_and_relayout(hf_dir, tmp_path, capsys):
     assert stats["relative"] < 1e-5, stats
 
 
+@pytest.mark.skipif(not __import__("mindspeed_dsv.peft.nf4", fromlist=["x"]).bitsandbytes_available(),
+                    reason="bitsandbytes writes the NF4 fixture")
+def test_qlora_nf4_weights_are_dequantized(hf_dir, tmp_path):
+    """Their --qlora-nf4 checkpoint: each NF4 weight reads back as code[q] * (code2[q2] * absmax2 + offset) of the
+    stored bytes (written out here from bitsandbytes' entries, not with our NF4 code); the rest bit-identical to
+    hf2mcore's."""
+    cfg = read_config(hf_dir)
+    theirs = str(tmp_path / "theirs")
+    write_mindspeed(hf_dir, theirs, cfg, mtp_num_layers=1, nf4_modules=("linear_proj", "linear_fc2"))
+    assert main(["mindspeed2mcore", "--load-dir", theirs, "--model-config", hf_dir, "--save-dir",
+                 str(tmp_path / "ours"), "--no-progress", "--mtp-num-layers", "1"]) == 0
+    assert main(["hf2mcore", "--load-dir", hf_dir, "--save-dir", str(tmp_path / "direct"), "--no-progress"]) == 0
+    ours, direct = rank_files(str(tmp_path / "ours"))["mp_rank_00"]["model"], \
+        rank_files(str(tmp_path / "direct"))["mp_rank_00"]["model"]
+    stored = rank_files(theirs)["mp_rank_00"]["model"]
+    code = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                         -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                         0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                         0.7229568362236023, 1.0])  # NF4's code book (the QLoRA paper)
+    quantized = [k for k in stored if k.endswith(".weight") and k + ".absmax" in stored]
+    # linear_proj of 4 layers + MTP; linear_fc2 of the dense MLP, 4 shared experts and 8 routed experts x 4 MoE layers
+    assert len(quantized) == 5 + 1 + 4 + 8 * 4
+    for key in ours:
+        if key not in quantized:
+            assert torch.equal(ours[key], direct[key]), key
+            continue
+        meta = json.loads(bytes(stored[key + ".quant_state.bitsandbytes__nf4"].tolist()))
+        p = stored[key].reshape(-1).long()
+        q = torch.stack([p >> 4, p & 15], 1).reshape(-1)[: direct[key].numel()]
+        q2 = stored[key + ".absmax"].long()
+        scale = (stored[key + ".nested_quant_map"][q2] * stored[key + ".nested_absmax"][torch.arange(q2.numel()) // 256]
+                 + meta["nested_offset"])
+        want = (code[q].view(-1, 64) * scale.view(-1, 1)).reshape(direct[key].shape).to(direct[key].dtype)
+        assert torch.equal(ours[key], want), key
+        # and it is the weight: within NF4's error of the HF tensor (half the widest code gap, 0.139, of each
+        # block's absmax, plus the nested absmax's own rounding: 0.155 seen)
+        err = (ours[key] - direct[key]).abs().reshape(-1, 64)
+        assert bool((err <= 0.2 * direct[key].abs().reshape(-1, 64).amax(1, keepdim=True)).all()), key
+
+
 def test_layout_from_saved_args(hf_dir, tmp_path):
     case = CASES["pp2_vpp_mla_mm_split_mtp"]
     args = argparse.Namespace(tensor_model_parallel_size=1, pipeline_model_parallel_size=2,
