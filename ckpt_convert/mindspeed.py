@@ -37,8 +37,9 @@ import shutil
 import torch
 
 from ckpt_convert import hf_io
-from ckpt_convert.mcore_io import (CKPT_FILE, TRACKER, McoreCheckpointError, all_ranks, args_record, iter_dir_name,
-                                   load_rank_file, rank_file, read_iteration, save_rank_file, write_record)
+from ckpt_convert.mcore_io import (CKPT_FILE, all_ranks, args_record, iter_dir_name, load_rank_file, rank_file,
+                                   read_iteration, save_rank_file, write_record, write_tracker)
+from mindspeed_dsv.files import replace_dir, write_json_atomic
 from mindspeed_dsv.layout import ParallelLayout
 from mindspeed_dsv.models import names as nm
 
@@ -301,16 +302,10 @@ def read_mindspeed_as_ours(load_dir: str, cfg: dict, layout: ParallelLayout, mla
         path = rank_file(load_dir, layout, tp, pp, ep, it)
         state = load_rank_file(path)
         chunks = {}
-        for c in range(layout.num_model_chunks):
-            ck = nm.chunk_key(layout, c)
-            if ck not in state:
-                raise MindSpeedCheckpointError(
-                    f"{path}: no '{ck}' entry (has {sorted(k for k in state if k.startswith('model'))}); "
-                    "the VPP/dualpipev flags differ from the checkpoint's")
+        for c, ck, sd in _model_chunks(path, state, layout, "the VPP/dualpipev flags differ from the checkpoint's"):
             where = f"{path} [{ck}]"
-            ours = chunk_to_ours(state[ck], cfg, where)
-            _check_keys(ours, cfg, layout, tp, pp, ep, c, mla_mm_split, where)
-            chunks[ck] = ours
+            chunks[ck] = chunk_to_ours(sd, cfg, where)
+            _check_keys(chunks[ck], cfg, layout, tp, pp, ep, c, mla_mm_split, where)
         extra = sorted(k for k in state if k not in NON_MODEL_KEYS and not re.fullmatch(r"model\d*", k))
         if extra:
             raise MindSpeedCheckpointError(f"{path}: unknown top-level entries {extra}")
@@ -321,21 +316,24 @@ def read_mindspeed_as_ours(load_dir: str, cfg: dict, layout: ParallelLayout, mla
     return {"files": files, "source_iteration": it}
 
 
-def _finish_ours(out_dir: str, cfg: dict, layout: ParallelLayout, mla_mm_split: bool, side_files_from, record):
-    import json
+def _model_chunks(path: str, state: dict, layout: ParallelLayout, hint: str):
+    """(chunk index, chunk key, state dict) of every model chunk a rank file of `layout` holds; a missing one is
+    an error naming the file, the keys it has and `hint`."""
+    for c in range(layout.num_model_chunks):
+        ck = nm.chunk_key(layout, c)
+        if ck not in state:
+            raise MindSpeedCheckpointError(
+                f"{path}: no '{ck}' entry (has {sorted(k for k in state if k.startswith('model'))}); {hint}")
+        yield c, ck, state[ck]
 
+
+def _finish_ours(out_dir: str, cfg: dict, layout: ParallelLayout, mla_mm_split: bool, side_files_from, record):
     layout.save(out_dir)
-    tmp = os.path.join(out_dir, "config.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(cfg, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, "config.json"))
+    write_json_atomic(os.path.join(out_dir, "config.json"), cfg)
     if side_files_from:
         hf_io.copy_side_files(side_files_from, out_dir)
     write_record(out_dir, dict(record, mla_mm_split=mla_mm_split, params_dtype=None, layout=layout.to_dict()))
-    tmp = os.path.join(out_dir, TRACKER + ".tmp")
-    with open(tmp, "w") as f:
-        f.write("1")
-    os.replace(tmp, os.path.join(out_dir, TRACKER))
+    write_tracker(out_dir, 1)
 
 
 def mindspeed_args(cfg: dict, layout: ParallelLayout, mla_mm_split: bool) -> argparse.Namespace:
@@ -362,19 +360,12 @@ def write_ours_as_mindspeed(load_dir: str, cfg: dict, layout: ParallelLayout, ml
     for tp, pp, ep in all_ranks(layout):
         path = rank_file(load_dir, layout, tp, pp, ep, it)
         state = load_rank_file(path)
-        chunks = {}
-        for c in range(layout.num_model_chunks):
-            ck = nm.chunk_key(layout, c)
-            if ck not in state:
-                raise McoreCheckpointError(f"{path}: no '{ck}' entry; layout.json disagrees with the files")
-            chunks[ck] = chunk_to_theirs(state[ck], cfg, mtp, f"{path} [{ck}]")
+        chunks = {ck: chunk_to_theirs(sd, cfg, mtp, f"{path} [{ck}]")
+                  for _, ck, sd in _model_chunks(path, state, layout, "layout.json disagrees with the files")}
         save_rank_file(os.path.join(partial, layout.rank_dir_name(tp, pp, ep), CKPT_FILE), chunks, args)
         files += 1
-    os.replace(partial, final_iter)
-    tmp = os.path.join(save_dir, TRACKER + ".tmp")
-    with open(tmp, "w") as f:
-        f.write("1")
-    os.replace(tmp, os.path.join(save_dir, TRACKER))
+    replace_dir(partial, final_iter)
+    write_tracker(save_dir, 1)
     return {"files": files}
 
 

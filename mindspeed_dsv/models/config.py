@@ -150,6 +150,25 @@ class DeepSeekConfig:
 
 # Megatron's name for each MindSpeed/Megatron training option that shapes the model. Kept as plain kwargs so the
 # trainer, the converter and tests build identical configs.
+# What every DeepSeek family asks of megatron's TransformerConfig alike: RMSNorm, SwiGLU, no biases, no dropout,
+# and none of megatron's own fusions (the ops layer picks kernels; megatron's fused paths need TE/Apex/CUDA;
+# gradient-accumulation fusion is set by the trainer through `overrides`).
+PLAIN_SWIGLU_BLOCKS: dict[str, Any] = dict(
+    normalization="RMSNorm",
+    gated_linear_unit=True,
+    activation_func=F.silu,
+    add_bias_linear=False,
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    bias_activation_fusion=False,
+    bias_dropout_fusion=False,
+    masked_softmax_fusion=False,
+    apply_rope_fusion=False,
+    persist_layer_norm=False,
+    gradient_accumulation_fusion=False,
+)
+
+
 def transformer_config(
     cfg: DeepSeekConfig,
     *,
@@ -217,22 +236,11 @@ def transformer_config(
         mscale_all_dim=cfg.rope.mscale_all_dim,
         rotary_interleaved=False,  # MLA de-interleaves DeepSeek's rotary pairs itself
         # Block
-        normalization="RMSNorm",
+        **PLAIN_SWIGLU_BLOCKS,
         layernorm_epsilon=cfg.rms_norm_eps,
-        gated_linear_unit=True,
-        activation_func=F.silu,
         # MLPs build their activation from the spec (models.layers.SwiGLU -> ops.swiglu) instead of megatron's own
         # glu; the name says TE, but megatron only reads it as "use submodules.activation_func" here.
         use_te_activation_func=True,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
         init_method_std=init_method_std,
         # Parallel
         tensor_model_parallel_size=tp,

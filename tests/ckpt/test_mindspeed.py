@@ -13,6 +13,7 @@ import torch
 
 from ckpt_convert.cli import main
 from ckpt_convert.hf_io import read_all, read_config
+from mindspeed_dsv.peft.nf4 import bitsandbytes_available
 from tests.ckpt.helpers import make_hf_dir
 from tests.ckpt.mindspeed_writer import write_mindspeed
 
@@ -122,8 +123,7 @@ def test_mindspeed2hf_equals_source_and_relayout(hf_dir, tmp_path, capsys):
     assert stats["relative"] < 1e-5, stats
 
 
-@pytest.mark.skipif(not __import__("mindspeed_dsv.peft.nf4", fromlist=["x"]).bitsandbytes_available(),
-                    reason="bitsandbytes writes the NF4 fixture")
+@pytest.mark.skipif(not bitsandbytes_available(), reason="bitsandbytes writes the NF4 fixture")
 def test_qlora_nf4_weights_are_dequantized(hf_dir, tmp_path):
     """Their --qlora-nf4 checkpoint: each NF4 weight reads back as code[q] * (code2[q2] * absmax2 + offset) of the
     stored bytes (written out here from bitsandbytes' entries, not with our NF4 code); the rest bit-identical to

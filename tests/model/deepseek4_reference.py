@@ -10,7 +10,8 @@ import os
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.model.hf_reference import ROOT
+
 TINY_V4_DIR = os.path.join(ROOT, "assets", "tiny_deepseek4")
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from mindspeed_dsv.models.config import PLAIN_SWIGLU_BLOCKS
 from mindspeed_dsv.ops import RopeConfig
 
 SLIDING = "sliding_attention"
@@ -235,21 +235,10 @@ def transformer_config(
         ffn_hidden_size=cfg.moe_intermediate_size,
         num_attention_heads=cfg.num_attention_heads,
         kv_channels=cfg.head_dim,
-        normalization="RMSNorm",
+        **PLAIN_SWIGLU_BLOCKS,
         layernorm_epsilon=cfg.rms_norm_eps,
-        gated_linear_unit=True,
-        activation_func=F.silu,
         # transformers clamps gate (max) and up (both sides) before SiLU, as megatron's glu does with this set
         activation_func_clamp_value=cfg.swiglu_limit,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
         init_method_std=init_method_std,
         num_moe_experts=cfg.n_routed_experts,
         moe_router_topk=cfg.num_experts_per_tok,
