@@ -282,8 +282,21 @@ def cmd_hf2mcore(ns) -> int:
         qlora = {"target_modules": sorted(set(ns.lora_target_modules)), "blocksize": 64}
     elif ns.lora_target_modules:
         raise ValueError("--lora-target-modules only applies with --qlora-nf4 in hf2mcore")
+    import torch
+
+    from mindspeed_dsv.models.family import DEEPSEEK4, family_of
+
     cfg = hf_io.read_config(ns.load_dir)
     nextn = int(cfg.get("num_nextn_predict_layers") or 0)
+    v4 = family_of(cfg) == DEEPSEEK4
+    if v4 and ns.mtp_num_layers is None and nextn:
+        from ckpt_convert.deepseek4 import hf_reader
+
+        names = hf_reader(ns.load_dir, torch.bfloat16, verify_checksums=False).names()
+        if any(n.startswith(("mtp.", "model.mtp.")) for n in names):
+            raise ValueError(f"{ns.load_dir} holds DeepSeek-V4 MTP weights (mtp.*), which are not converted yet: "
+                             "pass --mtp-num-layers 0 --allow-unused-weights to convert the main model alone")
+        ns.mtp_num_layers = 0
     if ns.mtp_num_layers is None and nextn:
         reader = hf_io.HFReader(ns.load_dir, verify_checksums=False)  # names only; write_mcore's reader verifies
         if f"model.layers.{cfg['num_hidden_layers']}.eh_proj.weight" not in reader:
@@ -292,9 +305,13 @@ def cmd_hf2mcore(ns) -> int:
                   file=sys.stderr)
             ns.mtp_num_layers = 0
     layout = target_layout(ns, cfg)
-    spec = {"kind": "hf", "dir": ns.load_dir, "verify_checksums": not ns.no_verify_checksums}
-    stats = write_mcore(spec, cfg, layout, ns.save_dir, _dtype(ns), ns.mla_mm_split, ns.workers,
-                        record={"source_dir": os.path.abspath(ns.load_dir), "command": "hf2mcore"},
+    spec = {"kind": "hf", "dir": ns.load_dir, "verify_checksums": not ns.no_verify_checksums, "family": family_of(cfg)}
+    record = {"source_dir": os.path.abspath(ns.load_dir), "command": "hf2mcore"}
+    if v4:
+        from ckpt_convert.deepseek4 import spelling_of
+
+        record["hf_spelling"] = spelling_of(ns.load_dir)  # what mcore2hf writes back
+    stats = write_mcore(spec, cfg, layout, ns.save_dir, _dtype(ns), ns.mla_mm_split, ns.workers, record=record,
                         side_files_from=ns.load_dir, progress=not ns.no_progress, qlora=qlora,
                         overwrite=ns.overwrite, allow_unused=ns.allow_unused_weights)
     if stats["unused"]:
@@ -316,6 +333,8 @@ def cmd_reshard(ns) -> int:
     spec = {"kind": "mcore", "dir": ns.load_dir, "layout": src.to_dict(), "cfg": cfg,
             "mla_mm_split": bool(rec.get("mla_mm_split", False)), "verify_checksums": not ns.no_verify_checksums}
     record = {"source_dir": rec.get("source_dir"), "command": "reshard", "resharded_from": os.path.abspath(ns.load_dir)}
+    if rec.get("hf_spelling"):
+        record["hf_spelling"] = rec["hf_spelling"]
     stats = write_mcore(spec, cfg, layout, ns.save_dir, _dtype(ns), ns.mla_mm_split, ns.workers, record=record,
                         side_files_from=ns.load_dir, progress=not ns.no_progress, overwrite=ns.overwrite)
     print(json.dumps({"save_dir": ns.save_dir, **stats}))

@@ -46,3 +46,24 @@ def quantize_block_fp8(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tenso
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     q = (wf / _expand(scale, (m, n), block)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
+
+
+# DeepSeek-V4's routed experts: FP4 e2m1, two values per int8 byte (low nibble = even column), one ue8m0 scale per
+# 32 input columns (transformers' FP8 dequantizer, integrations/finegrained_fp8.py, reads them the same way).
+FP4_BLOCK = 32
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+                   block: int = FP4_BLOCK) -> torch.Tensor:
+    """e2m1(packed) [M, 2K] * scale[i, j // block] in float32, cast to `dtype`."""
+    if packed.dim() != 2:
+        raise ValueError(f"FP4-packed weights are 2-D, got shape {tuple(packed.shape)}")
+    m, k = packed.shape[0], 2 * packed.shape[1]
+    if tuple(scale.shape) != (m, -(-k // block)):
+        raise ValueError(f"scale shape {tuple(scale.shape)} does not fit FP4 weight {(m, k)} in 1x{block} blocks "
+                         f"(expected {(m, -(-k // block))})")
+    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32)
+    u8 = packed.contiguous().view(torch.uint8)
+    values = torch.stack([lut[(u8 & 0xF).long()], lut[(u8 >> 4).long()]], dim=-1).reshape(m, k)
+    return (values * scale.float().repeat_interleave(block, 1)[:, :k]).to(dtype)

@@ -14,12 +14,14 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 import torch
 from tqdm import tqdm
 
+from ckpt_convert import deepseek4 as v4
 from ckpt_convert import hf_io
 from mindspeed_dsv.files import crash_point, inside, is_empty_dir, replace_dir, sha256_file, write_json_atomic
 from ckpt_convert.mcore_io import (TRACKER, McoreReader, all_ranks, args_record, checkpoint_contents,
                                    clean_stale_temporaries, iter_dir_name, read_iteration, save_rank_file,
                                    write_checksums, write_record, write_tracker)
 from mindspeed_dsv.layout import ParallelLayout
+from mindspeed_dsv.models import family
 from mindspeed_dsv.models import names as nm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -31,6 +33,10 @@ class ConversionError(ValueError):
 
 def make_reader(spec: dict):
     """Readers are rebuilt in each worker process from a picklable spec."""
+    if spec["kind"] == "hf" and spec.get("family") == family.DEEPSEEK4:
+        from ckpt_convert.deepseek4 import hf_reader
+
+        return hf_reader(spec["dir"], DTYPES[spec.get("fp8_dtype", "bf16")], spec.get("verify_checksums", True))
     if spec["kind"] == "hf":
         return hf_io.HFReader(spec["dir"], fp8_dtype=DTYPES[spec.get("fp8_dtype", "bf16")],
                               verify_checksums=spec.get("verify_checksums", True))
@@ -55,7 +61,7 @@ def check_source(reader, cfg: dict, layout: ParallelLayout, mla_mm_split: bool, 
     seen: set[str] = set()
     for tp, pp, ep in all_ranks(layout):
         for c in range(layout.num_model_chunks):
-            for m in nm.rank_maps(cfg, layout, tp, pp, ep, c, mla_mm_split):
+            for m in family.rank_maps(cfg, layout, tp, pp, ep, c, mla_mm_split):
                 for h in m.hf:
                     if h not in reader:
                         missing.setdefault(h, f"{m.mcore} of {layout.rank_dir_name(tp, pp, ep)}")
@@ -64,7 +70,7 @@ def check_source(reader, cfg: dict, layout: ParallelLayout, mla_mm_split: bool, 
                         continue
                     seen.add((h, m.split, m.tp))
                     shape = tuple(reader.shape(h))
-                    want = nm.expected_hf_shape(cfg, h)
+                    want = v4.expected_hf_shape(cfg, h) if v4.is_v4(cfg) else nm.expected_hf_shape(cfg, h)
                     if want is not None and shape != tuple(want):
                         raise ConversionError(f"{h}: shape {list(shape)} but config.json implies {list(want)}")
                     dim = {nm.ROW: 1, nm.GROUPED_W2: 1}.get(m.split, 0)
@@ -83,7 +89,7 @@ def needed_names(cfg: dict, layout: ParallelLayout, mla_mm_split: bool) -> set[s
     out: set[str] = set()
     for tp, pp, ep in all_ranks(layout):
         for c in range(layout.num_model_chunks):
-            for m in nm.rank_maps(cfg, layout, tp, pp, ep, c, mla_mm_split):
+            for m in family.rank_maps(cfg, layout, tp, pp, ep, c, mla_mm_split):
                 out.update(m.hf)
     return out
 
@@ -160,7 +166,7 @@ def build_rank(reader, cfg, layout, tp, pp, ep, mla_mm_split, dtype, qlora: dict
     chunks = {}
     for c in range(layout.num_model_chunks):
         sd = {}
-        for m in nm.rank_maps(cfg, layout, tp, pp, ep, c, mla_mm_split):
+        for m in family.rank_maps(cfg, layout, tp, pp, ep, c, mla_mm_split):
             try:
                 t = nm.shard_for_rank(m, reader.read, reader.shape)
             except nm.NameMapError as e:

@@ -8,6 +8,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from tqdm import tqdm
 
+from ckpt_convert import deepseek4 as v4
 from ckpt_convert import hf_io
 from mindspeed_dsv.files import sha256_file, write_json_atomic
 from ckpt_convert.mcore_io import McoreCheckpointError, McoreReader, read_record
@@ -45,6 +46,8 @@ def _write_group(spec, names, shared, path, fp8):
     for n in names:
         src = shared.get(n, n)
         tensors[n] = reader.read_full(src).clone()
+    if spec.get("hf_spelling"):  # DeepSeek-V4: a layer's experts restacked, in the source's spelling
+        tensors = v4.to_spelling(tensors, spec["hf_spelling"], spec["cfg"])
     written = hf_io.save_shard(tensors, path, fp8=fp8)
     info = {n: (tuple(t.shape), t.numel() * t.element_size()) for n, t in written.items()}
     return info, len(reader.lora_used), sha256_file(path)
@@ -76,7 +79,15 @@ def convert(load_dir: str, save_dir: str, given_layout: dict, lora_load: str | N
     if lora_load is not None or recorded_lora(load_dir)["lora_r"] is not None:
         lora_r, lora_alpha, lora_target_modules = lora_settings(lora_load or load_dir, lora_r, lora_alpha,
                                                                 lora_target_modules)
+    hf_spelling = None
+    if v4.is_v4(cfg):
+        if lora_load is not None or recorded_lora(load_dir)["lora_r"] is not None:
+            raise McoreCheckpointError("DeepSeek-V4: merging LoRA adapters in mcore2hf is not supported yet")
+        if save_fp8:
+            raise McoreCheckpointError("DeepSeek-V4: --save-fp8 is not supported yet (the export is unquantized)")
+        hf_spelling = record.get("hf_spelling") or v4.OFFICIAL
     spec = dict(dir=load_dir, layout=layout.to_dict(), cfg=cfg, mla_mm_split=recorded_split, lora_dir=lora_load,
+                hf_spelling=hf_spelling,
                 lora_alpha=lora_alpha, lora_r=lora_r, verify_checksums=verify_checksums,
                 lora_target_modules=lora_target_modules)
     reader = _reader(spec)

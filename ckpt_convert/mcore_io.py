@@ -29,6 +29,7 @@ import torch
 
 from mindspeed_dsv.files import fsync_path, write_json_atomic
 from mindspeed_dsv.layout import ParallelLayout
+from mindspeed_dsv.models import family
 from mindspeed_dsv.models import names as nm
 # The format itself lives where training can import it too (mindspeed_dsv.rankfiles); re-exported here.
 from mindspeed_dsv.rankfiles import (CHECKSUMS, CKPT_FILE, TRACKER, McoreCheckpointError,  # noqa: F401
@@ -50,6 +51,8 @@ def all_ranks(layout: ParallelLayout) -> list[tuple[int, int, int]]:
 def args_record(cfg: dict, layout: ParallelLayout, params_dtype: str, mla_mm_split: bool, qlora_nf4: bool = False
                 ) -> argparse.Namespace:
     """The `args` of a Megatron checkpoint: what MindSpeed/Megatron look at on load, plus our layout."""
+    if family.family_of(cfg) == family.DEEPSEEK4:
+        return _v4_args_record(cfg, layout, params_dtype)
     d = nm.dims(cfg)
     return argparse.Namespace(
         tensor_model_parallel_size=layout.tp,
@@ -80,6 +83,37 @@ def args_record(cfg: dict, layout: ParallelLayout, params_dtype: str, mla_mm_spl
         vocab_size=d.vocab_size,
         padded_vocab_size=layout.padded_vocab_size(d.vocab_size),
         make_vocab_size_divisible_by=layout.make_vocab_size_divisible_by,
+        params_dtype=params_dtype,
+        bf16=params_dtype == "bf16",
+        fp16=params_dtype == "fp16",
+        use_mcore_models=True,
+        ckpt_format="torch",
+        iteration=1,
+    )
+
+
+def _v4_args_record(cfg: dict, layout: ParallelLayout, params_dtype: str) -> argparse.Namespace:
+    """DeepSeek-V4's `args`: the layout and the model sizes (no MLA, no dense layers, no vocabulary padding)."""
+    d = family.model_config(cfg)
+    return argparse.Namespace(
+        model_family=family.DEEPSEEK4,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        expert_model_parallel_size=layout.ep,
+        num_layers_per_virtual_pipeline_stage=layout.vpp,
+        num_layer_list=None if layout.num_layer_list is None else ",".join(map(str, layout.num_layer_list)),
+        schedules_method="dualpipev" if layout.dualpipev else None,
+        num_layers=layout.num_layers,
+        mtp_num_layers=layout.mtp_num_layers,
+        num_experts=d.n_routed_experts,
+        hidden_size=d.hidden_size,
+        ffn_hidden_size=d.moe_intermediate_size,
+        moe_ffn_hidden_size=d.moe_intermediate_size,
+        num_attention_heads=d.num_attention_heads,
+        kv_channels=d.head_dim,
+        q_lora_rank=d.q_lora_rank,
+        vocab_size=d.vocab_size,
+        padded_vocab_size=d.vocab_size,
         params_dtype=params_dtype,
         bf16=params_dtype == "bf16",
         fp16=params_dtype == "fp16",
@@ -154,7 +188,7 @@ class McoreReader:
         for tp, pp, ep in all_ranks(layout):
             for c in range(layout.num_model_chunks):
                 ck = nm.chunk_key(layout, c)
-                for m in nm.rank_maps(cfg, layout, tp, pp, ep, c, mla_mm_split):
+                for m in family.rank_maps(cfg, layout, tp, pp, ep, c, mla_mm_split):
                     key = m.hf[0] if m.split != nm.HEAD_PART else f"{m.hf[0]}#{m.head_part[2]}"
                     owner = self.entries.setdefault(key, [])
                     if owner and (owner[0][1], owner[0][3]) != (pp, ck):
@@ -290,7 +324,7 @@ class McoreReader:
             state = self._file(self.dir, tp, pp, ep)
             for c in range(self.layout.num_model_chunks):
                 ck = nm.chunk_key(self.layout, c)
-                want = {m.mcore for m in nm.rank_maps(self.cfg, self.layout, tp, pp, ep, c, self._mm_split)}
+                want = {m.mcore for m in family.rank_maps(self.cfg, self.layout, tp, pp, ep, c, self._mm_split)}
                 for k in state.get(ck, {}):
                     if k in want or k.endswith("_extra_state") or (lora_prefixes and ".lora_" in k):
                         continue

@@ -49,3 +49,16 @@ def model_config(source: str | os.PathLike | dict):
     from mindspeed_dsv.models.config import DeepSeekConfig
 
     return DeepSeekConfig.from_hf(hf)
+
+
+def rank_maps(hf: dict[str, Any], layout, tp_rank: int, pp_rank: int, ep_rank: int, chunk: int = 0,
+              mla_mm_split: bool = False) -> list:
+    """The name map (models.names.TensorMap entries) of one rank file's model chunk, for the family of `hf`:
+    what the converters write, read and check rank files with."""
+    if family_of(hf) == DEEPSEEK4:
+        from mindspeed_dsv.models.deepseek4.stages import rank_maps as v4_rank_maps
+
+        return v4_rank_maps(model_config(hf), layout, tp_rank, pp_rank, ep_rank, chunk, mla_mm_split)
+    from mindspeed_dsv.models.names import rank_maps as v3_rank_maps
+
+    return v3_rank_maps(hf, layout, tp_rank, pp_rank, ep_rank, chunk, mla_mm_split)

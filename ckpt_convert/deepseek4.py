@@ -1,0 +1,167 @@
+"""What the converters do differently for DeepSeek-V4 (everything else is the V3 machinery: rank files, atomic
+writes, checksums, streaming one rank file at a time).
+
+* Reading: the rank maps (models/deepseek4/stages.py) ask for transformers' names with routed experts per expert.
+  A transformers-spelled directory is read by hf_io.HFReader as it is (stacked experts are served per expert;
+  `weight_scale_inv` FP8 is dequantized). The official release's spelling (`layers.N.attn.wq_a.weight`,
+  `ffn.experts.E.w1.weight`, block scales in `<name>.scale`) is read through `OfficialV4Reader`, which renames
+  and dequantizes on the fly: FP8 e4m3 with 128x128 ue8m0 scales, FP4 e2m1 experts with 1x32 scales.
+* Writing: mcore2hf writes the spelling the checkpoint was converted from (`hf_spelling` in convert.json;
+  the official one when none is recorded), routed experts restacked per layer (`to_spelling`).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+import torch
+
+from ckpt_convert import hf_io
+from ckpt_convert.fp8 import BLOCK, dequantize_block_fp8, dequantize_fp4
+from mindspeed_dsv.models import family
+from mindspeed_dsv.models.deepseek4.names import (_OFFICIAL_GLOBAL, _OFFICIAL_LAYER, is_official_spelling,
+                                                 transformers_to_official)
+
+OFFICIAL, TRANSFORMERS = "official", "transformers"
+_EXPERT_WEIGHTS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def is_v4(cfg: dict) -> bool:
+    return family.family_of(cfg) == family.DEEPSEEK4
+
+
+def spelling_of(directory: str) -> str:
+    names = hf_io.HFReader(directory, verify_checksums=False).file_of
+    return OFFICIAL if is_official_spelling(names) else TRANSFORMERS
+
+
+def canonical_name(official: str) -> str | None:
+    """The name the rank maps use for an official-release tensor (None: not a main-model tensor, e.g. mtp.*)."""
+    if official in _OFFICIAL_GLOBAL:
+        return _OFFICIAL_GLOBAL[official]
+    parts = official.split(".", 2)
+    if parts[0] != "layers" or len(parts) < 3 or not parts[1].isdigit():
+        return None
+    i, rest = parts[1], parts[2]
+    if rest.startswith("ffn.experts."):
+        e, w = rest[len("ffn.experts."):].split(".", 1)
+        if e.isdigit() and w.endswith(".weight") and w[:-len(".weight")] in _EXPERT_WEIGHTS:
+            return f"model.layers.{i}.mlp.experts.{e}.{_EXPERT_WEIGHTS[w[:-len('.weight')]]}.weight"
+        return None
+    return f"model.layers.{i}.{_OFFICIAL_LAYER[rest]}" if rest in _OFFICIAL_LAYER else None
+
+
+class OfficialV4Reader:
+    """The official release's directory, served under the rank maps' names; quantized weights dequantized to
+    `fp8_dtype` on read (the whole tensor, then the rows/columns asked for)."""
+
+    def __init__(self, directory: str, fp8_dtype: torch.dtype = torch.bfloat16, verify_checksums: bool = True):
+        self.raw = hf_io.HFReader(directory, fp8_dtype=fp8_dtype, verify_checksums=verify_checksums)
+        self.dir, self.fp8_dtype = directory, fp8_dtype
+        files = self.raw.file_of
+        self._src: dict[str, str] = {}
+        for name in files:
+            if name.endswith(".scale") and name[:-len("scale")] + "weight" in files:
+                continue  # part of its weight
+            self._src[canonical_name(name) or name] = name
+
+    def _scale_of(self, src: str) -> str | None:
+        scale = src[:-len("weight")] + "scale" if src.endswith(".weight") else None
+        return scale if scale in self.raw.file_of else None
+
+    def names(self) -> list[str]:
+        return list(self._src)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._src
+
+    def _src_of(self, name: str) -> str:
+        if name not in self._src:
+            raise hf_io.HFCheckpointError(f"{self.dir}: tensor {name} is missing")
+        return self._src[name]
+
+    def shape(self, name: str) -> list[int]:
+        src = self._src_of(name)
+        shape = self.raw.shape(src)
+        if self._scale_of(src) and self.raw._raw_dtype(src) == "I8":  # FP4: two values per byte
+            shape = shape[:-1] + [2 * shape[-1]]
+        return shape
+
+    def read(self, name: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
+        src = self._src_of(name)
+        scale = self._scale_of(src)
+        if scale is None:
+            return self.raw.read(src, rows, cols)
+        q = self.raw._handle(src).get_tensor(src)
+        s = self.raw._handle(scale).get_tensor(scale)
+        try:
+            if q.dtype == torch.int8:
+                w = dequantize_fp4(q, s, self.fp8_dtype)
+            elif q.dtype == torch.float8_e4m3fn:
+                w = dequantize_block_fp8(q, s, self.fp8_dtype, BLOCK)
+            else:
+                raise ValueError(f"dtype {q.dtype} with a block scale: expected float8_e4m3fn or int8 (FP4)")
+        except ValueError as e:
+            raise hf_io.HFCheckpointError(f"{self.dir}: {src}: {e}") from None
+        return w[rows or slice(None), cols or slice(None)].contiguous()
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def hf_reader(directory: str, fp8_dtype: torch.dtype, verify_checksums: bool):
+    """The reader for a V4 HF directory of either spelling."""
+    if spelling_of(directory) == OFFICIAL:
+        return OfficialV4Reader(directory, fp8_dtype, verify_checksums)
+    return hf_io.HFReader(directory, fp8_dtype=fp8_dtype, verify_checksums=verify_checksums)
+
+
+@lru_cache(maxsize=4)
+def _hf_shapes(cfg_json: str) -> dict[str, tuple[int, ...]]:
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    hf = json.loads(cfg_json)
+    config = DeepseekV4Config(**{k: v for k, v in hf.items() if k not in ("architectures", "torch_dtype")})
+    with torch.device("meta"):
+        model = DeepseekV4ForCausalLM(config)
+    out = {}
+    for name, t in model.state_dict().items():
+        if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            prefix = name.rsplit(".", 1)[0]
+            e, a, b = t.shape
+            parts = ("gate_proj", "up_proj") if name.endswith("gate_up_proj") else ("down_proj",)
+            for k in range(e):
+                for p in parts:
+                    out[f"{prefix}.{k}.{p}.weight"] = (a // len(parts), b)
+        else:
+            out[name] = tuple(t.shape)
+    return out
+
+
+def expected_hf_shape(cfg: dict, name: str) -> tuple[int, ...] | None:
+    """The shape transformers' DeepseekV4ForCausalLM gives tensor `name` (rank-map names), built on the meta
+    device from config.json."""
+    return _hf_shapes(json.dumps(cfg, sort_keys=True)).get(name)
+
+
+def to_spelling(tensors: dict[str, torch.Tensor], spelling: str, cfg: dict) -> dict[str, torch.Tensor]:
+    """One layer's (or the globals') tensors under the rank maps' names -> `spelling`: transformers' stacked
+    experts (`mlp.experts.gate_up_proj` [E, 2I, D] = [gate_e; up_e], `mlp.experts.down_proj` [E, D, I]),
+    or the official names (per-expert w1/w3/w2)."""
+    out, experts = {}, {}
+    for name, t in tensors.items():
+        head, sep, tail = name.partition(".mlp.experts.")
+        if sep and tail.split(".")[0].isdigit():
+            e, part = tail.split(".")[:2]
+            experts.setdefault(head, {})[(int(e), part)] = t
+        else:
+            out[name] = t
+    for head, parts in experts.items():
+        n = 1 + max(e for e, _ in parts)
+        out[f"{head}.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([parts[(e, "gate_proj")], parts[(e, "up_proj")]], 0) for e in range(n)])
+        out[f"{head}.mlp.experts.down_proj"] = torch.stack([parts[(e, "down_proj")] for e in range(n)])
+    if spelling == OFFICIAL:
+        return transformers_to_official(out, family.model_config(cfg))
+    return out

@@ -1,0 +1,90 @@
+"""What one rank of a parallel layout holds of DeepSeek-V4: the decoder layers of a (pipeline rank, model chunk),
+the `DeepSeekV4Model` stage the trainer builds for it (`build_stage`), and the name map of that stage's state
+dict (`rank_maps`), which the converters write and read rank files with. Both come from the same placement
+(`stage_layer_ids`), so a rank file's keys are exactly the state-dict keys of the stage that loads it.
+
+Routed experts are named per expert on the HF side (`model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight`,
+the names ckpt_convert's HF reader serves for transformers' stacked tensors and for the official release's
+`ffn.experts.E.w1/w3/w2`), so a rank reads only its own experts. Expert parallelism keeps global experts
+layout.local_experts(ep) as local_experts 0..n-1, as megatron's SequentialMLP numbers them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mindspeed_dsv.models.names import GLU, REPLICATED, NameMapError, TensorMap
+
+from .config import DeepSeekV4Config
+from .names import EXPERT_SLICE, model_maps
+
+
+def check_layout(layout) -> None:
+    """Refuse the layout features V4 does not have (one clear line each)."""
+    if layout.tp != 1:
+        raise NameMapError(f"DeepSeek-V4: tensor parallel size {layout.tp} is not supported (only 1): the one "
+                           "shared K=V head and the compressors cannot be split over heads")
+    if layout.noop_layers:
+        raise NameMapError(f"DeepSeek-V4: noop layers {list(layout.noop_layers)} are not supported (a stage holds "
+                           "a contiguous range of real layers)")
+    if layout.moe_tp_extend_ep:
+        raise NameMapError("DeepSeek-V4: --moe-tp-extend-ep does not apply (TP is 1)")
+    if layout.mtp_num_layers:
+        raise NameMapError(f"DeepSeek-V4: MTP layers ({layout.mtp_num_layers}) are not converted yet; use "
+                           "--mtp-num-layers 0 (with --allow-unused-weights where the source holds mtp.* tensors)")
+
+
+def stage_layer_ids(layout, pp_rank: int, chunk: int = 0) -> range:
+    """Global (= HF) decoder layer ids of (pp_rank, chunk)."""
+    ids = layout.stage_layers(pp_rank, chunk)
+    return range(ids[0], ids[-1] + 1) if ids else range(0)
+
+
+def build_stage(cfg: DeepSeekV4Config, layout, pp_rank: int, chunk: int = 0, config=None):
+    """The DeepSeekV4Model of (pp_rank, chunk): embedding on the first virtual stage, head on the last."""
+    from .model import DeepSeekV4Model
+
+    check_layout(layout)
+    return DeepSeekV4Model(cfg, config, pre_process=layout.has_embedding(pp_rank, chunk),
+                           post_process=layout.has_output(pp_rank, chunk), layers=stage_layer_ids(layout, pp_rank, chunk))
+
+
+def _expert_map(m: TensorMap, mcore: str) -> TensorMap:
+    per = f"model.layers.{m.hf_layer}.mlp.experts.{m.expert}."
+    if ".linear_fc1." in mcore:  # [gate; up], as transformers' gate_up_proj[e] holds them
+        return TensorMap(mcore=mcore, hf=(per + "gate_proj.weight", per + "up_proj.weight"), split=GLU,
+                         hf_layer=m.hf_layer, expert=m.expert)
+    return TensorMap(mcore=mcore, hf=(per + "down_proj.weight",), split=REPLICATED, hf_layer=m.hf_layer,
+                     expert=m.expert)
+
+
+def rank_maps(cfg: DeepSeekV4Config, layout, tp_rank: int, pp_rank: int, ep_rank: int, chunk: int = 0,
+              mla_mm_split: bool = False) -> list[TensorMap]:
+    """Every tensor of model chunk `chunk` of rank file (tp_rank, pp_rank, ep_rank); mcore names are the
+    stage's state-dict keys (layers counted from 0 on each stage, experts from 0 on each EP rank)."""
+    check_layout(layout)
+    if mla_mm_split:
+        raise NameMapError("DeepSeek-V4: --mla-mm-split does not apply (V4 attention is not MLA)")
+    if layout.padded_vocab_size(cfg.vocab_size) != cfg.vocab_size:
+        raise NameMapError(f"DeepSeek-V4: --make-vocab-size-divisible-by {layout.make_vocab_size_divisible_by} would "
+                           f"pad the vocabulary {cfg.vocab_size}; the V4 model keeps it unpadded (use 1)")
+    ids = stage_layer_ids(layout, pp_rank, chunk)
+    local = {g: i for i, g in enumerate(layout.local_experts(ep_rank, tp_rank))}
+    pre, post = layout.has_embedding(pp_rank, chunk), layout.has_output(pp_rank, chunk)
+    out = []
+    for m in model_maps(cfg):
+        if m.hf_layer is None:
+            if (pre if m.mcore.startswith("embedding.") else post):
+                out.append(m)
+            continue
+        if m.hf_layer not in ids:
+            continue
+        mcore = f"layers.{m.hf_layer - ids.start}.{m.mcore.split('.', 2)[2]}"
+        if m.split == EXPERT_SLICE:
+            if m.expert not in local:
+                continue
+            mcore = mcore.replace(f".local_experts.{m.expert}.", f".local_experts.{local[m.expert]}.")
+            out.append(_expert_map(m, mcore))
+        else:
+            out.append(dataclasses.replace(m, mcore=mcore))
+    return out
