@@ -329,6 +329,8 @@ def cmd_reshard(ns) -> int:
     src = ParallelLayout.load(ns.load_dir)
     cfg = hf_io.read_config(ns.load_dir)
     rec = read_record(ns.load_dir)
+    if ns.mtp_num_layers is None and rec.get("hf_spelling"):  # DeepSeek-V4: MTP as the source has it (none yet)
+        ns.mtp_num_layers = src.mtp_num_layers
     layout = target_layout(ns, cfg)
     spec = {"kind": "mcore", "dir": ns.load_dir, "layout": src.to_dict(), "cfg": cfg,
             "mla_mm_split": bool(rec.get("mla_mm_split", False)), "verify_checksums": not ns.no_verify_checksums}

@@ -86,29 +86,25 @@ def test_reshard_equals_direct(sources, tmp_path):
 
 
 def _stage_keys_on_rank(save_dir):
-    """Build every stage of the checkpoint's layout as the trainer does (stages.build_stage) and load each rank
-    file's chunk into it strictly: the keys must be exactly the model's, the shapes equal."""
+    """On EP rank r of 2: build every pipeline stage of the checkpoint's layout as the trainer does
+    (stages.build_stage) and load the rank file's chunk into it strictly: keys exactly the model's, shapes equal."""
     from ckpt_convert.mcore_io import rank_file
     from mindspeed_dsv.layout import ParallelLayout
     from mindspeed_dsv.models.deepseek4 import DeepSeekV4Config, transformer_config
     from mindspeed_dsv.models.deepseek4.stages import build_stage
     from mindspeed_dsv.platform import init_distributed
 
-    init_distributed()
+    init_distributed(ep=2)
+    ep = torch.distributed.get_rank()
     layout = ParallelLayout.load(save_dir)
     cfg = DeepSeekV4Config.from_hf(tiny_v4_config())
     checked = 0
     for pp in range(layout.pp):
-        for ep in range(layout.ep):
-            state = torch.load(rank_file(save_dir, layout, 0, pp, ep), weights_only=False)
-            for c in range(layout.num_model_chunks):
-                ck = "model" if layout.num_model_chunks == 1 else f"model{c}"
-                # one process stands in for each EP rank: the model holds E/ep local experts
-                config = transformer_config(cfg)
-                config.num_moe_experts = cfg.n_routed_experts // layout.ep
-                model = build_stage(cfg, layout, pp, c, config)
-                model.load_state_dict(state[ck], strict=True)
-                checked += 1
+        state = torch.load(rank_file(save_dir, layout, 0, pp, ep), weights_only=False)
+        for c in range(layout.num_model_chunks):
+            model = build_stage(cfg, layout, pp, c, transformer_config(cfg, pp=layout.pp, ep=layout.ep))
+            model.load_state_dict(state[f"model{c}"], strict=True)
+            checked += 1
     return checked
 
 
@@ -118,8 +114,7 @@ def test_rank_files_are_the_trainer_stages(sources, tmp_path):
     out = str(tmp_path / "mc")
     assert main(["hf2mcore", "--load-dir", sources["official"], "--save-dir", out, "--no-progress"]
                 + LAYOUTS["dualpipev_pp2_ep2"]) == 0
-    (n,) = run_distributed(_stage_keys_on_rank, 1, out)
-    assert n == 2 * 2 * 2
+    assert run_distributed(_stage_keys_on_rank, 2, out) == [4, 4]
 
 
 @pytest.mark.parametrize("flags,message", [
