@@ -165,3 +165,29 @@ def to_spelling(tensors: dict[str, torch.Tensor], spelling: str, cfg: dict) -> d
     if spelling == OFFICIAL:
         return transformers_to_official(out, family.model_config(cfg))
     return out
+
+
+def mcore_logits(mcore_dir: str, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """verify for V4: the checkpoint (any recorded layout) gathered whole through the same McoreReader that
+    mcore2hf uses, loaded strictly into one DeepSeekV4Model in this process, run on `tokens` -> logits [B, S, V]
+    (float32). The per-rank placement itself is what the rank maps / build_stage guarantee."""
+    from ckpt_convert.mcore_io import McoreReader
+    from mindspeed_dsv.layout import ParallelLayout
+    from mindspeed_dsv.models.deepseek4 import DeepSeekV4Model, transformer_config
+    from mindspeed_dsv.models.deepseek4.names import hf_to_mcore
+    from mindspeed_dsv.platform import init_distributed
+
+    init_distributed()
+    cfg_dict = hf_io.read_config(mcore_dir)
+    cfg = family.model_config(cfg_dict)
+    reader = McoreReader(mcore_dir, ParallelLayout.load(mcore_dir), cfg_dict)
+    hf = to_spelling({n: reader.read_full(n) for n in reader.names()}, TRANSFORMERS, cfg_dict)
+    reader.close()
+    model = DeepSeekV4Model(cfg, transformer_config(cfg, params_dtype=dtype)).to(dtype).eval()
+    missing, unexpected = model.load_state_dict(hf_to_mcore(hf, cfg), strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ValueError(f"{mcore_dir}: the checkpoint does not fill the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        return model(tokens).float()

@@ -218,22 +218,29 @@ def spawn_logits(mcore_dir: str, tokens: torch.Tensor, dtype: torch.dtype, world
 
 def run_verify(ns) -> int:
     from ckpt_convert.hf2mcore import layout_str
+    from ckpt_convert.hf_io import read_config
     from mindspeed_dsv.layout import ParallelLayout
+    from mindspeed_dsv.models.family import DEEPSEEK4, family_of
 
-    layout = check_layout(ParallelLayout.load(ns.mcore_dir), ns.mcore_dir)
+    v4 = family_of(read_config(ns.mcore_dir)) == DEEPSEEK4
+    # V4 gathers the checkpoint into one model (any layout); V3 runs the layout's ranks and schedule
+    layout = ParallelLayout.load(ns.mcore_dir) if v4 else check_layout(ParallelLayout.load(ns.mcore_dir), ns.mcore_dir)
     if not ns.no_verify_checksums:
         from ckpt_convert.mcore_io import verify_iteration
 
         verify_iteration(ns.mcore_dir)
     tokens = read_tokens(ns.tokens_file)
-    from ckpt_convert.hf_io import read_config
-
     check_token_ids(tokens, int(read_config(ns.mcore_dir)["vocab_size"]), ns.tokens_file)
     dtype = torch.bfloat16 if ns.dtype == "bf16" else torch.float32
     world = world_size_of(layout)
     text = layout_str(layout)
+    logits_fn = mcore_logits
+    if v4:
+        from ckpt_convert import deepseek4
 
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:  # one rank of torchrun
+        logits_fn, world = deepseek4.mcore_logits, 1  # gathered into one model in this process
+
+    if world > 1 and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:  # one rank of torchrun
         import torch.distributed as dist
 
         from mindspeed_dsv.platform import destroy_distributed
@@ -252,7 +259,7 @@ def run_verify(ns) -> int:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
         try:
-            ours = mcore_logits(ns.mcore_dir, tokens, dtype)
+            ours = logits_fn(ns.mcore_dir, tokens, dtype)
         finally:
             destroy_distributed()
             for k, v in saved.items():

@@ -1,0 +1,43 @@
+"""verify on DeepSeek-V4: the converted checkpoint's logits equal transformers' on the source directory (fp32),
+and a changed weight is caught."""
+
+import json
+
+import torch
+
+from ckpt_convert.cli import main
+from tests.ckpt.helpers import edit_rank_file, rerecord_checksum
+from tests.ckpt.test_deepseek4_convert import LAYOUTS, transformers_state, write_hf
+from tests.model.deepseek4_reference import token_ids, tiny_v4_config
+
+
+def _verify(hf, mc, tokens, capsys, *extra):
+    code = main(["verify", "--hf-dir", hf, "--mcore-dir", mc, "--tokens-file", tokens, "--tolerance", "1e-4",
+                 *extra])
+    out = capsys.readouterr().out.strip().splitlines()
+    return code, json.loads(out[-1])
+
+
+def test_logits_match_transformers_and_a_changed_weight_fails(tmp_path, capsys):
+    # fp32 throughout (transformers computes in the weights' dtype here)
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in transformers_state(seed=3).items()}
+    cfg = tiny_v4_config()
+    hf = write_hf(tmp_path / "hf", sd, cfg)
+    mc = str(tmp_path / "mc")
+    assert main(["hf2mcore", "--load-dir", hf, "--save-dir", mc, "--no-progress"]
+                + LAYOUTS["dualpipev_pp2_ep2"]) == 0
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps(token_ids(cfg["vocab_size"], batch=2, seq=20).tolist()))
+    code, stats = _verify(hf, mc, str(tokens), capsys)
+    assert code == 0 and stats["shape"] == [2, 20, cfg["vocab_size"]], stats
+    assert stats["relative"] < 1e-5 and stats["max_abs"] < 1e-4, stats
+
+    rank = tmp_path / "mc" / "iter_0000001" / "mp_rank_00_001_001" / "model_optim_rng.pt"
+
+    def bump(state):
+        w = state["model1"]["layers.0.mlp.experts.local_experts.1.linear_fc2.weight"]
+        w += 0.5
+    edit_rank_file(str(rank), bump)
+    rerecord_checksum(str(rank))
+    code, stats = _verify(hf, mc, str(tokens), capsys)
+    assert code == 1 and stats["max_abs"] > 1e-3, stats
