@@ -86,35 +86,55 @@ def test_reshard_equals_direct(sources, tmp_path):
 
 
 def _stage_keys_on_rank(save_dir):
-    """On EP rank r of 2: build every pipeline stage of the checkpoint's layout as the trainer does
-    (stages.build_stage) and load the rank file's chunk into it strictly: keys exactly the model's, shapes equal."""
+    """Build every stage of the checkpoint's layout as the trainer does (stages.build_stage) and load the rank
+    file's chunk into it strictly: keys exactly the model's, shapes equal."""
     from ckpt_convert.mcore_io import rank_file
     from mindspeed_dsv.layout import ParallelLayout
     from mindspeed_dsv.models.deepseek4 import DeepSeekV4Config, transformer_config
     from mindspeed_dsv.models.deepseek4.stages import build_stage
     from mindspeed_dsv.platform import init_distributed
 
-    init_distributed(ep=2)
-    ep = torch.distributed.get_rank()
+    init_distributed()
     layout = ParallelLayout.load(save_dir)
     cfg = DeepSeekV4Config.from_hf(tiny_v4_config())
     checked = 0
     for pp in range(layout.pp):
-        state = torch.load(rank_file(save_dir, layout, 0, pp, ep), weights_only=False)
+        state = torch.load(rank_file(save_dir, layout, 0, pp, 0), weights_only=False)
         for c in range(layout.num_model_chunks):
-            model = build_stage(cfg, layout, pp, c, transformer_config(cfg, pp=layout.pp, ep=layout.ep))
+            model = build_stage(cfg, layout, pp, c, transformer_config(cfg, pp=layout.pp))
             model.load_state_dict(state[f"model{c}"], strict=True)
             checked += 1
     return checked
 
 
 def test_rank_files_are_the_trainer_stages(sources, tmp_path):
+    """dualpipev PP2 rank files load strictly into the trainer's stages; the EP2 files of the same layout hold
+    the same tensors with each rank's half of the experts renumbered from 0 (megatron's local experts)."""
     from tests.dist_utils import run_distributed
 
-    out = str(tmp_path / "mc")
-    assert main(["hf2mcore", "--load-dir", sources["official"], "--save-dir", out, "--no-progress"]
-                + LAYOUTS["dualpipev_pp2_ep2"]) == 0
-    assert run_distributed(_stage_keys_on_rank, 2, out) == [4, 4]
+    one, two = str(tmp_path / "ep1"), str(tmp_path / "ep2")
+    dual = ["--target-pipeline-parallel-size", "2", "--schedules-method", "dualpipev"]
+    assert main(["hf2mcore", "--load-dir", sources["official"], "--save-dir", one, "--no-progress"] + dual) == 0
+    assert main(["hf2mcore", "--load-dir", sources["official"], "--save-dir", two, "--no-progress"] + dual
+                + ["--target-expert-parallel-size", "2"]) == 0
+    assert run_distributed(_stage_keys_on_rank, 1, one) == [4]
+    for pp in range(2):
+        full = torch.load(f"{one}/iter_0000001/mp_rank_00_{pp:03d}/model_optim_rng.pt", weights_only=False)
+        for ep in range(2):
+            part = torch.load(f"{two}/iter_0000001/mp_rank_00_{pp:03d}_{ep:03d}/model_optim_rng.pt",
+                              weights_only=False)
+            for ck in ("model0", "model1"):
+                want = {}
+                for k, v in full[ck].items():
+                    if ".local_experts." in k:
+                        head, rest = k.split(".local_experts.")
+                        e, tail = rest.split(".", 1)
+                        if int(e) // 2 != ep:
+                            continue
+                        k = f"{head}.local_experts.{int(e) - 2 * ep}.{tail}"
+                    want[k] = v
+                assert part[ck].keys() == want.keys()
+                assert all(torch.equal(part[ck][k], want[k]) for k in want)
 
 
 @pytest.mark.parametrize("flags,message", [
