@@ -70,7 +70,7 @@ def make_hf_v4_mtp(hf_cfg: dict, k: int):
     p = f"model.mtp.{k}."
     sd = {p + f"{n}.weight": 1.0 + 0.1 * torch.randn(d, generator=g) for n in ("enorm", "hnorm")}
     sd.update({p + f"{n}.weight": 0.1 * torch.randn(d, d, generator=g) for n in ("e_proj", "h_proj")})
-    for name, t in block.state_dict().items():
+    for name, t in block.state_dict(keep_vars=True).items():  # the block's own parameters (their grads)
         if name.startswith("model.layers.0."):
             sd[p + name[len("model.layers.0."):]] = t
         elif name.startswith("model.hc_head.") or name == "model.norm.weight":

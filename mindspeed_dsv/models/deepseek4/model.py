@@ -19,7 +19,7 @@ from .attention import V4Attention
 from .config import DeepSeekV4Config, transformer_config
 from .hyper_connection import HyperConnection, HyperHead
 from .moe import build_moe
-from .mtp import V4MTPLayer, shift_left
+from .mtp import V4MTPBlock, V4MTPLayer, shift_left
 from .norm import V4RMSNorm
 
 
@@ -81,10 +81,8 @@ class DeepSeekV4Model(MegatronModule):
                 gather_output=True,
             )
         if self.mtp_process:
-            self.mtp = torch.nn.ModuleList(
-                V4MTPLayer(config, cfg, V4DecoderLayer(config, cfg, cfg.num_hidden_layers + k))
-                for k in range(mtp_num_layers)
-            )
+            self.mtp = V4MTPBlock([V4MTPLayer(config, cfg, V4DecoderLayer(config, cfg, cfg.num_hidden_layers + k))
+                                   for k in range(mtp_num_layers)])
 
     def shared_embedding_or_output_weight(self):
         """The embedding copy that megatron's finalize_model_grads keeps equal on the first and the MTP stage."""
@@ -130,22 +128,12 @@ class DeepSeekV4Model(MegatronModule):
             return streams.transpose(0, 1).reshape(s, b, n * d).contiguous()
         return streams
 
-    def mtp_outputs(self, streams: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
-        """The MTP depths on the main streams: for depth k the [B, S, D] input of the output layer, which
-        predicts token t + k + 2 at position t."""
-        out = []
-        for k, layer in enumerate(self.mtp):
-            ids = shift_left(input_ids, k + 1)
-            streams, h = layer(streams, self.embedding(ids), ids)
-            out.append(h)
-        return out
-
     def _attach_mtp_loss(self, h, streams, input_ids, labels, loss_mask):
         """megatron's GPTModel MTP loss: per depth k the labels and loss mask shifted k + 1 further, the masked
         mean cross entropy scaled by mtp_loss_scaling_factor / mtp_num_layers and attached to h."""
         mask = torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.float()
         scale = self.config.mtp_loss_scaling_factor / self.mtp_num_layers
-        for k, mtp_h in enumerate(self.mtp_outputs(streams, input_ids)):
+        for k, mtp_h in enumerate(self.mtp(streams, input_ids, self.embedding)):
             logits = self.output_layer(mtp_h)[0]
             mask_k = shift_left(mask, k + 1)
             loss = mask_k * F.cross_entropy(logits.float().transpose(1, 2), shift_left(labels, k + 1), reduction="none")

@@ -42,6 +42,24 @@ class V4MTPLayer(MegatronModule):
         return x, self.final_layernorm(self.hc_head(x))
 
 
+class V4MTPBlock(torch.nn.Module):
+    """The MTP depths in order (`mtp.layers.k.*`, megatron's MultiTokenPredictionBlock names)."""
+
+    def __init__(self, layers: list[V4MTPLayer]):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(layers)
+
+    def forward(self, streams: torch.Tensor, input_ids: torch.Tensor, embedding) -> list[torch.Tensor]:
+        """Main streams [B, S, N, D] -> per depth k the [B, S, D] input of the output layer, which predicts
+        token t + k + 2 at position t."""
+        out = []
+        for k, layer in enumerate(self.layers):
+            ids = shift_left(input_ids, k + 1)
+            streams, h = layer(streams, embedding(ids), ids)
+            out.append(h)
+        return out
+
+
 def shift_left(t: torch.Tensor, k: int) -> torch.Tensor:
     """[B, S] -> t[:, j + k] at j, zeros past the end (megatron's roll_tensor applied k times)."""
     out = torch.zeros_like(t)
