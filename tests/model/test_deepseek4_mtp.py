@@ -125,9 +125,47 @@ def _mtp_checks():
     return result
 
 
+# transformers' _keep_in_fp32_modules_strict: these modules stay fp32 in a bf16 model
+KEEP_FP32 = ("attn_hc", "ffn_hc", "hc_head", "sinks", "position_bias", "e_score_correction_bias", "q_a_norm", "kv_norm",
+             "input_layernorm", "post_attention_layernorm", "norm")
+
+
+def _bf16_errors():
+    """One layer of each attention type in bf16, ours against transformers' bf16 model (fp32 where it keeps
+    fp32) and that against fp32. One layer each: in the whole tiny model bf16 noise flips routing choices."""
+    from mindspeed_dsv.models.deepseek4 import DeepSeekV4Config, DeepSeekV4Model, transformer_config
+    from tests.model.deepseek4_reference import hf_v4_to_ours, single_layer_config
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    out = {}
+    for layer_type in ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"):
+        hf_cfg = single_layer_config(layer_type)
+        cfg = DeepSeekV4Config.from_hf(hf_cfg)
+        hf = make_hf_v4_model(hf_cfg)
+        model = DeepSeekV4Model(cfg, transformer_config(cfg, params_dtype=torch.bfloat16)).eval()
+        hf_v4_to_ours(hf, model, cfg.n_routed_experts)  # copy_ keeps each of our tensors' dtype
+        ids = token_ids(cfg.vocab_size, seq=30)
+        with torch.no_grad():
+            fp32 = hf(ids).logits
+            for n, t in [*hf.named_parameters(), *hf.named_buffers()]:
+                if t.is_floating_point() and "inv_freq" not in n and not set(n.split(".")) & set(KEEP_FP32):
+                    t.data = t.data.bfloat16()
+            bf16 = hf(ids).logits
+            ours = model(ids)
+        fp32_kept = {n: str(p.dtype) for n, p in model.named_parameters() if p.dtype == torch.float32}
+        out[layer_type] = (rel(ours, bf16), rel(bf16, fp32), ours.dtype, len(fp32_kept))
+    return out
+
+
+def _checks():
+    return {**_mtp_checks(), "bf16": _bf16_errors()}
+
+
 @pytest.fixture(scope="module")
 def checks():
-    (result,) = run_distributed(_mtp_checks, 1)
+    (result,) = run_distributed(_checks, 1)
     return result
 
 
@@ -144,3 +182,11 @@ def test_mtp_loss_and_gradients_match(checks):
     assert n > 150 and n_mtp > 2 * 20, (n, n_mtp)
     assert rel < 1e-5, f"worst gradient {name}: relative error {rel:.3e}"
     assert all(".compressor.indexer." in k for k in no_grad), no_grad
+
+
+def test_bf16_matches_transformers_bf16(checks):
+    """fp32 norm weights multiplied before the cast and the sink softmax in fp32, as transformers computes:
+    ours stays closer to transformers' bf16 than that is to fp32 (measured ~0.011 against 0.016-0.08)."""
+    for layer_type, (ours_vs_hf, hf_vs_fp32, dtype, n_fp32) in checks["bf16"].items():
+        assert dtype == torch.bfloat16 and n_fp32 >= 8, (layer_type, dtype, n_fp32)
+        assert ours_vs_hf < 0.02 and ours_vs_hf < 0.8 * hf_vs_fp32, (layer_type, ours_vs_hf, hf_vs_fp32)
