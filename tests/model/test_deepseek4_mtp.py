@@ -106,7 +106,8 @@ def _mtp_checks():
     ((per_token * mask).sum() / mask.sum()).backward()
 
     ours = {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in model.named_parameters()}
-    ours.update({k: torch.zeros_like(b) for k, b in model.named_buffers() if k not in ours and "tokens_per_expert" not in k})
+    ours.update({k: torch.zeros_like(b) for k, b in model.named_buffers()
+                 if k not in ours and "tokens_per_expert" not in k})
     ours = mcore_to_hf(ours, cfg, mtp_num_layers=DEPTHS)
     ref_grads = {k: p.grad for k, p in hf.named_parameters()}
     for k, (block, sd) in enumerate(mtps):

@@ -143,5 +143,6 @@ class DeepSeekV4Model(MegatronModule):
                     loss.sum() / num_tokens, k, self.mtp_num_layers,
                     avg_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
                 )
-            h = MTPLossAutoScaler.apply(h, scale * loss if self.config.calculate_per_token_loss else scale * loss / num_tokens)
+            per_token = self.config.calculate_per_token_loss
+            h = MTPLossAutoScaler.apply(h, scale * loss if per_token else scale * loss / num_tokens)
         return h
