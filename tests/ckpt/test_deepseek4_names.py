@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.dist_utils import run_distributed
-from tests.model.deepseek4_reference import make_hf_v4_model, tiny_v4_config
+from tests.model.deepseek4_reference import make_hf_v4_model, make_hf_v4_mtp, tiny_v4_config
 
 
 def _roundtrip_on_rank():
@@ -17,26 +17,31 @@ def _roundtrip_on_rank():
     init_distributed()
     hf_cfg = tiny_v4_config()
     cfg = DeepSeekV4Config.from_hf(hf_cfg)
-    hf_sd = make_hf_v4_model(hf_cfg).state_dict()
-    ours = hf_to_mcore(hf_sd, cfg)
-    # the independent copy of the same weights into a real model
-    model = DeepSeekV4Model(cfg)
-    hf_v4_to_ours(make_hf_v4_model(hf_cfg), model, cfg.n_routed_experts)
-    target = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    problems = []
-    if set(ours) != set(target):
-        problems.append(("mcore names", sorted(set(ours) ^ set(target))))
-    problems += [("mcore", k) for k in target if k in ours and not torch.equal(ours[k], target[k])]
-    back = mcore_to_hf(target, cfg)
-    if set(back) != set(hf_sd):
-        problems.append(("hf names", sorted(set(back) ^ set(hf_sd))))
-    problems += [("hf", k) for k in hf_sd if k in back and (back[k].dtype != hf_sd[k].dtype or not torch.equal(back[k], hf_sd[k]))]
-    return problems, len(hf_sd)
+    mtp_sd = {k: v.detach() for d in range(2) for k, v in make_hf_v4_mtp(hf_cfg, d)[1].items()}
+    problems, sizes = [], []
+    for mtp in (0, 2):  # without MTP the checkpoint's MTP tensors are left out
+        hf_sd = {**make_hf_v4_model(hf_cfg).state_dict(), **mtp_sd}
+        ours = hf_to_mcore(hf_sd, cfg, mtp_num_layers=mtp)
+        # the independent copy of the same weights into a real model
+        model = DeepSeekV4Model(cfg, mtp_num_layers=mtp)
+        hf_v4_to_ours(make_hf_v4_model(hf_cfg), model, cfg.n_routed_experts, mtp_sd=mtp_sd)
+        target = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+        if set(ours) != set(target):
+            problems.append((mtp, "mcore names", sorted(set(ours) ^ set(target))))
+        problems += [(mtp, "mcore", k) for k in target if k in ours and not torch.equal(ours[k], target[k])]
+        back = mcore_to_hf(target, cfg, mtp_num_layers=mtp)
+        want = {k: v for k, v in hf_sd.items() if mtp or not k.startswith("model.mtp.")}
+        if set(back) != set(want):
+            problems.append((mtp, "hf names", sorted(set(back) ^ set(want))))
+        problems += [(mtp, "hf", k) for k in want
+                     if k in back and (back[k].dtype != want[k].dtype or not torch.equal(back[k], want[k]))]
+        sizes.append(len(want))
+    return problems, sizes
 
 
 def test_roundtrip_is_bit_identical():
-    ((problems, n),) = run_distributed(_roundtrip_on_rank, 1)
-    assert n > 100
+    ((problems, (n, n_mtp)),) = run_distributed(_roundtrip_on_rank, 1)
+    assert n > 100 and n_mtp > n + 2 * 30
     assert not problems, problems[:10]
 
 
@@ -82,7 +87,7 @@ def test_official_spelling_is_what_transformers_loads(tmp_path):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_official_scales_and_mtp_are_refused_by_name():
+def test_official_scales_and_unknown_mtp_names_are_refused_by_name():
     from mindspeed_dsv.models.deepseek4 import DeepSeekV4Config
     from mindspeed_dsv.models.deepseek4.names import official_to_transformers
     from mindspeed_dsv.models.names import NameMapError
@@ -90,5 +95,25 @@ def test_official_scales_and_mtp_are_refused_by_name():
     cfg = DeepSeekV4Config.from_hf(tiny_v4_config())
     with pytest.raises(NameMapError, match=r"layers.0.attn.wq_a.scale: FP8/FP4 block scales"):
         official_to_transformers({"layers.0.attn.wq_a.scale": torch.ones(1)}, cfg)
-    with pytest.raises(NameMapError, match=r"mtp.0.e_proj.weight: the MTP layer"):
-        official_to_transformers({"mtp.0.e_proj.weight": torch.ones(1)}, cfg)
+    with pytest.raises(NameMapError, match=r"mtp.0.eh_proj.weight: not a DeepSeek-V4 tensor name"):
+        official_to_transformers({"mtp.0.eh_proj.weight": torch.ones(1)}, cfg)
+
+
+def test_official_mtp_spelling_round_trips():
+    """The release's `mtp.K.*` names (own tensors, its decoder layer, per-expert tensors) <-> our
+    transformers-side `model.mtp.K.*`, bit for bit; hf_to_mcore reads both spellings alike."""
+    from mindspeed_dsv.models.deepseek4 import DeepSeekV4Config
+    from mindspeed_dsv.models.deepseek4.names import hf_to_mcore, official_to_transformers, transformers_to_official
+
+    hf_cfg = tiny_v4_config()
+    cfg = DeepSeekV4Config.from_hf(hf_cfg)
+    sd = {**make_hf_v4_model(hf_cfg).state_dict(), **{k: v.detach() for k, v in make_hf_v4_mtp(hf_cfg, 0)[1].items()}}
+    official = transformers_to_official(sd, cfg)
+    for name in ("mtp.0.e_proj.weight", "mtp.0.hnorm.weight", "mtp.0.norm.weight", "mtp.0.hc_head_fn",
+                 "mtp.0.attn.wkv.weight", "mtp.0.hc_attn_fn", "mtp.0.ffn.gate.bias", "mtp.0.ffn.experts.3.w1.weight"):
+        assert name in official, name
+    back = official_to_transformers(official, cfg)
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    a, b = hf_to_mcore(official, cfg, mtp_num_layers=1), hf_to_mcore(sd, cfg, mtp_num_layers=1)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["mtp.layers.0.hc_head.hc_fn"] is sd["model.mtp.0.hc_head.hc_fn"]

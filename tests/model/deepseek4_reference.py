@@ -58,20 +58,41 @@ def make_hf_v4_model(hf_cfg: dict, seed: int = 0):
     return model
 
 
+def make_hf_v4_mtp(hf_cfg: dict, k: int):
+    """MTP depth k for the model of `hf_cfg`: (a one-layer transformers model whose decoder layer, hc_head and
+    norm are the depth's block: sliding attention, learned routing; the depth's tensors under our
+    transformers-side names `model.mtp.{k}.*`, including that block's). transformers has no MTP, so the
+    depth's own tensors (enorm, hnorm, e_proj, h_proj) are made here, randomised as the rest."""
+    block = make_hf_v4_model(dict(hf_cfg, num_hidden_layers=1, layer_types=["sliding_attention"],
+                                  mlp_layer_types=["moe"]), seed=100 + k)
+    d = hf_cfg["hidden_size"]
+    g = torch.Generator().manual_seed(200 + k)
+    p = f"model.mtp.{k}."
+    sd = {p + f"{n}.weight": 1.0 + 0.1 * torch.randn(d, generator=g) for n in ("enorm", "hnorm")}
+    sd.update({p + f"{n}.weight": 0.1 * torch.randn(d, d, generator=g) for n in ("e_proj", "h_proj")})
+    for name, t in block.state_dict(keep_vars=True).items():  # the block's own parameters (their grads)
+        if name.startswith("model.layers.0."):
+            sd[p + name[len("model.layers.0."):]] = t
+        elif name.startswith("model.hc_head.") or name == "model.norm.weight":
+            sd[p + name[len("model."):]] = t
+    return block, sd
+
+
 def token_ids(vocab: int, batch: int = 2, seq: int = 30, seed: int = 1) -> torch.Tensor:
     """Default length 30: not a multiple of either compression rate (4, 8) and longer than the sliding window."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g)
 
 
-def hf_v4_to_ours(hf_model, model, n_experts: int, ep_rank: int = 0, ep_size: int = 1) -> None:
+def hf_v4_to_ours(hf_model, model, n_experts: int, ep_rank: int = 0, ep_size: int = 1, mtp_sd=None) -> None:
     """Copy transformers' weights into our DeepSeekV4Model name by name (written independently of the V4
     name map, so the model tests do not trust the converter). Every target tensor must be covered.
     With expert parallelism this rank holds global experts [ep_rank * E/ep, (ep_rank + 1) * E/ep) as
     local_experts 0..E/ep-1."""
     local = n_experts // ep_size
     first = ep_rank * local
-    sd = hf_model.state_dict()
+    sd = dict(hf_model.state_dict())
+    sd.update(mtp_sd or {})  # MTP depths: make_hf_v4_mtp's `model.mtp.{k}.*` tensors
     out = {
         "embedding.weight": sd["model.embed_tokens.weight"],
         "final_layernorm.weight": sd["model.norm.weight"],
@@ -97,11 +118,21 @@ def hf_v4_to_ours(hf_model, model, n_experts: int, ep_rank: int = 0, ep_size: in
         "mlp.gate.e_score_correction_bias": "mlp.router.expert_bias",
         "mlp.gate.": "mlp.router.",
     }
+    mtp_own = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "e_proj.weight": "e_proj.weight",
+               "h_proj.weight": "h_proj.weight", "norm.weight": "final_layernorm.weight",
+               **{f"hc_head.{w}": f"hc_head.{w}" for w in ("hc_fn", "hc_base", "hc_scale")}}
     for name, t in sd.items():
-        if not name.startswith("model.layers."):
+        if name.startswith("model.mtp."):
+            k, rest = name[len("model.mtp."):].split(".", 1)
+            if rest in mtp_own:
+                out[f"mtp.layers.{k}.{mtp_own[rest]}"] = t
+                continue
+            mg = f"mtp.layers.{k}.transformer_layer."
+        elif name.startswith("model.layers."):
+            i, rest = name[len("model.layers."):].split(".", 1)
+            mg = f"layers.{i}."
+        else:
             continue
-        i, rest = name[len("model.layers."):].split(".", 1)
-        mg = f"layers.{i}."
         if rest == "self_attn.o_a_proj.weight":
             out[mg + "self_attention.linear_o_group_proj"] = t
         elif rest == "self_attn.sinks":
@@ -133,7 +164,13 @@ def hf_v4_to_ours(hf_model, model, n_experts: int, ep_rank: int = 0, ep_size: in
             i, rest = k[len("layers."):].split(".", 1)
             if int(i) in model.layer_ids:
                 staged[f"layers.{int(i) - first}.{rest}"] = v
-        elif k.startswith("embedding.") and model.pre_process or not k.startswith("embedding.") and model.post_process:
+        elif k.startswith("embedding."):
+            if model.pre_process or model.mtp_process:  # the MTP stage holds a copy
+                staged[k] = v
+        elif k.startswith("mtp."):
+            if model.mtp_process and int(k.split(".")[2]) < model.mtp_num_layers:
+                staged[k] = v
+        elif model.post_process:
             staged[k] = v
     out = staged
     target = model.state_dict()

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from mindspeed_dsv.models.layers import RMSNorm
-
 from .compressor import CompressedKV, linear
 from .config import SLIDING, DeepSeekV4Config
+from .norm import V4RMSNorm
 from .rope import cos_sin, rotate_trailing, unweighted_rms_norm
 
 
@@ -29,7 +28,8 @@ def attention_with_sinks(q, kv, bias, sinks, scale):
     q [B, H, S, d], kv [B, T, d], bias [B, 1, S, T], sinks [H]."""
     logits = torch.matmul(q, kv.unsqueeze(1).transpose(-1, -2)) * scale + bias
     b, h, s, _ = logits.shape
-    logits = torch.cat([logits, sinks.reshape(1, h, 1, 1).expand(b, h, s, 1).to(logits.dtype)], dim=-1)
+    # the fp32 sinks promote the row to fp32 for the softmax, as transformers' torch.cat does in bf16
+    logits = torch.cat([logits, sinks.reshape(1, h, 1, 1).expand(b, h, s, 1)], dim=-1)
     # subtract the row max as transformers does (its comment: not in the original, guards bf16 overflow)
     logits = logits - logits.max(dim=-1, keepdim=True).values
     probs = torch.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1]
@@ -42,14 +42,14 @@ class V4Attention(torch.nn.Module):
     def __init__(self, config, cfg: DeepSeekV4Config, layer: int):
         super().__init__()
         self.cfg = cfg
-        self.layer_type = cfg.layer_types[layer]
+        self.layer_type = cfg.attention_type(layer)
         self.rope = cfg.main_rope if self.layer_type == SLIDING else cfg.compress_rope
         h, d = cfg.num_attention_heads, cfg.head_dim
         self.linear_q_down_proj = linear(config, cfg.hidden_size, cfg.q_lora_rank)
-        self.q_layernorm = RMSNorm(config, cfg.q_lora_rank, eps=cfg.rms_norm_eps)
+        self.q_layernorm = V4RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
         self.linear_q_up_proj = linear(config, cfg.q_lora_rank, h * d)
         self.linear_kv_proj = linear(config, cfg.hidden_size, d)
-        self.kv_layernorm = RMSNorm(config, d, eps=cfg.rms_norm_eps)
+        self.kv_layernorm = V4RMSNorm(d, cfg.rms_norm_eps)
         # grouped output projection: group g maps heads [g*H/G, (g+1)*H/G) to o_lora_rank channels
         self.linear_o_group_proj = torch.nn.Parameter(
             torch.empty(cfg.o_groups * cfg.o_lora_rank, h * d // cfg.o_groups, dtype=config.params_dtype)

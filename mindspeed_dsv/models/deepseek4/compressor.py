@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mindspeed_dsv.models.layers import RMSNorm
 from mindspeed_dsv.platform.megatron_compat import replicated_linear_class
 
 from .config import CSA, DeepSeekV4Config
+from .norm import V4RMSNorm
 from .rope import cos_sin, rotate_trailing
 
 
@@ -40,7 +40,7 @@ class WindowCompressor(torch.nn.Module):
         self.kv_proj = linear(config, cfg.hidden_size, width)
         self.gate_proj = linear(config, cfg.hidden_size, width)
         self.position_bias = torch.nn.Parameter(torch.zeros(rate, width, dtype=torch.float32))
-        self.kv_norm = RMSNorm(config, head_dim, eps=cfg.rms_norm_eps)
+        self.kv_norm = V4RMSNorm(head_dim, cfg.rms_norm_eps)
         self.rope = cfg.compress_rope
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

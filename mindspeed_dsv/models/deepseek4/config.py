@@ -68,8 +68,17 @@ class DeepSeekV4Config:
     def n_hash_layers(self) -> int:
         return sum(t == HASH_MOE for t in self.mlp_layer_types)
 
+    def attention_type(self, layer: int) -> str:
+        """Layer ids from num_hidden_layers on are MTP layers: sliding-only, as the release's compress_ratios
+        (its last entry, 0) and its MTPBlock have them."""
+        return self.layer_types[layer] if layer < self.num_hidden_layers else SLIDING
+
+    def mlp_type(self, layer: int) -> str:
+        """MTP layers route by the learned gate (the release hashes only layer ids below n_hash_layers)."""
+        return self.mlp_layer_types[layer] if layer < self.num_hidden_layers else MOE
+
     def compress_rate(self, layer: int) -> int:
-        return {SLIDING: 0, CSA: self.csa_rate, HCA: self.hca_rate}[self.layer_types[layer]]
+        return {SLIDING: 0, CSA: self.csa_rate, HCA: self.hca_rate}[self.attention_type(layer)]
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "DeepSeekV4Config":
@@ -216,6 +225,8 @@ def transformer_config(
     moe_router_bias_update_rate: float = 1e-3,
     use_cpu_initialization: bool | None = None,
     init_method_std: float = 0.02,
+    mtp_num_layers: int = 0,
+    mtp_loss_scaling_factor: float = 0.3,
 ):
     """megatron TransformerConfig for V4's MoE blocks (router, SequentialMLP experts, shared expert) and the
     parallel sizes. Attention and hyper-connections are our modules and read `cfg` directly."""
@@ -260,4 +271,8 @@ def transformer_config(
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         use_cpu_initialization=use_cpu_initialization,
+        # megatron reads these too: finalize_model_grads all-reduces the embedding grads of the first and
+        # the MTP stage when mtp_num_layers is set
+        mtp_num_layers=mtp_num_layers or None,
+        mtp_loss_scaling_factor=mtp_loss_scaling_factor,
     )

@@ -9,16 +9,18 @@ tensor shape adjusted (`stage_tensor_shape`). TP 1.
 from __future__ import annotations
 
 import torch
-from megatron.core import tensor_parallel
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
-
-from mindspeed_dsv.models.layers import RMSNorm
+from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler, MTPLossLoggingHelper
 
 from .attention import V4Attention
 from .config import DeepSeekV4Config, transformer_config
 from .hyper_connection import HyperConnection, HyperHead
 from .moe import build_moe
+from .mtp import V4MTPBlock, V4MTPLayer, shift_left
+from .norm import V4RMSNorm
 
 
 class V4DecoderLayer(MegatronModule):
@@ -26,10 +28,10 @@ class V4DecoderLayer(MegatronModule):
         super().__init__(config=config)
         hc = (cfg.hidden_size, cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
         self.attn_hc = HyperConnection(*hc)
-        self.input_layernorm = RMSNorm(config, cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.input_layernorm = V4RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attention = V4Attention(config, cfg, layer)
         self.ffn_hc = HyperConnection(*hc)
-        self.pre_mlp_layernorm = RMSNorm(config, cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.pre_mlp_layernorm = V4RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = build_moe(config, cfg, layer)
 
     def forward(self, streams: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -46,38 +48,74 @@ def stage_tensor_shape(cfg: DeepSeekV4Config, seq_length: int, micro_batch_size:
 
 class DeepSeekV4Model(MegatronModule):
     """One pipeline stage: `layers` are the global decoder-layer ids it holds (state-dict names count from 0
-    on every stage, as megatron's TransformerBlock does); the first stage embeds, the last one has the head."""
+    on every stage, as megatron's TransformerBlock does); the first stage embeds, the last one has the head
+    and the `mtp_num_layers` MTP layers (`mtp.layers.k.*`), with its own copy of the embedding when it is not
+    also the first stage (megatron's GPTModel layout; finalize_model_grads sums the two copies' grads)."""
 
     def __init__(self, cfg: DeepSeekV4Config, config=None, *, pre_process: bool = True, post_process: bool = True,
-                 layers: range | None = None):
-        config = config if config is not None else transformer_config(cfg)
+                 layers: range | None = None, mtp_num_layers: int = 0):
+        config = config if config is not None else transformer_config(cfg, mtp_num_layers=mtp_num_layers)
+        if (config.mtp_num_layers or 0) != mtp_num_layers:
+            raise ValueError(f"DeepSeekV4Model: mtp_num_layers={mtp_num_layers} but the TransformerConfig has "
+                             f"mtp_num_layers={config.mtp_num_layers} (pass the same to transformer_config)")
         super().__init__(config=config)
+        self.mtp_num_layers = mtp_num_layers
+        self.mtp_process = post_process and mtp_num_layers > 0
+        self.share_embeddings_and_output_weights = False  # megatron's finalize_model_grads asks
         self.cfg, self.pre_process, self.post_process = cfg, pre_process, post_process
         self.model_type = ModelType.encoder_or_decoder  # what megatron's schedules ask of a model
         self.layer_ids = range(cfg.num_hidden_layers) if layers is None else layers
         self.input_tensor = None
         if cfg.tie_word_embeddings:
             raise NotImplementedError("DeepSeek-V4 with tie_word_embeddings=true is not supported")
-        if pre_process:
+        if pre_process or self.mtp_process:
             self.embedding = tensor_parallel.VocabParallelEmbedding(
                 cfg.vocab_size, cfg.hidden_size, init_method=config.init_method, config=config
             )
         self.layers = torch.nn.ModuleList(V4DecoderLayer(config, cfg, i) for i in self.layer_ids)
         if post_process:
             self.hc_head = HyperHead(cfg.hidden_size, cfg.hc_mult, cfg.hc_eps, cfg.rms_norm_eps)
-            self.final_layernorm = RMSNorm(config, cfg.hidden_size, eps=cfg.rms_norm_eps)
+            self.final_layernorm = V4RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 cfg.hidden_size, cfg.vocab_size, config=config, init_method=config.init_method, bias=False,
                 gather_output=True,
             )
+        if self.mtp_process:
+            self.mtp = V4MTPBlock([V4MTPLayer(config, cfg, V4DecoderLayer(config, cfg, cfg.num_hidden_layers + k))
+                                   for k in range(mtp_num_layers)])
+
+    def shared_embedding_or_output_weight(self):
+        """The embedding copy that megatron's finalize_model_grads keeps equal on the first and the MTP stage."""
+        return self.embedding.weight if hasattr(self, "embedding") else None
 
     def set_input_tensor(self, input_tensor) -> None:
         """Called by megatron's pipeline schedules with the previous stage's output ([S, B, hc_mult * D])."""
         self.input_tensor = input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[B, S] token ids (positions 0..S-1; every stage needs them for hash routing) -> logits [B, S, V]
-        on the last stage, the streams as [S, B, hc_mult * D] on the others."""
+    def forward(self, input_ids: torch.Tensor, position_ids=None, attention_mask=None, labels=None, loss_mask=None):
+        """[B, S] token ids (positions 0..S-1; every stage needs them for hash routing) -> on the last stage the
+        logits [B, S, V], or with `labels` the per-token loss [B, S] (megatron's GPTModel contract: the MTP
+        loss rides on the backward through MTPLossAutoScaler); the streams as [S, B, hc_mult * D] on the
+        other stages."""
+        if attention_mask is not None:
+            raise NotImplementedError("DeepSeek-V4 builds its own causal and sliding-window masks; "
+                                      "attention_mask must be None")
+        if position_ids is not None and not torch.equal(
+                position_ids, torch.arange(input_ids.shape[1], device=position_ids.device).expand_as(position_ids)):
+            raise NotImplementedError("DeepSeek-V4 takes positions 0..S-1 only (no reset position ids)")
+        streams = self.decode(input_ids)
+        if not self.post_process:
+            return streams
+        h = self.final_layernorm(self.hc_head(streams))
+        if labels is None:
+            return self.output_layer(h)[0]
+        if self.mtp_process:
+            h = self._attach_mtp_loss(h, streams, input_ids, labels, loss_mask)
+        logits = self.output_layer(h)[0]
+        return F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
+
+    def decode(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """This stage's decoder layers: streams [B, S, N, D] on the last stage, [S, B, N * D] on the others."""
         b, s = input_ids.shape
         n, d = self.cfg.hc_mult, self.cfg.hidden_size
         if self.pre_process:
@@ -88,5 +126,23 @@ class DeepSeekV4Model(MegatronModule):
             streams = layer(streams, input_ids)
         if not self.post_process:
             return streams.transpose(0, 1).reshape(s, b, n * d).contiguous()
-        h = self.final_layernorm(self.hc_head(streams))
-        return self.output_layer(h)[0]
+        return streams
+
+    def _attach_mtp_loss(self, h, streams, input_ids, labels, loss_mask):
+        """megatron's GPTModel MTP loss: per depth k the labels and loss mask shifted k + 1 further, the masked
+        mean cross entropy scaled by mtp_loss_scaling_factor / mtp_num_layers and attached to h."""
+        mask = torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.float()
+        scale = self.config.mtp_loss_scaling_factor / self.mtp_num_layers
+        for k, mtp_h in enumerate(self.mtp(streams, input_ids, self.embedding)):
+            logits = self.output_layer(mtp_h)[0]
+            mask_k = shift_left(mask, k + 1)
+            loss = mask_k * F.cross_entropy(logits.float().transpose(1, 2), shift_left(labels, k + 1), reduction="none")
+            num_tokens = mask_k.sum()
+            if self.training:
+                MTPLossLoggingHelper.save_loss_to_tracker(
+                    loss.sum() / num_tokens, k, self.mtp_num_layers,
+                    avg_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
+                )
+            per_token = self.config.calculate_per_token_loss
+            h = MTPLossAutoScaler.apply(h, scale * loss if per_token else scale * loss / num_tokens)
+        return h

@@ -121,7 +121,7 @@ class V4MoELayer(MoELayer):
 def build_moe(config, cfg: DeepSeekV4Config, layer: int) -> V4MoELayer:
     spec = get_moe_module_spec_for_backend(backend=LocalSpecProvider(), num_experts=cfg.n_routed_experts)
     spec.module = V4MoELayer
-    if cfg.mlp_layer_types[layer] == HASH_MOE:
+    if cfg.mlp_type(layer) == HASH_MOE:
         router = functools.partial(V4HashRouter, routed_scaling_factor=cfg.routed_scaling_factor,
                                    vocab_size=cfg.vocab_size)
     else:

@@ -33,8 +33,10 @@ def _compressor(mc: str, hf: str, layer: int) -> list[TensorMap]:
     return [_one(mc + k, hf + k, layer) for k in ("kv_proj.weight", "gate_proj.weight", "position_bias", "kv_norm.weight")]
 
 
-def layer_maps(cfg: DeepSeekV4Config, i: int) -> list[TensorMap]:
-    hf, mc = f"model.layers.{i}.", f"layers.{i}."
+def layer_maps(cfg: DeepSeekV4Config, i: int, hf: str | None = None, mc: str | None = None) -> list[TensorMap]:
+    """Decoder layer i (MTP layers: i = num_hidden_layers + k, under the MTP prefixes)."""
+    hf = f"model.layers.{i}." if hf is None else hf
+    mc = f"layers.{i}." if mc is None else mc
     out = [
         _one(mc + f"{hc}.{k}", hf + f"{hc}.{k}", i) for hc in ("attn_hc", "ffn_hc") for k in ("fn", "base", "scale")
     ]
@@ -52,14 +54,14 @@ def layer_maps(cfg: DeepSeekV4Config, i: int) -> list[TensorMap]:
         ("mlp.router.weight", "mlp.gate.weight"),
         ("mlp.shared_experts.linear_fc2.weight", "mlp.shared_experts.down_proj.weight"),
     ]
-    if cfg.mlp_layer_types[i] == HASH_MOE:
+    if cfg.mlp_type(i) == HASH_MOE:
         pairs.append(("mlp.router.tid2eid", "mlp.gate.tid2eid"))
     else:
         pairs.append(("mlp.router.expert_bias", "mlp.gate.e_score_correction_bias"))
     out += [_one(mc + m, hf + h, i) for m, h in pairs]
-    if cfg.layer_types[i] != SLIDING:
+    if cfg.attention_type(i) != SLIDING:
         out += _compressor(mc + "self_attention.compressor.window.", hf + "self_attn.compressor.", i)
-    if cfg.layer_types[i] == CSA:
+    if cfg.attention_type(i) == CSA:
         idx_mc, idx_hf = mc + "self_attention.compressor.indexer.", hf + "self_attn.compressor.indexer."
         out += _compressor(idx_mc + "compressor.", idx_hf, i)
         out.append(_one(idx_mc + "q_b_proj.weight", idx_hf + "q_b_proj.weight", i))
@@ -76,7 +78,17 @@ def layer_maps(cfg: DeepSeekV4Config, i: int) -> list[TensorMap]:
     return out
 
 
-def model_maps(cfg: DeepSeekV4Config) -> list[TensorMap]:
+def mtp_maps(cfg: DeepSeekV4Config, k: int) -> list[TensorMap]:
+    """MTP depth k. transformers drops MTP, so its side is our own spelling `model.mtp.{k}.*` (the release's
+    `mtp.{k}.*` renamed as its decoder layers are); ours is `mtp.layers.{k}.*` around a V4 decoder layer."""
+    i, hf, mc = cfg.num_hidden_layers + k, f"model.mtp.{k}.", f"mtp.layers.{k}."
+    own = [("enorm.weight", "enorm.weight"), ("hnorm.weight", "hnorm.weight"), ("e_proj.weight", "e_proj.weight"),
+           ("h_proj.weight", "h_proj.weight"), ("final_layernorm.weight", "norm.weight")]
+    own += [(f"hc_head.{w}", f"hc_head.{w}") for w in ("hc_fn", "hc_base", "hc_scale")]
+    return [_one(mc + m, hf + h, i) for m, h in own] + layer_maps(cfg, i, hf, mc + "transformer_layer.")
+
+
+def model_maps(cfg: DeepSeekV4Config, mtp_num_layers: int = 0) -> list[TensorMap]:
     out = [
         _one("embedding.weight", "model.embed_tokens.weight"),
         _one("final_layernorm.weight", "model.norm.weight"),
@@ -85,6 +97,8 @@ def model_maps(cfg: DeepSeekV4Config) -> list[TensorMap]:
     out += [_one(f"hc_head.{k}", f"model.hc_head.{k}") for k in ("hc_fn", "hc_base", "hc_scale")]
     for i in range(cfg.num_hidden_layers):
         out += layer_maps(cfg, i)
+    for k in range(mtp_num_layers):
+        out += mtp_maps(cfg, k)
     return out
 
 
@@ -97,12 +111,14 @@ def _check_names(have, want, side: str) -> None:
         )
 
 
-def hf_to_mcore(hf: Mapping[str, torch.Tensor], cfg: DeepSeekV4Config) -> dict[str, torch.Tensor]:
+def hf_to_mcore(hf: Mapping[str, torch.Tensor], cfg: DeepSeekV4Config, mtp_num_layers: int = 0
+                ) -> dict[str, torch.Tensor]:
     """Our state dict from transformers' or the official release's (every name must be used; none may be
-    missing)."""
+    missing). MTP depths from mtp_num_layers on are left out (training without them)."""
     if is_official_spelling(hf):
         hf = official_to_transformers(hf, cfg)
-    maps = model_maps(cfg)
+    hf = {n: t for n, t in hf.items() if _mtp_depth(n) < mtp_num_layers}
+    maps = model_maps(cfg, mtp_num_layers)
     _check_names(hf, {n for m in maps for n in m.hf}, "HF")
 
     def read(name, rows=None, cols=None):
@@ -121,9 +137,15 @@ def hf_to_mcore(hf: Mapping[str, torch.Tensor], cfg: DeepSeekV4Config) -> dict[s
     return out
 
 
-def mcore_to_hf(mc: Mapping[str, torch.Tensor], cfg: DeepSeekV4Config) -> dict[str, torch.Tensor]:
+def _mtp_depth(name: str) -> float:
+    """k of a transformers-side `model.mtp.{k}.*` name, -inf for other names."""
+    return int(name.split(".")[2]) if name.startswith("model.mtp.") else float("-inf")
+
+
+def mcore_to_hf(mc: Mapping[str, torch.Tensor], cfg: DeepSeekV4Config, mtp_num_layers: int = 0
+                ) -> dict[str, torch.Tensor]:
     """transformers' state dict from ours (inverse of hf_to_mcore, bit for bit)."""
-    maps = model_maps(cfg)
+    maps = model_maps(cfg, mtp_num_layers)
     _check_names({k for k in mc if not k.endswith("_extra_state")}, {m.mcore for m in maps}, "megatron")
     out, slices = {}, {}
     for m in maps:
@@ -172,6 +194,12 @@ _OFFICIAL_LAYER = {
     "ffn.shared_experts.w3.weight": "mlp.shared_experts.up_proj.weight",
 }
 _HF_TO_OFFICIAL_LAYER = {v: k for k, v in _OFFICIAL_LAYER.items()}
+# within mtp.K. : the MTP layer's own tensors (its decoder-layer tensors are spelled as in layers.N.)
+_OFFICIAL_MTP = {
+    **{f"{w}.weight": f"{w}.weight" for w in ("enorm", "hnorm", "e_proj", "h_proj", "norm")},
+    **{f"hc_head_{k}": f"hc_head.hc_{k}" for k in ("fn", "base", "scale")},
+}
+_HF_TO_OFFICIAL_MTP = {v: k for k, v in _OFFICIAL_MTP.items()}
 
 
 def is_official_spelling(names) -> bool:
@@ -180,37 +208,40 @@ def is_official_spelling(names) -> bool:
 
 def official_to_transformers(sd: Mapping[str, torch.Tensor], cfg: DeepSeekV4Config) -> dict[str, torch.Tensor]:
     """The release's names -> transformers' (routed experts stacked as transformers holds them). Quantized
-    tensors (`.scale` siblings) and the MTP layer (`mtp.*`) are refused: neither is converted yet."""
+    tensors (`.scale` siblings) are refused: not converted yet. MTP depth K (`mtp.K.*`) becomes our
+    transformers-side spelling `model.mtp.K.*`."""
     out, experts = {}, {}
     for name, t in sd.items():
-        if name.endswith(".scale") or name.startswith("mtp."):
-            what = "FP8/FP4 block scales (dequantization)" if name.endswith(".scale") else "the MTP layer"
-            raise NameMapError(f"{name}: {what} is not supported for DeepSeek-V4 yet")
+        if name.endswith(".scale"):
+            raise NameMapError(f"{name}: FP8/FP4 block scales (dequantization) is not supported for DeepSeek-V4 yet")
         if name in _OFFICIAL_GLOBAL:
             out[_OFFICIAL_GLOBAL[name]] = t
             continue
         parts = name.split(".", 2)
-        if parts[0] != "layers" or len(parts) < 3 or not parts[1].isdigit():
+        if parts[0] not in ("layers", "mtp") or len(parts) < 3 or not parts[1].isdigit():
             raise NameMapError(f"{name}: not a DeepSeek-V4 tensor name")
-        i, rest = int(parts[1]), parts[2]
+        src, rest = f"{parts[0]}.{int(parts[1])}.", parts[2]
+        dst = f"model.{src}"
         if rest.startswith("ffn.experts."):
             e, w = rest[len("ffn.experts."):].split(".", 1)
-            experts.setdefault(i, {})[(int(e), w)] = t
+            experts.setdefault(src, {})[(int(e), w)] = t
         elif rest in _OFFICIAL_LAYER:
-            out[f"model.layers.{i}.{_OFFICIAL_LAYER[rest]}"] = t
+            out[dst + _OFFICIAL_LAYER[rest]] = t
+        elif parts[0] == "mtp" and rest in _OFFICIAL_MTP:
+            out[dst + _OFFICIAL_MTP[rest]] = t
         else:
             raise NameMapError(f"{name}: not a DeepSeek-V4 tensor name")
-    for i, per in experts.items():
+    for src, per in experts.items():
         try:
-            out[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.stack(
+            out[f"model.{src}mlp.experts.gate_up_proj"] = torch.stack(
                 [torch.cat([per[(e, "w1.weight")], per[(e, "w3.weight")]], 0) for e in range(cfg.n_routed_experts)])
-            out[f"model.layers.{i}.mlp.experts.down_proj"] = torch.stack(
+            out[f"model.{src}mlp.experts.down_proj"] = torch.stack(
                 [per[(e, "w2.weight")] for e in range(cfg.n_routed_experts)])
         except KeyError as err:
             e, w = err.args[0]
-            raise NameMapError(f"layers.{i}.ffn.experts.{e}.{w}: missing") from None
+            raise NameMapError(f"{src}ffn.experts.{e}.{w}: missing") from None
         if len(per) != 3 * cfg.n_routed_experts:
-            raise NameMapError(f"layers.{i}.ffn.experts: {len(per)} tensors, expected {3 * cfg.n_routed_experts}")
+            raise NameMapError(f"{src}ffn.experts: {len(per)} tensors, expected {3 * cfg.n_routed_experts}")
     return out
 
 
@@ -222,19 +253,22 @@ def transformers_to_official(sd: Mapping[str, torch.Tensor], cfg: DeepSeekV4Conf
         if name in to_official:
             out[to_official[name]] = t
             continue
-        if not name.startswith("model.layers."):
+        parts = name.split(".", 3)
+        if len(parts) < 4 or parts[0] != "model" or parts[1] not in ("layers", "mtp") or not parts[2].isdigit():
             raise NameMapError(f"{name}: not a DeepSeek-V4 tensor name")
-        i, rest = name[len("model.layers."):].split(".", 1)
+        dst, rest = f"{parts[1]}.{parts[2]}.", parts[3]
         if rest == "mlp.experts.gate_up_proj":
             gate, up = t.chunk(2, dim=1)
             for e in range(t.shape[0]):
-                out[f"layers.{i}.ffn.experts.{e}.w1.weight"] = gate[e].contiguous()
-                out[f"layers.{i}.ffn.experts.{e}.w3.weight"] = up[e].contiguous()
+                out[f"{dst}ffn.experts.{e}.w1.weight"] = gate[e].contiguous()
+                out[f"{dst}ffn.experts.{e}.w3.weight"] = up[e].contiguous()
         elif rest == "mlp.experts.down_proj":
             for e in range(t.shape[0]):
-                out[f"layers.{i}.ffn.experts.{e}.w2.weight"] = t[e].contiguous()
+                out[f"{dst}ffn.experts.{e}.w2.weight"] = t[e].contiguous()
         elif rest in _HF_TO_OFFICIAL_LAYER:
-            out[f"layers.{i}.{_HF_TO_OFFICIAL_LAYER[rest]}"] = t
+            out[dst + _HF_TO_OFFICIAL_LAYER[rest]] = t
+        elif parts[1] == "mtp" and rest in _HF_TO_OFFICIAL_MTP:
+            out[dst + _HF_TO_OFFICIAL_MTP[rest]] = t
         else:
             raise NameMapError(f"{name}: not a DeepSeek-V4 tensor name")
     return out
