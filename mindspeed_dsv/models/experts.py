@@ -112,6 +112,16 @@ class GroupedMLPExperts(GroupedMLP):
         setattr(self.weight2, "allreduce", not self.expert_parallel)
         self.register_load_state_dict_post_hook(_drop_extra_state_keys)
 
+    def _grouped_matmul(self, x, weight, shape, tokens_per_expert):
+        """With gradient-accumulation fusion (as megatron's linears), the weight gradient is added into DDP's fp32
+        main_grad inside the backward where the kernels can (ops.grouped_matmul_into_main_grad); else autograd
+        writes a gradient and DDP's hook adds it."""
+        fuse = self.ops.grouped_matmul_into_main_grad
+        if fuse is not None and self.config.gradient_accumulation_fusion and hasattr(weight, "main_grad"):
+            shape = weight.view(shape).shape
+            return fuse(x, weight, shape, tokens_per_expert)
+        return self.ops.grouped_matmul(x, weight.view(shape), tokens_per_expert)
+
     def _activation(self, x: torch.Tensor) -> torch.Tensor:
         if not self.config.gated_linear_unit:
             return self.config.activation_func(x)
@@ -150,18 +160,18 @@ class GroupedMLPExperts(GroupedMLP):
         probs = None if permuted_probs is None else permuted_probs.unsqueeze(-1)
 
         if permuted_local_hidden_states.nelement() != 0:
-            w1 = self.weight1.view(self.num_local_experts, self.config.hidden_size, -1)
-            w2 = self.weight2.view(self.num_local_experts, -1, self.config.hidden_size)
-            fc1_output = self.ops.grouped_matmul(permuted_local_hidden_states, w1, tokens_per_expert)
+            w1_shape = (self.num_local_experts, self.config.hidden_size, -1)
+            w2_shape = (self.num_local_experts, -1, self.config.hidden_size)
+            fc1_output = self._grouped_matmul(permuted_local_hidden_states, self.weight1, w1_shape, tokens_per_expert)
             if self.activation_recompute:
                 intermediate = self.activation_checkpoint.checkpoint(
                     self.activation_func_with_probs, fc1_output, probs
                 )
-                fc2_output = self.ops.grouped_matmul(intermediate, w2, tokens_per_expert)
+                fc2_output = self._grouped_matmul(intermediate, self.weight2, w2_shape, tokens_per_expert)
                 self.activation_checkpoint.discard_output_and_register_recompute(fc2_output)
             else:
                 intermediate = self.activation_func_with_probs(fc1_output, probs)
-                fc2_output = self.ops.grouped_matmul(intermediate, w2, tokens_per_expert)
+                fc2_output = self._grouped_matmul(intermediate, self.weight2, w2_shape, tokens_per_expert)
         else:
             # No token for any local expert: run the weights anyway so every parameter gets a (zero) grad,
             # which keeps DDP's bucket bookkeeping identical across ranks (as GroupedMLP does).

@@ -26,7 +26,9 @@ _REGISTRY = {
     ("swiglu", "compile"): ("cuda", {"swiglu": "swiglu"}),
     ("swiglu", "npu"): ("npu", {"swiglu": "swiglu"}),
     ("grouped_matmul", "torch"): ("moe", {"grouped_matmul": "grouped_matmul"}),
-    ("grouped_matmul", "grouped_mm"): ("moe", {"grouped_matmul": "grouped_matmul_grouped_mm"}),
+    ("grouped_matmul", "grouped_mm"): (
+        "moe", {"grouped_matmul": "grouped_matmul_grouped_mm", "grouped_matmul_into_main_grad": "grouped_matmul_into_main_grad"}
+    ),
     ("grouped_matmul", "npu"): ("npu", {"grouped_matmul": "grouped_matmul"}),
     ("permute", "torch"): ("moe", {"permute": "permute", "unpermute": "unpermute"}),
     ("permute", "compile"): ("cuda", {"permute": "permute", "unpermute": "unpermute"}),
@@ -45,6 +47,8 @@ class Ops:
     apply_rotary(x, cos, sin, interleaved=True) -> like x
     swiglu(x) -> [..., d/2]
     grouped_matmul(x [T, K], weights [E, K, N] | list, tokens_per_expert [E]) -> [T, N]
+    grouped_matmul_into_main_grad(x, param, shape [E, K, N], tokens_per_expert) -> [T, N], the weight gradient
+        added into param.main_grad (gradient-accumulation fusion); None where the implementation has none
     permute(tokens [T, H], indices [T, topk]) -> (permuted [T*topk, H], sorted_indices [T*topk])
     unpermute(permuted, sorted_indices, probs [T, topk]) -> [T, H]
     cross_entropy(logits [s, b, V/tp], labels [s, b], tp_group) -> per-token loss [s, b] (fp32)
@@ -55,6 +59,7 @@ class Ops:
         if missing:
             raise ValueError(f"Ops needs an implementation for every op; missing {sorted(missing)}")
         self.impls = dict(impls)
+        self.grouped_matmul_into_main_grad = None  # optional: only some grouped_matmul implementations have it
         for op, impl in self.impls.items():
             if (op, impl) not in _REGISTRY:
                 raise ValueError(f"no implementation {impl!r} registered for op {op!r}")

@@ -164,3 +164,71 @@ def unpermute(permuted_tokens: torch.Tensor, sorted_indices: torch.Tensor, probs
             f"{sorted_indices.numel()} (len(sorted_indices))"
         )
     return _Unpermute.apply(permuted_tokens, sorted_indices, probs)
+
+
+def _triton_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def grouped_wgrad_kernel(main_grad: torch.Tensor) -> str:
+    """Which kernel adds the experts' weight gradient into `main_grad`: 'triton' (CUDA with Triton, one grouped
+    GEMM accumulating in fp32, ops/triton_wgrad.py) or 'torch' (one fp32 matmul per expert, then add)."""
+    return "triton" if main_grad.is_cuda and _triton_available() else "torch"
+
+
+def grouped_wgrad_accumulate(x: torch.Tensor, grad: torch.Tensor, tokens_per_expert: torch.Tensor,
+                             main_grad: torch.Tensor) -> None:
+    """main_grad [E, K, N] += x_eᵀ · grad_e per expert (x [T, K], grad [T, N], rows sorted by expert)."""
+    if grouped_wgrad_kernel(main_grad) == "triton":
+        from .triton_wgrad import grouped_wgrad_accumulate as triton_accumulate
+
+        offs = tokens_per_expert.to(device=x.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        triton_accumulate(x, grad, offs, main_grad)
+        return
+    counts = [int(n) for n in tokens_per_expert.tolist()]
+    acc = main_grad.dtype
+    for e, (xe, ge) in enumerate(zip(torch.split(x, counts), torch.split(grad, counts))):
+        main_grad[e] += xe.t().to(acc) @ ge.to(acc)
+
+
+class _GroupedMatmulIntoMainGrad(torch.autograd.Function):
+    """grouped_matmul_grouped_mm whose weight gradient goes straight into the parameter's main_grad (DDP's fp32
+    buffer), as megatron's linears do under gradient_accumulation_fusion: it sets grad_added_to_main_grad, so
+    DDP's hook skips its add, and returns an uninitialised dummy gradient, as megatron's linears do, so the hook
+    still fires."""
+
+    @staticmethod
+    def forward(ctx, x, param, shape, tokens_per_expert):
+        w = param.view(shape)
+        ctx.save_for_backward(x, param, tokens_per_expert)
+        ctx.shape = shape
+        if not grouped_mm_supports(x, w):
+            return grouped_matmul(x, w, tokens_per_expert)
+        offs = tokens_per_expert.to(device=x.device, dtype=torch.int32, non_blocking=True).cumsum(0, dtype=torch.int32)
+        return torch._grouped_mm(x.contiguous(), w, offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, param, tokens_per_expert = ctx.saved_tensors
+        w = param.view(ctx.shape)
+        grad_out = grad_out.contiguous()
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            w_t = w.transpose(1, 2)  # torch._grouped_mm takes the transposed view as is (no copy)
+            if grouped_mm_supports(grad_out, w_t):
+                offs = tokens_per_expert.to(device=x.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+                grad_x = torch._grouped_mm(grad_out, w_t, offs=offs)
+            else:
+                grad_x = grouped_matmul(grad_out, w_t, tokens_per_expert)
+        grouped_wgrad_accumulate(x, grad_out, tokens_per_expert, param.main_grad.view(ctx.shape))
+        param.grad_added_to_main_grad = True
+        return grad_x, torch.empty_like(param), None, None
+
+
+def grouped_matmul_into_main_grad(x: torch.Tensor, param: torch.Tensor, shape, tokens_per_expert: torch.Tensor):
+    """grouped_matmul(x, param.view(shape), tokens_per_expert) whose weight gradient is added into
+    param.main_grad.view(shape) inside the backward (param must have DDP's main_grad)."""
+    _check_grouped_args(x, param.view(shape), tokens_per_expert)
+    return _GroupedMatmulIntoMainGrad.apply(x, param, tuple(shape), tokens_per_expert)

@@ -268,6 +268,33 @@ def fused_torch_adam(params, adam_w_mode: bool = True, **kwargs):
     return cls(params, fused=True, **kwargs)
 
 
+def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """amp_C.multi_tensor_l2norm's contract from torch's for-each norm: the l2 norm of all tensors as a [1] fp32
+    tensor on their device, no host sync (megatron's local stand-in reads every tensor's norm on the host)."""
+    tensors = [t for tensor_list in tensor_lists for t in tensor_list]
+    norms = torch._foreach_norm(tensors, 2.0)
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms])).reshape(1)
+    return total, (torch.stack(norms) if per_tensor else None)
+
+
+def foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """amp_C.multi_tensor_scale's contract (dst = src * scale, dtype converted) in for-each kernels; megatron's
+    local stand-in runs two kernels and an allocation per tensor."""
+    src, dst = tensor_lists[0], tensor_lists[1]
+    if all(a is b for a, b in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    elif scale == 1.0:
+        torch._foreach_copy_(dst, src)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
+def foreach_copy_this_to_that(this, that, overflow_buf=None):
+    """megatron's _multi_tensor_copy_this_to_that for every dtype: with bf16 it passes no overflow buffer and
+    copies tensor by tensor (the master→model weight copy after each step); one for-each copy does the same."""
+    torch._foreach_copy_(list(that), list(this))
+
+
 def _wgrad_gemm_accumulate(total_input, grad_output, main_grad):
     """main_grad += grad_outputᵀ · total_input inside the GEMM (beta=1): no bf16 weight gradient is written and
     then added. bf16 inputs into an fp32 buffer use addmm's out_dtype (CUDA: fp32 output from fp16/bf16)."""
@@ -284,6 +311,9 @@ FUSED_WGRAD = types.SimpleNamespace(
 # Where the shims below provide it. Not on npu: torch.addmm(..., out_dtype=fp32) into main_grad is unverified
 # there, so megatron's linears write a weight gradient and DDP adds it (correct, one extra add per weight).
 GRAD_ACCUM_FUSION_DEVICES = ("cpu", "cuda")
+# Where torch's for-each kernels stand in for Apex's multi-tensor ones (grad norm, clipping, master→model copy).
+# Not on npu: unverified there; megatron's own per-tensor fallbacks run.
+MULTI_TENSOR_DEVICES = ("cpu", "cuda")
 
 
 def _cpu_rng_get(device="cuda", clone=False, graph_safe=False):
@@ -334,6 +364,9 @@ KERNELS_PRESENT: dict[str, Callable[[], bool]] = {
     "fused_adam": lambda: _original("megatron.core.optimizer:USING_PYTORCH_OPTIMIZER") is False,
     # Apex's fused_weight_gradient_mlp_cuda imported into megatron.core.tensor_parallel.layers.
     "apex_wgrad": lambda: _original("megatron.core.tensor_parallel.layers:_grad_accum_fusion_available") is True,
+    # TE's / Apex's multi_tensor_l2norm and multi_tensor_scale imported into megatron.core.optimizer.clip_grads.
+    "multi_tensor": lambda: _original("megatron.core.optimizer.clip_grads:l2_norm_impl").__name__
+    != "local_multi_tensor_l2_norm",
 }
 
 
@@ -397,6 +430,28 @@ SHIMS: tuple[Shim, ...] = (
         GRAD_ACCUM_FUSION_DEVICES,
         lambda: True,
         unless="apex_wgrad",
+    ),
+    Shim(
+        "megatron.core.optimizer.clip_grads:l2_norm_impl",
+        "without TE/Apex the grad norm is megatron's local stand-in: torch.norm per tensor, each read on the host "
+        "(one host sync per parameter tensor every step).",
+        MULTI_TENSOR_DEVICES,
+        lambda: foreach_l2_norm,
+        unless="multi_tensor",
+    ),
+    Shim(
+        "megatron.core.optimizer.clip_grads:multi_tensor_scale_impl",
+        "without TE/Apex gradient clipping scales tensor by tensor (megatron's local stand-in).",
+        MULTI_TENSOR_DEVICES,
+        lambda: foreach_scale,
+        unless="multi_tensor",
+    ),
+    Shim(
+        "megatron.core.optimizer.optimizer:_multi_tensor_copy_this_to_that",
+        "with bf16 megatron passes no overflow buffer and copies master weights to the model tensor by tensor "
+        "(with TE/Apex too: their multi_tensor_scale is skipped for bf16).",
+        MULTI_TENSOR_DEVICES,
+        lambda: foreach_copy_this_to_that,
     ),
     *(_cpu_torch_shim(m, why) for m, why in CPU_TORCH_MODULES.items()),
     Shim(

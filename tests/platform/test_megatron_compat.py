@@ -85,6 +85,17 @@ def _reasons():
             orig("megatron.core.tensor_parallel.random:_get_cuda_rng_state")),
         "megatron.core.tensor_parallel.random:_set_cuda_rng_state": lambda: "cuda" in _source(
             orig("megatron.core.tensor_parallel.random:_set_cuda_rng_state")),
+        # no TE/Apex multi-tensor kernels: megatron's local stand-ins loop per tensor (the norm reads each on the host)
+        "megatron.core.optimizer.clip_grads:l2_norm_impl": lambda: (
+            orig("megatron.core.optimizer.clip_grads:l2_norm_impl").__name__ == "local_multi_tensor_l2_norm"
+            and "for tensor in tensor_list" in _source(orig("megatron.core.optimizer.clip_grads:l2_norm_impl"))),
+        "megatron.core.optimizer.clip_grads:multi_tensor_scale_impl": lambda: (
+            orig("megatron.core.optimizer.clip_grads:multi_tensor_scale_impl").__name__ == "local_multi_tensor_scale"),
+        # bf16: no overflow buffer, so the copy takes its per-tensor loop
+        "megatron.core.optimizer.optimizer:_multi_tensor_copy_this_to_that": lambda: (
+            "self._dummy_overflow_buf = None" in _source(mod("megatron.core.optimizer.optimizer"))
+            and "for this_, that_ in zip" in _source(
+                orig("megatron.core.optimizer.optimizer:_multi_tensor_copy_this_to_that"))),
     }
     for name in mc.CPU_TORCH_MODULES:  # each module still spells the device as CUDA
         reasons[f"{name}:torch"] = lambda name=name: bool(CUDA_SPELLING.search(_source(mod(name))))
@@ -114,6 +125,8 @@ def test_kernel_shims_apply_only_where_te_and_apex_are_absent(monkeypatch):
         "megatron.core.optimizer:USING_PYTORCH_OPTIMIZER": "fused_adam",
         "megatron.core.tensor_parallel.layers:fused_weight_gradient_mlp_cuda": "apex_wgrad",
         "megatron.core.tensor_parallel.layers:_grad_accum_fusion_available": "apex_wgrad",
+        "megatron.core.optimizer.clip_grads:l2_norm_impl": "multi_tensor",
+        "megatron.core.optimizer.clip_grads:multi_tensor_scale_impl": "multi_tensor",
     }
     # This environment has neither (what megatron itself concluded at import).
     assert not any(check() for check in mc.KERNELS_PRESENT.values())
@@ -276,18 +289,21 @@ def test_fused_adam_shim_gives_torch_fused_adamw_with_the_same_step():
                                    msg=n)
 
 
-def _main_grads_on_rank(fusion: bool):
-    """Two micro-batches through megatron DDP; the fp32 main_grad of every parameter afterwards."""
+def _main_grads_on_rank(fusion: bool, grouped: bool = False):
+    """Two micro-batches through megatron DDP; the fp32 main_grad of every parameter afterwards. grouped: routed
+    experts as GroupedMLPExperts through torch._grouped_mm (whose weight gradient fusion adds into main_grad)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    from mindspeed_dsv.models import DeepSeekConfig, build_model
-    from mindspeed_dsv.platform import init_distributed
+    from mindspeed_dsv.models import DeepSeekConfig, build_model, default_layout
+    from mindspeed_dsv.ops import OpsConfig, configure_ops
+    from mindspeed_dsv.platform import current_platform, init_distributed
     from tests.model.hf_reference import tiny_hf_config
 
     init_distributed()
+    configure_ops(OpsConfig(moe_grouped_gemm=grouped), current_platform())
     cfg = DeepSeekConfig.from_hf(tiny_hf_config(num_nextn_predict_layers=0))
     torch.manual_seed(0)
-    model = build_model(cfg, gradient_accumulation_fusion=fusion)
+    model = build_model(cfg, default_layout(cfg, moe_grouped_gemm=grouped), gradient_accumulation_fusion=fusion)
     ddp = DistributedDataParallel(config=model.config, ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
                                   module=model)
     ddp.zero_grad_buffer()
@@ -306,6 +322,61 @@ def test_gradient_accumulation_fusion_accumulates_the_same_gradients():
     assert set(grads) == set(ref)
     for n, gr in grads.items():
         torch.testing.assert_close(torch.from_numpy(gr), torch.from_numpy(ref[n]), rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_grouped_experts_add_their_weight_gradient_into_main_grad():
+    """With fusion the grouped experts' wgrad goes into main_grad inside the backward (DDP adds nothing); the
+    buffer equals the unfused run's (autograd's gradient added by DDP's hook) after two micro-batches."""
+    (fused, grads), = run_distributed(_main_grads_on_rank, 1, True, True)
+    (none, ref), = run_distributed(_main_grads_on_rank, 1, False, True)
+    experts = [n for n in grads if n.endswith(("experts.weight1", "experts.weight2"))]
+    assert none == [] and experts and set(experts) <= set(fused)
+    for n, gr in grads.items():
+        torch.testing.assert_close(torch.from_numpy(gr), torch.from_numpy(ref[n]), rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_foreach_multi_tensor_shims_match_the_formulas():
+    from mindspeed_dsv.platform.megatron_compat import foreach_copy_this_to_that, foreach_l2_norm, foreach_scale
+
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(n, generator=g) for n in (3, 17, 1)] + [torch.randn(4, 5, generator=g)]
+    norm, per = foreach_l2_norm(0, None, [ts], False)
+    assert norm.shape == (1,) and per is None
+    torch.testing.assert_close(norm[0], torch.cat([t.reshape(-1) for t in ts]).norm(), rtol=1e-6, atol=0)
+    dst = [torch.empty_like(t, dtype=torch.bfloat16) for t in ts]
+    foreach_scale(0, None, [ts, dst], 0.5)
+    for t, d in zip(ts, dst):
+        assert torch.equal(d, (t * 0.5).bfloat16())
+    same = [t.clone() for t in ts]
+    foreach_scale(0, None, [same, same], 0.25)  # in place: gradient clipping passes [grads, grads]
+    for t, d in zip(ts, same):
+        assert torch.equal(d, t * 0.25)
+    foreach_copy_this_to_that(ts, dst)  # fp32 master weights -> bf16 model weights
+    for t, d in zip(ts, dst):
+        assert torch.equal(d, t.bfloat16())
+
+
+def test_grouped_wgrad_kernel_choice_and_reference_math(monkeypatch):
+    """cpu tensors take the per-expert fp32 reference (Triton only for CUDA tensors, whatever is installed); its
+    sum equals an independent per-expert formula, empty experts included."""
+    from mindspeed_dsv.ops import moe
+
+    g = torch.Generator().manual_seed(0)
+    counts = [3, 0, 5, 1]
+    x = torch.randn(9, 6, generator=g).bfloat16()
+    dy = torch.randn(9, 4, generator=g).bfloat16()
+    main_grad = torch.randn(4, 6, 4, generator=g)
+    for triton_installed in (False, True):
+        monkeypatch.setattr(moe, "_triton_available", lambda t=triton_installed: t)
+        assert moe.grouped_wgrad_kernel(main_grad) == "torch"
+    expected = main_grad.clone()
+    start = 0
+    for e, n in enumerate(counts):
+        for r in range(start, start + n):
+            expected[e] += torch.outer(x[r].float(), dy[r].float())
+        start += n
+    moe.grouped_wgrad_accumulate(x, dy, torch.tensor(counts), main_grad)
+    torch.testing.assert_close(main_grad, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_gradient_accumulation_fusion_needs_its_shim():
