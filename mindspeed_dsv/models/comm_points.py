@@ -16,26 +16,25 @@ runs a forward inside a backward.
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 
 
 class Pair:
-    """Turn-taking between a forward ("F") and a backward ("B"); the forward runs first. `record`, when given,
-    receives (side, point name) at every hand-over point, in the order they are reached."""
+    """Turn-taking between a forward ("F") and a backward ("B"); the forward runs first."""
 
-    def __init__(self, record: list | None = None):
+    def __init__(self):
         self._cond = threading.Condition()
         self._turn = "F"
         self._done = {"F": False, "B": False}
         self._error: BaseException | None = None
-        self.record = record
 
     def switch(self, side: str, name: str) -> None:
         """`side` reached a hand-over point: let the other side run until it hands back (or has finished)."""
-        if self.record is not None:
-            self.record.append((side, name))
+        if _record is not None:
+            _record.append((side, name))
         other = "B" if side == "F" else "F"
         with self._cond:
             if self._done[other]:
@@ -61,12 +60,27 @@ class Pair:
 
 
 _active: Pair | None = None
+_record: list | None = None
 
 
 def activate(pair: Pair | None) -> None:
     """Make `pair` the one the all-to-alls hand over in (None: no pair, all-to-alls wait at once)."""
     global _active
     _active = pair
+    if _record is not None:
+        _record.append(("pair", "start" if pair is not None else "end"))
+
+
+@contextmanager
+def recording():
+    """Yields a list that receives, in order, ("pair", "start"/"end") around each overlapped pair and
+    (side, "dispatch"/"combine") at each hand-over: the interleaving a test can check."""
+    global _record
+    _record = []
+    try:
+        yield _record
+    finally:
+        _record = None
 
 
 def _side() -> str:

@@ -78,13 +78,11 @@ class _Links:
 
 
 def forward_backward_dualpipev(*, forward_step_func, data_iterator, model, num_microbatches: int, seq_length: int,
-                               micro_batch_size: int, forward_only: bool = False, moe_fb_overlap: bool = False,
-                               record: list | None = None):
+                               micro_batch_size: int, forward_only: bool = False, moe_fb_overlap: bool = False):
     """One global batch through the two chunks of this rank in dualpipev order; like megatron's
     forward_backward_* functions, returns the loss-function outputs of the micro-batches (on rank 0, where the
     loss is taken) and finalizes the gradients when not forward_only. With `moe_fb_overlap` the paired slots of
-    `dualpipev_slots` run their forward and backward together (training/fb_overlap.py); `record` (a list)
-    then receives the sequence of (side, all-to-all) hand-overs, for tests."""
+    `dualpipev_slots` run their forward and backward together (training/fb_overlap.py)."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel.schedules import backward_step, forward_step
     from megatron.core.utils import get_model_config, get_model_type
@@ -171,7 +169,7 @@ def forward_backward_dualpipev(*, forward_step_func, data_iterator, model, num_m
             def run(i, op):
                 out[i] = steps[op.kind][1](op.chunk, op.microbatch, got[i])
 
-            run_pair(lambda: run(0, f), lambda: run(1, b), record)
+            run_pair(lambda: run(0, f), lambda: run(1, b))
         for op, o in zip(slot, out):
             steps[op.kind][2](op.chunk, op.microbatch, o)
 

@@ -35,10 +35,10 @@ def _thread_device_setup() -> Callable[[], None]:
     return lambda: None
 
 
-def run_pair(forward: Callable[[], None], backward: Callable[[], None], record: list | None = None) -> None:
+def run_pair(forward: Callable[[], None], backward: Callable[[], None]) -> None:
     """forward() and backward(), handing over at every expert all-to-all; forward first. Raises what either
-    raised. `record` (a list) receives the (side, point) sequence of the hand-overs."""
-    pair = comm_points.Pair(record)
+    raised (`comm_points.recording` shows the hand-overs)."""
+    pair = comm_points.Pair()
     setup = _thread_device_setup()
     errors: list[BaseException] = []
 
