@@ -61,11 +61,14 @@ def interleaved_order(pp: int, rank: int, num_microbatches: int, chunks: int) ->
     return ops
 
 
-def dualpipev_order(pp: int, rank: int, num_microbatches: int, forward_only: bool = False) -> list[Op]:
+def dualpipev_slots(pp: int, rank: int, num_microbatches: int, forward_only: bool = False,
+                    overlap: bool = False) -> list[tuple[Op, ...]]:
     """DualPipeV (deepseek-ai/DualPipe dualpipev.py, its eight phases) for rank `rank` of `pp`; chunk 0 is
-    virtual stage rank, chunk 1 is virtual stage 2*pp-1-rank. Where DualPipe overlaps a forward with a
-    backward ("F&B") we run the forward then the backward, and a backward includes its weight gradients (no
-    zero-bubble W split); the order of the ops is DualPipe's."""
+    virtual stage rank, chunk 1 is virtual stage 2*pp-1-rank. A slot is one op, or with `overlap`
+    (--moe-fb-overlap) a forward and a backward that run together (DualPipe's "F&B": the main phase's F0&B1 and
+    F1&B0, and phase 5's F1&B0; like DualPipe, not the last rank's first F0&B1, whose forward output another rank
+    waits for). Without overlap the pairs are run forward first, then backward; a backward includes its weight
+    gradients (no zero-bubble W split); the order of the ops is DualPipe's either way."""
     m = num_microbatches
     if pp < 2:
         raise ScheduleError("--schedules-method dualpipev needs --pipeline-model-parallel-size > 1")
@@ -74,11 +77,19 @@ def dualpipev_order(pp: int, rank: int, num_microbatches: int, forward_only: boo
                             f"{2 * pp} micro-batches per step, got {m} (--global-batch-size / "
                             "(--micro-batch-size * data-parallel size))")
     nxt = {("F", 0): 0, ("F", 1): 0, ("B", 0): 0, ("B", 1): 0}
-    ops: list[Op] = []
+    slots: list[tuple[Op, ...]] = []
+
+    def op(kind, chunk):
+        o = Op(kind, chunk, nxt[(kind, chunk)])
+        nxt[(kind, chunk)] += 1
+        return o
 
     def run(kind, chunk):
-        ops.append(Op(kind, chunk, nxt[(kind, chunk)]))
-        nxt[(kind, chunk)] += 1
+        slots.append((op(kind, chunk),))
+
+    def run_pair(fchunk, bchunk, paired=True):
+        f, b = op("F", fchunk), op("B", bchunk)
+        slots.extend([(f, b)] if paired and overlap and not forward_only else [(f,), (b,)])
 
     r = rank
     for _ in range((pp - r - 1) * 2):  # 1. nF0
@@ -89,22 +100,26 @@ def dualpipev_order(pp: int, rank: int, num_microbatches: int, forward_only: boo
     for _ in range(pp - r - 1):  # 3. nB1W1F1
         run("B", 1)
         run("F", 1)
-    for _ in range(m - 2 * pp + r + 1):  # 4. main: F0&B1, F1&B0
-        run("F", 0)
-        run("B", 1)
-        run("F", 1)
-        run("B", 0)
+    for i in range(m - 2 * pp + r + 1):  # 4. main: F0&B1, F1&B0
+        run_pair(0, 1, paired=not (i == 0 and r == pp - 1))
+        run_pair(1, 0)
     for _ in range(pp - r - 1):  # 5. nB1F1B0
         run("B", 1)
-        run("F", 1)
-        run("B", 0)
+        run_pair(1, 0)
     for _ in range(r + 1):  # 6. nB1B0
         run("B", 1)
         run("B", 0)
     for _ in range(pp - r - 1):  # 7. nWB0
         run("B", 0)
     assert all(v == m for v in nxt.values()), nxt
-    return [op for op in ops if op.kind == "F"] if forward_only else ops
+    if forward_only:
+        return [s for s in slots if s[0].kind == "F"]
+    return slots
+
+
+def dualpipev_order(pp: int, rank: int, num_microbatches: int, forward_only: bool = False) -> list[Op]:
+    """The ops of `dualpipev_slots` one after the other: the order the schedule runs them without overlap."""
+    return [o for slot in dualpipev_slots(pp, rank, num_microbatches, forward_only) for o in slot]
 
 
 def dualpipev_stage(pp: int, rank: int, chunk: int) -> int:
@@ -120,15 +135,18 @@ class Simulation:
     bubble: float  # 1 - sum(busy) / (ranks * makespan)
 
 
-def simulate(orders: Sequence[Sequence[Op]], stage_of: Callable[[int, int], int], num_stages: int,
+def simulate(orders: Sequence[Sequence[Op | tuple[Op, ...]]], stage_of: Callable[[int, int], int], num_stages: int,
              cost: Callable[[str, int], float] | None = None) -> Simulation:
     """Run each rank's op list in order, each op starting when its rank is free and its input exists:
     F of virtual stage v needs F of v-1 (same micro-batch), B of v needs B of v+1, the last stage's B its own
-    F. Communication is free. cost(kind, virtual stage) defaults to F = 1, B = 2. Raises ScheduleError on a
-    deadlock (an order no pipeline could run)."""
+    F. Communication is free. cost(kind, virtual stage) defaults to F = 1, B = 2. An item of an order may be a
+    slot (a tuple of ops, `dualpipev_slots`): its ops start together once all their inputs exist and take their
+    summed time (compute is not faster for being overlapped; what overlap hides is communication, which is free
+    here). Raises ScheduleError on a deadlock (an order no pipeline could run)."""
     cost = cost or (lambda kind, v: 1.0 if kind == "F" else 2.0)
+    orders = [[(item,) if isinstance(item, Op) else tuple(item) for item in order] for order in orders]
     ranks = len(orders)
-    chunks = 1 + max((op.chunk for order in orders for op in order), default=0)
+    chunks = 1 + max((op.chunk for order in orders for slot in order for op in slot), default=0)
     done: dict[tuple[str, int, int], float] = {}
     pos = [0] * ranks
     free = [0.0] * ranks
@@ -136,25 +154,29 @@ def simulate(orders: Sequence[Sequence[Op]], stage_of: Callable[[int, int], int]
     live = [0] * ranks
     peak = [0] * ranks
     remaining = sum(len(o) for o in orders)
+
+    def dep_of(r, op):
+        v = stage_of(r, op.chunk)
+        if op.kind == "F":
+            return ("F", v - 1, op.microbatch) if v > 0 else None
+        return ("B", v + 1, op.microbatch) if v < num_stages - 1 else ("F", v, op.microbatch)
+
     while remaining:
         progressed = False
         for r in range(ranks):
             while pos[r] < len(orders[r]):
-                op = orders[r][pos[r]]
-                v = stage_of(r, op.chunk)
-                if op.kind == "F":
-                    dep = ("F", v - 1, op.microbatch) if v > 0 else None
-                else:
-                    dep = ("B", v + 1, op.microbatch) if v < num_stages - 1 else ("F", v, op.microbatch)
-                if dep is not None and dep not in done:
+                slot = orders[r][pos[r]]
+                deps = [d for d in (dep_of(r, op) for op in slot) if d is not None]
+                if any(d not in done for d in deps):
                     break
-                start = max(free[r], done[dep] if dep is not None else 0.0)
-                t = cost(op.kind, v)
+                start = max([free[r]] + [done[d] for d in deps])
+                t = sum(cost(op.kind, stage_of(r, op.chunk)) for op in slot)
                 free[r] = start + t
                 busy[r] += t
-                done[(op.kind, v, op.microbatch)] = free[r]
-                live[r] += 1 if op.kind == "F" else -1
-                peak[r] = max(peak[r], live[r])
+                for op in slot:  # in a pair the forward's activations exist before the backward frees its own
+                    done[(op.kind, stage_of(r, op.chunk), op.microbatch)] = free[r]
+                    live[r] += 1 if op.kind == "F" else -1
+                    peak[r] = max(peak[r], live[r])
                 pos[r] += 1
                 remaining -= 1
                 progressed = True
@@ -166,5 +188,5 @@ def simulate(orders: Sequence[Sequence[Op]], stage_of: Callable[[int, int], int]
                       bubble=1.0 - sum(busy) / (ranks * makespan) if makespan else 0.0)
 
 
-__all__ = ["Op", "ScheduleError", "Simulation", "dualpipev_order", "dualpipev_stage", "interleaved_order",
+__all__ = ["Op", "ScheduleError", "Simulation", "dualpipev_order", "dualpipev_slots", "dualpipev_stage", "interleaved_order",
            "one_f_one_b_order", "simulate"]

@@ -354,14 +354,15 @@ class ScheduleRow:
     current: bool = False  # the schedule of the planned layout
 
 
-def _simulate(layout: ParallelLayout, num_microbatches: int):
-    """Play the op order the trainer runs for this layout (megatron's 1F1B / interleaved, our dualpipev)
-    against its data dependencies. Forward time of a virtual stage = its real (non-noop) layers, backward = 2x."""
+def _simulate(layout: ParallelLayout, num_microbatches: int, fb_overlap: bool = False):
+    """Play the op order the trainer runs for this layout (megatron's 1F1B / interleaved, our dualpipev; with
+    `fb_overlap` dualpipev's paired forward+backward slots of --moe-fb-overlap) against its data dependencies.
+    Forward time of a virtual stage = its real (non-noop) layers, backward = 2x."""
     from mindspeed_dsv import pipeline_order as po
 
     pp, chunks, m = layout.pp, layout.num_model_chunks, num_microbatches
     if layout.dualpipev:
-        orders = [po.dualpipev_order(pp, r, m) for r in range(pp)]
+        orders = [po.dualpipev_slots(pp, r, m, overlap=fb_overlap) for r in range(pp)]
     elif chunks > 1:
         orders = [po.interleaved_order(pp, r, m, chunks) for r in range(pp)]
     else:
@@ -398,10 +399,14 @@ def schedule_table(layout: ParallelLayout, num_microbatches: int | None) -> list
     for name, lay in variants:
         try:
             lay.validate()
-            sim = _simulate(lay, m)
+            sims = [(name, _simulate(lay, m), lay == layout)]
+            if lay.dualpipev:
+                # --moe-fb-overlap pairs slots; communication is free in the simulation, so this row shows what
+                # pairing costs in bubble, not the all-to-all time it hides
+                sims.append(("dualpipev + --moe-fb-overlap", _simulate(lay, m, fb_overlap=True), False))
         except (LayoutError, ScheduleError):
             continue
-        rows.append(ScheduleRow(name, sim.bubble, sim.peak_in_flight, current=lay == layout))
+        rows += [ScheduleRow(n, sim.bubble, sim.peak_in_flight, current=cur) for n, sim, cur in sims]
     return rows
 
 

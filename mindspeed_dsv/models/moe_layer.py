@@ -15,7 +15,8 @@ megatron's `SequentialMLP` (per-expert MLPs, what LoRA wraps) gets weights of 1 
 - `LocalTokenDispatcher`: every expert on this rank (expert-parallel and expert-tensor-parallel size 1): no
   communication, the counts stay on the device for the grouped GEMM.
 - `AllToAllTokenDispatcher`: experts spread over ranks (EP and/or expert TP): megatron-core's all-to-all over
-  its expert group, one each way; one host sync for the split sizes the all-to-all needs.
+  its expert group, one each way (`comm_points.all_to_all`: where --moe-fb-overlap hands over between the
+  overlapped forward and backward); one host sync for the split sizes the all-to-all needs.
 
 With capacity factors or the allgather dispatcher the layer keeps megatron's dispatcher unchanged; the trainer refuses
 --use-fused-moe-token-permute-and-unpermute there (it would not act).
@@ -24,11 +25,13 @@ With capacity factors or the allgather dispatcher the layer keeps megatron's dis
 from __future__ import annotations
 
 import torch
-from megatron.core.tensor_parallel.mappings import all_to_all, gather_from_sequence_parallel_region
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.moe.moe_layer import MoELayer, get_default_pg_collection
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
 from mindspeed_dsv.ops import count_tokens_per_expert, get_ops
+
+from .comm_points import all_to_all
 
 
 def _ours_apply(config, experts) -> bool:
@@ -191,7 +194,7 @@ class AllToAllTokenDispatcher(MoETokenDispatcher):
         return permuted, None
 
     def token_dispatch(self, hidden_states, probs):
-        return all_to_all(self.tp_ep_group, hidden_states, self.output_splits, self.input_splits), probs
+        return all_to_all(self.tp_ep_group, hidden_states, self.output_splits, self.input_splits, "dispatch"), probs
 
     def dispatch_postprocess(self, hidden_states, probs):
         self.local_sorted_indices = None
@@ -214,7 +217,7 @@ class AllToAllTokenDispatcher(MoETokenDispatcher):
         return hidden_states
 
     def token_combine(self, hidden_states):
-        return all_to_all(self.tp_ep_group, hidden_states, self.input_splits, self.output_splits)
+        return all_to_all(self.tp_ep_group, hidden_states, self.input_splits, self.output_splits, "combine")
 
     def combine_postprocess(self, hidden_states):
         out = self.ops.unpermute(hidden_states, self.sorted_indices, self.token_probs)

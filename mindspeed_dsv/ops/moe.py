@@ -127,7 +127,7 @@ class _Unpermute(torch.autograd.Function):
     def forward(ctx, permuted_tokens, sorted_indices, probs):
         num_tokens, topk = probs.shape
         index = sorted_indices.long()
-        rows = permuted_tokens.index_select(0, index).view(num_tokens, topk, -1)
+        rows = permuted_tokens.index_select(0, index).view(num_tokens, topk, permuted_tokens.shape[-1])
         acc = _acc(permuted_tokens.dtype)
         out = (rows.to(acc) * probs.to(acc).unsqueeze(-1)).sum(dim=1)
         ctx.save_for_backward(permuted_tokens, index, probs)
@@ -140,10 +140,10 @@ class _Unpermute(torch.autograd.Function):
         acc = _acc(permuted_tokens.dtype)
         grad_probs = None
         if ctx.needs_input_grad[2]:
-            rows = permuted_tokens.index_select(0, index).view(num_tokens, topk, -1)
+            rows = permuted_tokens.index_select(0, index).view(num_tokens, topk, permuted_tokens.shape[-1])
             grad_probs = (rows.to(acc) * grad_out.to(acc).unsqueeze(1)).sum(dim=-1).to(probs.dtype)
         grad_rows = (grad_out.to(acc).unsqueeze(1) * probs.to(acc).unsqueeze(-1)).to(permuted_tokens.dtype)
-        grad_permuted = torch.empty_like(permuted_tokens).index_copy_(0, index, grad_rows.view(num_tokens * topk, -1))
+        grad_permuted = torch.empty_like(permuted_tokens).index_copy_(0, index, grad_rows.view(num_tokens * topk, permuted_tokens.shape[-1]))
         return grad_permuted, None, grad_probs
 
 

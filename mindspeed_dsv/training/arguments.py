@@ -157,8 +157,10 @@ def build_parser(prog: str = "mindspeed_dsv.train") -> argparse.ArgumentParser:
     t.add_argument("--moe-token-dispatcher-type", default="alltoall", choices=["alltoall", "allgather"],
                    help="How tokens reach their experts across expert-parallel ranks.")
     t.add_argument("--moe-fb-overlap", action="store_true",
-                   help="MindSpeed-LLM's overlap of one micro-batch's forward with another's backward under dualpipev "
-                   "(hides the expert all-to-all). Not implemented: given, it is refused with an error.")
+                   help="Under --schedules-method dualpipev, run one micro-batch's forward together with another's "
+                   "backward, handing over at each expert all-to-all so one's transfer hides behind the other's "
+                   "compute (DeepSeek's DualPipe). Needs expert parallel >= 2 and the alltoall dispatcher; "
+                   "numbers unchanged.")
     t.add_argument("--mtp-loss-scaling-factor", type=float, default=0.3, help="Weight of the MTP loss.")
 
     c = p.add_argument_group("checkpointing")
@@ -238,9 +240,6 @@ def validate(args: argparse.Namespace, world_size: int, model_cfg: dict | None =
         # The base weights live as NF4 outside the model's parameters, so a full save would lack them.
         problems.append("--qlora-nf4 with --save needs --lora-ckpt-filter (QLoRA saves its adapters; the frozen "
                         "base is the --load checkpoint, or its NF4 form from hf2mcore --qlora-nf4 for merging)")
-    if args.moe_fb_overlap:
-        problems.append("--moe-fb-overlap is not implemented: --schedules-method dualpipev runs a forward and then a "
-                        "backward where DualPipe overlaps them (same numbers, no all-to-all hiding); drop the flag")
     if args.eval_interval and not args.eval_iters:
         problems.append("--eval-interval needs --eval-iters > 0")
     if not args.data_path:
@@ -283,6 +282,8 @@ def validate(args: argparse.Namespace, world_size: int, model_cfg: dict | None =
             )
         if layout.dualpipev:
             problems += _dualpipev_problems(layout, args, dp, model_cfg)
+        if args.moe_fb_overlap:
+            problems += _fb_overlap_problems(layout, args)
         if layout.tp > 1 and layout.num_experts and not layout.sequence_parallel:
             problems.append("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel (megatron-core rule)")
         if args.use_fused_moe_token_permute_and_unpermute and args.moe_token_dispatcher_type != "alltoall":
@@ -328,6 +329,24 @@ def entry_argv(entry: str, argv: list[str]) -> list[str]:
     if entry == "posttrain_gpt.py" and "--is-instruction-dataset" not in argv:
         return ["--is-instruction-dataset", *argv]
     return list(argv)
+
+
+def _fb_overlap_problems(layout: ParallelLayout, args) -> list[str]:
+    """--moe-fb-overlap overlaps a forward with a backward at our all-to-all dispatcher's transfers, in
+    dualpipev's paired slots: without any of these it would not act."""
+    out = []
+    flag = "--moe-fb-overlap"
+    if not layout.dualpipev:
+        out.append(f"{flag} needs --schedules-method dualpipev (it overlaps dualpipev's paired forward and backward)")
+    spread = layout.ep * (layout.tp if layout.moe_tp_extend_ep else 1)  # ranks the experts are spread over
+    if spread < 2:
+        out.append(f"{flag} needs experts spread over >= 2 ranks (--expert-model-parallel-size, times "
+                   f"--tensor-model-parallel-size with --moe-tp-extend-ep): it hides the expert all-to-all; got "
+                   f"{spread}")
+    if args.moe_token_dispatcher_type != "alltoall":
+        out.append(f"{flag} needs --moe-token-dispatcher-type alltoall (our all-to-all dispatcher hands over between "
+                   f"the overlapped micro-batches)")
+    return out
 
 
 def _dualpipev_problems(layout: ParallelLayout, args, dp: int, model_cfg: dict | None) -> list[str]:

@@ -312,7 +312,10 @@ def _run_schedule(state: TrainState, iterators, num_microbatches: int, forward_o
     from .dualpipev import forward_backward_dualpipev
 
     chunks = len(state.models) > 1  # the interleaved schedule takes one model and iterator per chunk
-    schedule = forward_backward_dualpipev if state.layout.dualpipev else get_forward_backward_func()
+    if state.layout.dualpipev:
+        schedule = partial(forward_backward_dualpipev, moe_fb_overlap=state.args.moe_fb_overlap)
+    else:
+        schedule = get_forward_backward_func()
     return schedule(
         forward_step_func=partial(_forward_step, current_platform().device()),
         data_iterator=iterators if chunks else iterators[0],

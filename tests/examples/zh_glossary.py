@@ -96,7 +96,7 @@ ZH = {
     "--moe-router-bias-update-rate": "无辅助损失均衡：每个全局批次专家偏置的更新步长（0 冻结）。",
     "--moe-router-load-balancing-type": "辅助负载均衡损失的类型。",
     "--moe-token-dispatcher-type": "token 在专家并行 rank 间的分发方式。",
-    "--moe-fb-overlap": "MindSpeed-LLM 在 dualpipev 下将一个 micro-batch 的前向与另一个的反向重叠执行（隐藏专家 all-to-all）。尚未实现：给出时报错拒绝。",
+    "--moe-fb-overlap": "在 --schedules-method dualpipev 下让一个 micro-batch 的前向与另一个的反向一起运行，在每次专家 all-to-all 处交接，使一方的传输隐藏在另一方的计算之后（DeepSeek 的 DualPipe）。需要专家并行 >= 2 与 alltoall 分发器；数值不变。",
     "--mtp-loss-scaling-factor": "MTP 损失的权重。",
     # checkpointing
     "--load": "起始权重目录（hf2mcore 输出或训练的 --save 目录）。",

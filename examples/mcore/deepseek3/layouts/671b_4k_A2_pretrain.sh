@@ -3,7 +3,8 @@
 # 64 layers (61 + noop 61,62,63), as MindSpeed-LLM's A2 template: 16 virtual stages of 4 layers, rank r holds
 # stages r and 15-r, so rank 0 holds the embedding, layers 0-3, layers 60-63 (three of them noop), the output
 # layer, the loss and MTP. 3840 / DP 16 = 240 micro-batches per step (dualpipev needs >= 2 * PP = 16).
-# (MindSpeed's --moe-fb-overlap, the forward/backward overlap of the expert all-to-all, is not implemented.)
+# --moe-fb-overlap (as MindSpeed-LLM's DUALPIPE_ARGS) runs dualpipev's paired forward and backward together so
+# one micro-batch's expert all-to-all hides behind the other's compute; numbers unchanged (docs: dualpipev).
 # Sourced by the training script (and by hf2mcore if you continue from an HF checkpoint): one source of truth.
 LAYOUT_ARGS=(
     --tensor-model-parallel-size 4
@@ -14,6 +15,7 @@ LAYOUT_ARGS=(
     --num-layers 64
     --noop-layers 61,62,63
     --schedules-method dualpipev
+    --moe-fb-overlap
     --mtp-num-layers 1
     --first-k-dense-replace 3
     --num-experts 256

@@ -2,7 +2,7 @@
 # TP2 x EP16 with --moe-tp-extend-ep (8 experts per die), PP8 with dualpipev over 64 layers (61 + noop
 # 61,62,63), as MindSpeed-LLM's A3 template: rank r holds virtual stages r and 15-r (rank 0: embedding, first and
 # last layers, output layer, loss, MTP). 3840 / DP 32 = 120 micro-batches per step (>= 2 * PP = 16).
-# (MindSpeed's --moe-fb-overlap is not implemented; see layouts.md.)
+# --moe-fb-overlap as MindSpeed-LLM's DUALPIPE_ARGS (forward/backward overlap of the expert all-to-all).
 LAYOUT_ARGS=(
     --tensor-model-parallel-size 2
     --pipeline-model-parallel-size 8
@@ -12,6 +12,7 @@ LAYOUT_ARGS=(
     --num-layers 64
     --noop-layers 61,62,63
     --schedules-method dualpipev
+    --moe-fb-overlap
     --mtp-num-layers 1
     --first-k-dense-replace 3
     --num-experts 256
