@@ -216,9 +216,12 @@ def transformer_config(
     moe_router_bias_update_rate: float = 1e-3,
     use_cpu_initialization: bool | None = None,
     init_method_std: float = 0.02,
+    **train_options,
 ):
     """megatron TransformerConfig for V4's MoE blocks (router, SequentialMLP experts, shared expert) and the
-    parallel sizes. Attention and hyper-connections are our modules and read `cfg` directly."""
+    parallel sizes. Attention and hyper-connections are our modules and read `cfg` directly. `train_options`
+    are further TransformerConfig fields the trainer sets (virtual pipeline size, gradient-accumulation fusion,
+    perform_initialization)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from mindspeed_dsv.platform import current_platform
@@ -260,4 +263,5 @@ def transformer_config(
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         use_cpu_initialization=use_cpu_initialization,
+        **train_options,
     )

@@ -2,18 +2,20 @@
 (hyper-connected attention and MoE sub-blocks), the final stream collapse and norm.
 
 Hidden streams are [B, S, hc_mult, D] inside a stage (transformers' layout); between pipeline stages they
-travel as megatron's [S, B, hidden] with hidden = hc_mult * D, so the pipeline schedules only need their
-tensor shape adjusted (`stage_tensor_shape`). TP 1.
+travel as [S * hc_mult, B, D] (row s * hc_mult + k: stream k of token s), megatron's [seq, batch, hidden] with
+hidden = D, so every pipeline schedule (1F1B, interleaved, dualpipev) carries them when given
+seq_length * hc_mult (`stage_tensor_shape`). TP 1.
 """
 
 from __future__ import annotations
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from mindspeed_dsv.models.layers import RMSNorm
+from mindspeed_dsv.ops import get_ops
 
 from .attention import V4Attention
 from .config import DeepSeekV4Config, transformer_config
@@ -40,8 +42,9 @@ class V4DecoderLayer(MegatronModule):
 
 
 def stage_tensor_shape(cfg: DeepSeekV4Config, seq_length: int, micro_batch_size: int) -> tuple[int, int, int]:
-    """The [S, B, hidden] shape of the streams sent between pipeline stages."""
-    return (seq_length, micro_batch_size, cfg.hc_mult * cfg.hidden_size)
+    """The [S * hc_mult, B, D] shape of the streams sent between pipeline stages: megatron's schedules build
+    [seq_length, micro_batch_size, config.hidden_size], so they carry it when given seq_length * hc_mult."""
+    return (seq_length * cfg.hc_mult, micro_batch_size, cfg.hidden_size)
 
 
 class DeepSeekV4Model(MegatronModule):
@@ -56,6 +59,9 @@ class DeepSeekV4Model(MegatronModule):
         self.model_type = ModelType.encoder_or_decoder  # what megatron's schedules ask of a model
         self.layer_ids = range(cfg.num_hidden_layers) if layers is None else layers
         self.input_tensor = None
+        # what megatron's finalize_model_grads and the dualpipev schedule ask of a model chunk
+        self.share_embeddings_and_output_weights = False
+        self.mtp_process = False
         if cfg.tie_word_embeddings:
             raise NotImplementedError("DeepSeek-V4 with tie_word_embeddings=true is not supported")
         if pre_process:
@@ -75,18 +81,35 @@ class DeepSeekV4Model(MegatronModule):
         """Called by megatron's pipeline schedules with the previous stage's output ([S, B, hc_mult * D])."""
         self.input_tensor = input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[B, S] token ids (positions 0..S-1; every stage needs them for hash routing) -> logits [B, S, V]
-        on the last stage, the streams as [S, B, hc_mult * D] on the others."""
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, attention_mask=None,
+                labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, S] token ids (every stage needs them for hash routing) -> on the last stage the logits [B, S, V],
+        or with `labels` [B, S] the per-token loss [B, S] (as megatron's GPTModel; the caller applies loss_mask);
+        the streams as [S * hc_mult, B, D] on the other stages.
+
+        V4's attention is causal over positions 0..S-1 (sliding window, compressed entries): position_ids must
+        be those (or None) and attention_mask None; packed samples (positions restarting) are refused."""
         b, s = input_ids.shape
         n, d = self.cfg.hc_mult, self.cfg.hidden_size
+        if attention_mask is not None:
+            raise ValueError("DeepSeek-V4 takes no attention_mask: its attention is causal with a sliding window")
+        if position_ids is not None and not torch.equal(
+                position_ids, torch.arange(s, device=position_ids.device).expand_as(position_ids)):
+            raise ValueError("DeepSeek-V4 needs positions 0..S-1 in every row (no packed samples: preprocess "
+                             "instruction data without --pack)")
         if self.pre_process:
             streams = self.embedding(input_ids).unsqueeze(2).expand(-1, -1, n, -1).contiguous()
         else:
-            streams = self.input_tensor.view(s, b, n, d).transpose(0, 1)
+            streams = self.input_tensor.view(s, n, b, d).permute(2, 0, 1, 3)
         for layer in self.layers:
             streams = layer(streams, input_ids)
         if not self.post_process:
-            return streams.transpose(0, 1).reshape(s, b, n * d).contiguous()
+            return streams.permute(1, 2, 0, 3).reshape(s * n, b, d).contiguous()
         h = self.final_layernorm(self.hc_head(streams))
-        return self.output_layer(h)[0]
+        logits = self.output_layer(h)[0]
+        if labels is None:
+            return logits
+        # ops.cross_entropy: megatron's vocab-parallel one, or the fused one (--cross-entropy-loss-fusion)
+        loss = get_ops().cross_entropy(logits.transpose(0, 1).contiguous(), labels.transpose(0, 1).contiguous(),
+                                       parallel_state.get_tensor_model_parallel_group())
+        return loss.transpose(0, 1).contiguous()
