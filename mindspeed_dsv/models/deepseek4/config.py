@@ -238,7 +238,7 @@ def transformer_config(
         ffn_hidden_size=cfg.moe_intermediate_size,
         num_attention_heads=cfg.num_attention_heads,
         kv_channels=cfg.head_dim,
-        **PLAIN_SWIGLU_BLOCKS,
+        **{**PLAIN_SWIGLU_BLOCKS, **train_options},  # the trainer may turn gradient_accumulation_fusion on
         layernorm_epsilon=cfg.rms_norm_eps,
         # transformers clamps gate (max) and up (both sides) before SiLU, as megatron's glu does with this set
         activation_func_clamp_value=cfg.swiglu_limit,
@@ -263,5 +263,4 @@ def transformer_config(
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         use_cpu_initialization=use_cpu_initialization,
-        **train_options,
     )
