@@ -60,7 +60,8 @@ __all__ = [
     "wrap_targets",
 ]
 
-# MindSpeed-LLM names of the linears LoRA may target in a DeepSeek-V3 (MLA + MoE) or GPT model.
+# MindSpeed-LLM names of the linears LoRA may target in a DeepSeek-V3 (MLA + MoE) or GPT model, and
+# DeepSeek-V4's one shared K=V projection (linear_kv_proj).
 LORA_TARGET_MODULES = (
     "linear_qkv",
     "linear_q_proj",
@@ -68,6 +69,7 @@ LORA_TARGET_MODULES = (
     "linear_kv_down_proj",
     "linear_q_up_proj",
     "linear_kv_up_proj",
+    "linear_kv_proj",
     "linear_proj",
     "linear_fc1",
     "linear_fc2",

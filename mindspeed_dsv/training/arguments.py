@@ -286,6 +286,8 @@ def validate(args: argparse.Namespace, world_size: int, model_cfg: dict | None =
             problems += _fb_overlap_problems(layout, args)
         if layout.tp > 1 and layout.num_experts and not layout.sequence_parallel:
             problems.append("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel (megatron-core rule)")
+        if model_cfg is not None and _is_deepseek4(model_cfg):
+            problems += deepseek4_problems(args, layout)
         if args.use_fused_moe_token_permute_and_unpermute and args.moe_token_dispatcher_type != "alltoall":
             # It acts through our token dispatchers (models/moe_layer.py), which replace megatron's alltoall one only.
             problems.append("--use-fused-moe-token-permute-and-unpermute needs --moe-token-dispatcher-type alltoall "
@@ -322,6 +324,47 @@ def _value_problems(args) -> list[str]:
     if args.lora_dropout >= 1:
         problems.append(f"--lora-dropout must be below 1, got {args.lora_dropout}")
     return problems
+
+
+def _is_deepseek4(model_cfg: dict) -> bool:
+    from mindspeed_dsv.models.family import DEEPSEEK4, family_of
+
+    try:
+        return family_of(model_cfg) == DEEPSEEK4
+    except ValueError:
+        return False  # an unknown model_type: building the model config names it
+
+
+def deepseek4_problems(args, layout: ParallelLayout) -> list[str]:
+    """Flags and layouts the DeepSeek-V4 trainer does not act on, each refused by name (they would otherwise be
+    accepted and change nothing): its attention, hyper-connections and compressors are our own modules (TP 1,
+    no megatron recompute or fused attention/rotary/SwiGLU inside them) and its MoE routing has no aux loss."""
+    v4 = "DeepSeek-V4"
+    out = []
+    if layout.tp > 1 or layout.sequence_parallel:
+        out.append(f"{v4} trains with --tensor-model-parallel-size 1 and no --sequence-parallel (its one shared "
+                   "K=V head and compressors are not split over TP); use --expert-model-parallel-size and PP")
+    if layout.noop_layers:
+        out.append(f"{v4} has no noop layers: drop --noop-layers (--num-layer-list gives uneven stages)")
+    if layout.mtp_num_layers:
+        out.append(f"{v4} MTP is not trained yet: pass --mtp-num-layers 0 (config.json has "
+                   "num_nextn_predict_layers > 0)")
+    if layout.moe_grouped_gemm or layout.moe_tp_extend_ep:
+        out.append(f"{v4} experts are megatron's SequentialMLP: drop --moe-grouped-gemm / --moe-tp-extend-ep")
+    if args.recompute_granularity or args.recompute_activation_function or args.recompute_mla_up_proj:
+        out.append(f"{v4} has no activation recompute yet: drop --recompute-* flags")
+    if args.moe_aux_loss_coeff:
+        out.append(f"{v4} routes without an auxiliary balance loss (expert-bias balancing): drop "
+                   "--moe-aux-loss-coeff")
+    if args.moe_token_dispatcher_type != "alltoall":
+        out.append(f"{v4} dispatches tokens with megatron's alltoall dispatcher: drop --moe-token-dispatcher-type "
+                   f"{args.moe_token_dispatcher_type}")
+    for dest in ("use_flash_attn", "use_fused_rotary_pos_emb", "use_fused_swiglu",
+                 "use_fused_moe_token_permute_and_unpermute", "reset_position_ids"):
+        if getattr(args, dest, False):
+            out.append(f"--{dest.replace('_', '-')} does not act on {v4} (its attention with sinks, partial "
+                       "rotary and MoE are other modules; positions are always 0..S-1): drop it")
+    return out
 
 
 def entry_argv(entry: str, argv: list[str]) -> list[str]:

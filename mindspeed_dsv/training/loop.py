@@ -15,6 +15,7 @@ import torch.distributed as dist
 from mindspeed_dsv.rankfiles import McoreCheckpointError
 from mindspeed_dsv.layout import LayoutError, ParallelLayout
 from mindspeed_dsv.models import DeepSeekConfig, build_model_chunks, model_transformer_config
+from mindspeed_dsv.models.family import DEEPSEEK4, family_of, model_config
 from mindspeed_dsv.platform import current_platform, init_distributed
 from mindspeed_dsv.platform.megatron_compat import GRAD_ACCUM_FUSION_DEVICES
 
@@ -106,7 +107,8 @@ def setup(args, own_batches: bool = False) -> TrainState:
     `own_batches`: see check_run (train_step is then driven with the caller's batches, not build_data_iterators)."""
     platform = current_platform()
     hf_config, layout = check_run(args, own_batches)
-    cfg = DeepSeekConfig.from_hf(hf_config)
+    family = family_of(hf_config)
+    cfg = model_config(hf_config)
     from mindspeed_dsv.ops import OpsConfig, configure_ops, describe
 
     ops = configure_ops(OpsConfig.from_args(args), platform)  # raises, naming the flag, before any weight exists
@@ -116,29 +118,10 @@ def setup(args, own_batches: bool = False) -> TrainState:
                      embedding_on_first_stage_only=layout.dualpipev)
 
     params_dtype = torch.bfloat16 if args.bf16 else torch.float32
-    tconfig = model_transformer_config(
-        cfg,
-        layout,
-        params_dtype=params_dtype,
-        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
-        # LoRA keeps the whole base frozen, the routing bias included: adapters merge onto the base as it was.
-        moe_router_bias_update_rate=0.0 if args.lora_r else args.moe_router_bias_update_rate,
-        moe_router_load_balancing_type=args.moe_router_load_balancing_type,
-        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
-        mtp_loss_scaling_factor=args.mtp_loss_scaling_factor,
-        init_method_std=args.init_method_std,
-        # megatron's linears accumulate their weight gradient into DDP's main_grad inside the GEMM (the kernel
-        # comes from a shim in platform/megatron_compat.py)
-        gradient_accumulation_fusion=(not args.no_gradient_accumulation_fusion
-                                      and platform.device_type in GRAD_ACCUM_FUSION_DEVICES),
-        # QLoRA builds and loads on the host: apply_qlora then quantizes one layer's weight at a time onto the
-        # device, so the bf16 shard never exists there whole (see below).
-        use_cpu_initialization=True if qlora else None,
-        # ... where random init of weights that --load overwrites (strictly) would only cost host time.
-        **({"perform_initialization": False} if qlora and args.load else {}),
-        **_recompute_options(args),
-    )
-    models = build_model_chunks(cfg, layout, tconfig)
+    if family == DEEPSEEK4:
+        tconfig, models = _build_deepseek4(cfg, layout, args, params_dtype, platform, qlora)
+    else:
+        tconfig, models = _build_deepseek3(cfg, layout, args, params_dtype, platform, qlora)
     device = platform.device()
     if not qlora:
         for m in models:
@@ -223,6 +206,57 @@ def setup(args, own_batches: bool = False) -> TrainState:
     return state
 
 
+def _build_deepseek3(cfg, layout, args, params_dtype, platform, qlora: bool):
+    """megatron's TransformerConfig and the GPTModel chunks of this pipeline rank (on the host)."""
+    tconfig = model_transformer_config(
+        cfg,
+        layout,
+        params_dtype=params_dtype,
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+        # LoRA keeps the whole base frozen, the routing bias included: adapters merge onto the base as it was.
+        moe_router_bias_update_rate=0.0 if args.lora_r else args.moe_router_bias_update_rate,
+        moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+        mtp_loss_scaling_factor=args.mtp_loss_scaling_factor,
+        init_method_std=args.init_method_std,
+        # megatron's linears accumulate their weight gradient into DDP's main_grad inside the GEMM (the kernel
+        # comes from a shim in platform/megatron_compat.py)
+        gradient_accumulation_fusion=(not args.no_gradient_accumulation_fusion
+                                      and platform.device_type in GRAD_ACCUM_FUSION_DEVICES),
+        # QLoRA builds and loads on the host: apply_qlora then quantizes one layer's weight at a time onto the
+        # device, so the bf16 shard never exists there whole (see below).
+        use_cpu_initialization=True if qlora else None,
+        # ... where random init of weights that --load overwrites (strictly) would only cost host time.
+        **({"perform_initialization": False} if qlora and args.load else {}),
+        **_recompute_options(args),
+    )
+    return tconfig, build_model_chunks(cfg, layout, tconfig)
+
+
+def _build_deepseek4(cfg, layout, args, params_dtype, platform, qlora: bool):
+    """The V4 TransformerConfig (its MoE blocks and the schedules read it) and the DeepSeekV4Model chunks of this
+    pipeline rank. arguments.deepseek4_problems has refused what V4 does not act on; the CSA indexers are frozen
+    (stages.freeze_indexer says why)."""
+    from mindspeed_dsv.models.deepseek4.config import transformer_config as v4_transformer_config
+    from mindspeed_dsv.models.deepseek4.stages import build_stage_chunks, freeze_indexer
+
+    chunks = layout.num_model_chunks
+    tconfig = v4_transformer_config(
+        cfg, pp=layout.pp, ep=layout.ep, params_dtype=params_dtype,
+        moe_router_bias_update_rate=0.0 if args.lora_r else args.moe_router_bias_update_rate,
+        init_method_std=args.init_method_std,
+        use_cpu_initialization=True if qlora else None,  # as for V3: QLoRA quantizes from the host
+        virtual_pipeline_model_parallel_size=chunks if chunks > 1 else None,
+        gradient_accumulation_fusion=(not args.no_gradient_accumulation_fusion
+                                      and platform.device_type in GRAD_ACCUM_FUSION_DEVICES),
+        **({"perform_initialization": False} if qlora and args.load else {}),
+    )
+    models = build_stage_chunks(cfg, layout, tconfig)
+    for m in models:
+        freeze_indexer(m)
+    return tconfig, models
+
+
 def _apply_lora(model, args, device):
     from mindspeed_dsv.peft.lora import LoraConfig, apply_lora
 
@@ -250,13 +284,15 @@ def _loss_func(loss_mask, output_tensor):
 
 def _forward_step(device, data_iterator, model):
     batch = _to_device(next(data_iterator), device)
+    # packed_seq_params only where the batch has them: DeepSeek-V4's forward takes none (and refuses packing)
+    packed = {"packed_seq_params": batch["packed_seq_params"]} if batch.get("packed_seq_params") is not None else {}
     output = model(
         batch["tokens"],
         batch["position_ids"],
         attention_mask=batch.get("attention_mask"),
         labels=batch["labels"],
         loss_mask=batch["loss_mask"],
-        packed_seq_params=batch.get("packed_seq_params"),
+        **packed,
     )
     return output, partial(_loss_func, batch["loss_mask"])
 
@@ -304,6 +340,16 @@ def _aux_metrics(num_microbatches: int) -> dict:
     return {name: sum(sum(v) / len(v) for v in stages.values()) for name, stages in per_stage.items()}
 
 
+def _stage_seq_length(state: TrainState) -> int:
+    """The seq_length the schedules size their stage messages by ([seq, micro-batch, hidden]): DeepSeek-V4's
+    stages exchange hc_mult streams per token as [S * hc_mult, B, D] (models/deepseek4/model.py)."""
+    if family_of(state.hf_config) == DEEPSEEK4:
+        from mindspeed_dsv.models.deepseek4 import stage_tensor_shape
+
+        return stage_tensor_shape(state.cfg, state.args.seq_length, state.args.micro_batch_size)[0]
+    return state.args.seq_length
+
+
 def _run_schedule(state: TrainState, iterators, num_microbatches: int, forward_only: bool):
     """One global batch through the pipeline schedule (megatron's 1F1B, interleaved or none; our dualpipev);
     the losses of the micro-batches the loss stage computed."""
@@ -321,7 +367,7 @@ def _run_schedule(state: TrainState, iterators, num_microbatches: int, forward_o
         data_iterator=iterators if chunks else iterators[0],
         model=state.models if chunks else state.models[0],
         num_microbatches=num_microbatches,
-        seq_length=state.args.seq_length,
+        seq_length=_stage_seq_length(state),
         micro_batch_size=state.args.micro_batch_size,
         forward_only=forward_only,
     )
@@ -368,7 +414,9 @@ def train(args) -> TrainState:
     peak = args.peak_tflops
     if peak is None and platform.is_accelerator:
         peak = device_peak_tflops(platform.device_name())
-    flops_per_token = train_flops_per_token(state.cfg, args.seq_length, layout.mtp_num_layers or 0)
+    # no FLOPs formula for DeepSeek-V4 yet (training/flops.py): TFLOP/s and MFU are logged as n/a
+    flops_per_token = (None if family_of(state.hf_config) == DEEPSEEK4
+                       else train_flops_per_token(state.cfg, args.seq_length, layout.mtp_num_layers or 0))
     logger = MetricsLogger(args, flops_per_token, peak, world_size=_world_size())
 
     for m in state.models:

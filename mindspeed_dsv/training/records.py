@@ -13,7 +13,7 @@ import os
 
 from mindspeed_dsv.layout import LAYOUT_FILE, SHARD_FIELDS, ParallelLayout, flag_name
 
-from .arguments import ArgumentError, validate
+from .arguments import ArgumentError, _is_deepseek4, validate
 from .inputs import check_checkpoint_dir
 
 # Layout fields a checkpoint record may fill in when their flag is not given. TP/PP/EP default to 1 rather
@@ -67,7 +67,7 @@ def summary_path(prefix: str) -> str:
     return prefix + "_summary.json"
 
 
-def check_dataset_summary(args) -> None:
+def check_dataset_summary(args, model_cfg: dict | None = None) -> None:
     """Instruction data: --seq-length must equal the row length the data was written with (recorded in
     ``{prefix}_summary.json``). A longer one trains on padding (and counts it), a shorter one cannot hold the rows."""
     if not (args.is_instruction_dataset and args.data_path and args.seq_length):
@@ -81,6 +81,9 @@ def check_dataset_summary(args) -> None:
                 summary = json.load(f)
         except (OSError, ValueError) as e:
             raise ArgumentError(f"{path}: cannot read the dataset summary ({e})") from None
+        if model_cfg is not None and summary.get("packing") not in (None, "none") and _is_deepseek4(model_cfg):
+            raise ArgumentError(f"{path}: the data is packed ({summary.get('packing')}); DeepSeek-V4 attends "
+                                "positions 0..S-1 of a row as one sequence, so preprocess without --pack")
         recorded = summary.get("seq_length")
         if recorded and recorded != args.seq_length:
             packing = "truncated" if summary.get("packing") in (None, "none") else "packed"
@@ -103,5 +106,5 @@ def resolve(args, world_size: int, model_cfg: dict, *, dry_run: bool = False):
         recorded = recorded_layout(directory, required=not dry_run, flag=flag)
         if recorded is not None:
             layout.check_checkpoint(recorded, where=directory)  # the check read_checkpoint repeats on load
-    check_dataset_summary(args)
+    check_dataset_summary(args, model_cfg)
     return layout, notes

@@ -227,9 +227,12 @@ def transformer_config(
     init_method_std: float = 0.02,
     mtp_num_layers: int = 0,
     mtp_loss_scaling_factor: float = 0.3,
+    **train_options,
 ):
     """megatron TransformerConfig for V4's MoE blocks (router, SequentialMLP experts, shared expert) and the
-    parallel sizes. Attention and hyper-connections are our modules and read `cfg` directly."""
+    parallel sizes. Attention and hyper-connections are our modules and read `cfg` directly. `train_options`
+    are further TransformerConfig fields the trainer sets (virtual pipeline size, gradient-accumulation fusion,
+    perform_initialization)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from mindspeed_dsv.platform import current_platform
@@ -246,7 +249,7 @@ def transformer_config(
         ffn_hidden_size=cfg.moe_intermediate_size,
         num_attention_heads=cfg.num_attention_heads,
         kv_channels=cfg.head_dim,
-        **PLAIN_SWIGLU_BLOCKS,
+        **{**PLAIN_SWIGLU_BLOCKS, **train_options},  # the trainer may turn gradient_accumulation_fusion on
         layernorm_epsilon=cfg.rms_norm_eps,
         # transformers clamps gate (max) and up (both sides) before SiLU, as megatron's glu does with this set
         activation_func_clamp_value=cfg.swiglu_limit,

@@ -2,18 +2,20 @@
 (hyper-connected attention and MoE sub-blocks), the final stream collapse and norm.
 
 Hidden streams are [B, S, hc_mult, D] inside a stage (transformers' layout); between pipeline stages they
-travel as megatron's [S, B, hidden] with hidden = hc_mult * D, so the pipeline schedules only need their
-tensor shape adjusted (`stage_tensor_shape`). TP 1.
+travel as [S * hc_mult, B, D] (row s * hc_mult + k: stream k of token s), megatron's [seq, batch, hidden] with
+hidden = D, so every pipeline schedule (1F1B, interleaved, dualpipev) carries them when given
+seq_length * hc_mult (`stage_tensor_shape`). TP 1.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler, MTPLossLoggingHelper
+
+from mindspeed_dsv.ops import get_ops
 
 from .attention import V4Attention
 from .config import DeepSeekV4Config, transformer_config
@@ -42,8 +44,9 @@ class V4DecoderLayer(MegatronModule):
 
 
 def stage_tensor_shape(cfg: DeepSeekV4Config, seq_length: int, micro_batch_size: int) -> tuple[int, int, int]:
-    """The [S, B, hidden] shape of the streams sent between pipeline stages."""
-    return (seq_length, micro_batch_size, cfg.hc_mult * cfg.hidden_size)
+    """The [S * hc_mult, B, D] shape of the streams sent between pipeline stages: megatron's schedules build
+    [seq_length, micro_batch_size, config.hidden_size], so they carry it when given seq_length * hc_mult."""
+    return (seq_length * cfg.hc_mult, micro_batch_size, cfg.hidden_size)
 
 
 class DeepSeekV4Model(MegatronModule):
@@ -60,8 +63,9 @@ class DeepSeekV4Model(MegatronModule):
                              f"mtp_num_layers={config.mtp_num_layers} (pass the same to transformer_config)")
         super().__init__(config=config)
         self.mtp_num_layers = mtp_num_layers
+        # what megatron's finalize_model_grads and the dualpipev schedule ask of a model chunk
         self.mtp_process = post_process and mtp_num_layers > 0
-        self.share_embeddings_and_output_weights = False  # megatron's finalize_model_grads asks
+        self.share_embeddings_and_output_weights = False
         self.cfg, self.pre_process, self.post_process = cfg, pre_process, post_process
         self.model_type = ModelType.encoder_or_decoder  # what megatron's schedules ask of a model
         self.layer_ids = range(cfg.num_hidden_layers) if layers is None else layers
@@ -92,17 +96,17 @@ class DeepSeekV4Model(MegatronModule):
         """Called by megatron's pipeline schedules with the previous stage's output ([S, B, hc_mult * D])."""
         self.input_tensor = input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor
 
-    def forward(self, input_ids: torch.Tensor, position_ids=None, attention_mask=None, labels=None, loss_mask=None):
-        """[B, S] token ids (positions 0..S-1; every stage needs them for hash routing) -> on the last stage the
-        logits [B, S, V], or with `labels` the per-token loss [B, S] (megatron's GPTModel contract: the MTP
-        loss rides on the backward through MTPLossAutoScaler); the streams as [S, B, hc_mult * D] on the
-        other stages."""
-        if attention_mask is not None:
-            raise NotImplementedError("DeepSeek-V4 builds its own causal and sliding-window masks; "
-                                      "attention_mask must be None")
-        if position_ids is not None and not torch.equal(
-                position_ids, torch.arange(input_ids.shape[1], device=position_ids.device).expand_as(position_ids)):
-            raise NotImplementedError("DeepSeek-V4 takes positions 0..S-1 only (no reset position ids)")
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, attention_mask=None,
+                labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, S] token ids (every stage needs them for hash routing) -> on the last stage the logits [B, S, V],
+        or with `labels` [B, S] the per-token loss [B, S] (megatron's GPTModel contract: the caller applies
+        loss_mask; the MTP loss rides on the backward through MTPLossAutoScaler); the streams as
+        [S * hc_mult, B, D] on the other stages.
+
+        position_ids and attention_mask are taken for megatron's calling convention and not read: V4 always
+        attends causally over positions 0..S-1 (sliding window, compressed entries). That equals the trainer's
+        SFT masks for rows of one sample then padding; packed rows and reset position ids are refused before
+        training (training/records.py, training/arguments.py)."""
         streams = self.decode(input_ids)
         if not self.post_process:
             return streams
@@ -111,21 +115,28 @@ class DeepSeekV4Model(MegatronModule):
             return self.output_layer(h)[0]
         if self.mtp_process:
             h = self._attach_mtp_loss(h, streams, input_ids, labels, loss_mask)
-        logits = self.output_layer(h)[0]
-        return F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
+        return self._token_loss(self.output_layer(h)[0], labels)
+
+    @staticmethod
+    def _token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """[B, S] cross entropy through ops.cross_entropy: megatron's vocab-parallel one, or the fused one
+        (--cross-entropy-loss-fusion)."""
+        loss = get_ops().cross_entropy(logits.transpose(0, 1).contiguous(), labels.transpose(0, 1).contiguous(),
+                                       parallel_state.get_tensor_model_parallel_group())
+        return loss.transpose(0, 1).contiguous()
 
     def decode(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """This stage's decoder layers: streams [B, S, N, D] on the last stage, [S, B, N * D] on the others."""
+        """This stage's decoder layers: streams [B, S, N, D] on the last stage, [S * N, B, D] on the others."""
         b, s = input_ids.shape
         n, d = self.cfg.hc_mult, self.cfg.hidden_size
         if self.pre_process:
             streams = self.embedding(input_ids).unsqueeze(2).expand(-1, -1, n, -1).contiguous()
         else:
-            streams = self.input_tensor.view(s, b, n, d).transpose(0, 1)
+            streams = self.input_tensor.view(s, n, b, d).permute(2, 0, 1, 3)
         for layer in self.layers:
             streams = layer(streams, input_ids)
         if not self.post_process:
-            return streams.transpose(0, 1).reshape(s, b, n * d).contiguous()
+            return streams.permute(1, 2, 0, 3).reshape(s * n, b, d).contiguous()
         return streams
 
     def _attach_mtp_loss(self, h, streams, input_ids, labels, loss_mask):
@@ -136,7 +147,7 @@ class DeepSeekV4Model(MegatronModule):
         for k, mtp_h in enumerate(self.mtp(streams, input_ids, self.embedding)):
             logits = self.output_layer(mtp_h)[0]
             mask_k = shift_left(mask, k + 1)
-            loss = mask_k * F.cross_entropy(logits.float().transpose(1, 2), shift_left(labels, k + 1), reduction="none")
+            loss = mask_k * self._token_loss(logits, shift_left(labels, k + 1))
             num_tokens = mask_k.sum()
             if self.training:
                 MTPLossLoggingHelper.save_loss_to_tracker(

@@ -58,7 +58,7 @@ class V4Router(TopKRouter):
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) * self.routed_scaling_factor
         probs = torch.zeros_like(scores).scatter(1, indices, weights)
         routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter(1, indices, True)
-        if self.expert_bias is not None:
+        if self.enable_expert_bias:
             self._apply_expert_bias(routing_map)
         return probs, routing_map
 
@@ -69,8 +69,17 @@ class V4HashRouter(V4Router):
     def __init__(self, config, pg_collection=None, routed_scaling_factor: float = 1.0, vocab_size: int = 0):
         super().__init__(dataclasses.replace(config, moe_router_enable_expert_bias=False), pg_collection,
                          routed_scaling_factor)
-        # transformers initialises the table to zeros (real values come from the checkpoint)
-        self.register_buffer("tid2eid", torch.zeros(vocab_size, self.topk, dtype=torch.long))
+        # transformers initialises the table to zeros (real values come from the checkpoint), which _check_table
+        # refuses; a model trained from scratch needs a valid table: k distinct experts per token, drawn from a
+        # fixed seed so that every rank and every layout holds the same one (the table is never trained).
+        # no bias buffers at all (megatron sets them to None): its finalize_model_grads updates every module that
+        # has an `expert_bias` attribute
+        del self.expert_bias, self.local_tokens_per_expert
+        table = torch.zeros(vocab_size, self.topk, dtype=torch.long)
+        if config.perform_initialization and vocab_size:
+            g = torch.Generator().manual_seed(0)
+            table = torch.rand(vocab_size, config.num_moe_experts, generator=g).argsort(dim=-1)[:, : self.topk]
+        self.register_buffer("tid2eid", table)
         self.input_ids = None  # set by V4MoELayer for the duration of one forward
         self._table_checked = False
 

@@ -1,6 +1,6 @@
 """What one rank of a parallel layout holds of DeepSeek-V4: the decoder layers of a (pipeline rank, model chunk),
-the `DeepSeekV4Model` stage the trainer builds for it (`build_stage`), and the name map of that stage's state
-dict (`rank_maps`), which the converters write and read rank files with. Both come from the same placement
+the `DeepSeekV4Model` stage the trainer builds for it (`build_stage`, `build_stage_chunks`), and the name map of
+that stage's state dict (`rank_maps`), which the converters write and read rank files with. Both come from the same placement
 (`stage_layer_ids`), so a rank file's keys are exactly the state-dict keys of the stage that loads it.
 
 Routed experts are named per expert on the HF side (`model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight`,
@@ -47,6 +47,27 @@ def build_stage(cfg: DeepSeekV4Config, layout, pp_rank: int, chunk: int = 0, con
     check_layout(layout)
     return DeepSeekV4Model(cfg, config, pre_process=layout.has_embedding(pp_rank, chunk),
                            post_process=layout.has_output(pp_rank, chunk), layers=stage_layer_ids(layout, pp_rank, chunk))
+
+
+def build_stage_chunks(cfg: DeepSeekV4Config, layout, config, pp_rank: int | None = None) -> list:
+    """Every model chunk of pipeline rank `pp_rank` (default: megatron's current one), in chunk order."""
+    if pp_rank is None:
+        from megatron.core import parallel_state
+
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    return [build_stage(cfg, layout, pp_rank, c, config) for c in range(layout.num_model_chunks)]
+
+
+def freeze_indexer(model) -> int:
+    """Freeze the CSA lightning indexers (their compressor, query and head-weight projections): the indexer only
+    chooses which compressed entries each query sees (a top-k), so the language-model loss gives its weights no
+    gradient; trained, the optimizer's weight decay would only shrink them. Returns the number frozen."""
+    frozen = 0
+    for name, p in model.named_parameters():
+        if ".indexer." in name:
+            p.requires_grad_(False)
+            frozen += 1
+    return frozen
 
 
 def _expert_map(m: TensorMap, mcore: str) -> TensorMap:
