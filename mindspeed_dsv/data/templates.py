@@ -178,7 +178,7 @@ class DeepSeek4Template:
     """``--prompt-type deepseek4``: DeepSeek-V4 chat format, as the release's ``encode_messages`` renders it
     (drop_thinking=True, reasoning effort low):
 
-        BOS + system [+ "\\n\\n" + tools section]
+        BOS, then each system message's content where it stands (the tools section after the first one's)
         "<｜User｜>" + content, with tool messages merged into the user turn as "<tool_result>...</tool_result>"
           (parts joined by "\\n\\n")
         "<｜Assistant｜>" + "</think>" (chat) | "<think>" (thinking mode, turns after the last user turn)   (no loss)
@@ -204,26 +204,30 @@ class DeepSeek4Template:
         thinking = any(m["role"] == "assistant" and m.get("reasoning_content") for m in messages)
         drop_thinking = not tools
 
-        systems = [m.get("content") or "" for m in messages if m["role"] == "system"]
-        system = "\n\n".join(systems)
+        # Tools belong to the first system message (an empty one is put first when there is none), rendered
+        # after its content as the release does; system messages stay where they are, without separator.
+        messages = [dict(m) for m in messages]
         if tools:
-            system += "\n\n" + _v4_tools_text(tools)
+            if messages[0]["role"] != "system":
+                messages.insert(0, {"role": "system", "content": ""})
+            messages[0]["content"] = (messages[0].get("content") or "") + "\n\n" + _v4_tools_text(tools)
         # The release has no tool role: tool results join the user turn before them (or start one).
         turns: List[Dict[str, Any]] = []
         for m in messages:
-            if m["role"] == "system":
-                continue
             part = TOOL_RESULT.format(m.get("content") or "") if m["role"] == "tool" else (m.get("content") or "")
-            if m["role"] == "assistant":
-                turns.append(dict(m))
+            if m["role"] in ("system", "assistant"):
+                turns.append(m)
             elif turns and turns[-1]["role"] == "user":  # the release merges consecutive user/tool messages
                 turns[-1]["parts"].append(part)
             else:
                 turns.append({"role": "user", "parts": [part]})
         last_user = max((i for i, t in enumerate(turns) if t["role"] == "user"), default=-1)
 
-        segs: List[Segment] = [(BOS + system, False)]
+        segs: List[Segment] = [(BOS, False)]
         for i, t in enumerate(turns):
+            if t["role"] == "system":
+                segs.append((t.get("content") or "", False))
+                continue
             if t["role"] == "user":
                 text = USER + "\n\n".join(t["parts"])
                 if i + 1 < len(turns) and turns[i + 1]["role"] == "assistant":
