@@ -427,6 +427,7 @@ class Inventory:
     numel: Callable[[list[Tensor]], int]
     activated: Callable[[list[Tensor]], int]
     hf_params_per_mtp_copy: int  # what an HF checkpoint stores per MTP module besides the module itself
+    tp_refusal: str | None = None  # why the family cannot split over TP (None: it can)
 
 
 def deepseek3_inventory(m: DeepSeekConfig) -> Inventory:
@@ -475,6 +476,8 @@ def make_plan(model_cfg: Any, layout: ParallelLayout, train_args: TrainArgs | No
     inv = inventory(model_cfg)
     cfg_view = inv.cfg_view
     layout = layout.with_model_defaults(cfg_view)
+    if layout.tp > 1 and inv.tp_refusal:
+        raise PlanError(f"--tensor-model-parallel-size {layout.tp}: {inv.tp_refusal}")
     layout.validate_against(cfg_view)
     train.validate()
     layout.validate_runtime(world_size=train.world_size, seq_length=train.seq_length)

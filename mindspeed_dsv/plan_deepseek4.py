@@ -170,4 +170,5 @@ def deepseek4_inventory(c: DeepSeekV4Config) -> Inventory:
         embedding=lambda rows: embedding_tensors(c, rows), output=lambda rows: output_tensors(c, rows),
         mtp=lambda: mtp_tensors(c), mtp_activation=lambda layout, train: mtp_activation(c, tokens(layout, train)),
         numel=param_numel, activated=lambda ts: activated_numel(ts, c),
-        hf_params_per_mtp_copy=0)  # the release's MTP shares embed and head with the main model
+        hf_params_per_mtp_copy=0,  # the release's MTP shares embed and head with the main model
+        tp_refusal="DeepSeek-V4 runs at TP 1 (one shared K=V head; the model refuses TP > 1); use EP and PP")
