@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Full-parameter fine-tuning of the tiny DeepSeek-V4 (assets/tiny_deepseek4) on CPU: the 671B tune script's
+# Full-parameter fine-tuning of the tiny DeepSeek-V4 (assets/tiny_deepseek4) on CPU: the V4-Flash tune script's
 # flow at a size one laptop runs in minutes. quickstart_tiny.sh calls it; run it alone after
 #   data_convert_deepseek4_instruction.sh (SEQ_LENGTH=256) and ckpt_convert_deepseek4_hf2mcore.sh (LAYOUT=tiny_cpu).
-# The layout flags come from layouts/tiny_cpu.sh (LAYOUT=tiny_cpu_pp2 with NPROC_PER_NODE=2 for pipeline).
+# The layout flags come from layouts/tiny_cpu.sh.
 # Usage: bash examples/mcore/deepseek4/tune_deepseek4_tiny_full_cpu.sh [--dry-run] [--layout NAME] [extra training flags]
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
