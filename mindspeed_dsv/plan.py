@@ -1,5 +1,6 @@
-"""Dry-run planner: validate a layout against a DeepSeek-V3 config.json and print, per pipeline stage and
-chunk, the layers, parameter counts and an estimate of device memory, without building the model.
+"""Dry-run planner: validate a layout against a DeepSeek-V3 or V4 config.json (V4's tensors: plan_deepseek4.py) and
+print, per pipeline stage and chunk, the layers, parameter counts and an estimate of device memory, without
+building the model.
 
     python -m mindspeed_dsv.plan --model-config assets/deepseek3_671b/config.json \
         --tensor-model-parallel-size 2 --pipeline-model-parallel-size 8 --expert-model-parallel-size 16 \
@@ -772,7 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mindspeed_dsv.plan",
         allow_abbrev=False,  # a mistyped flag must fail, not silently match a longer one
-        description="Dry-run plan of a DeepSeek-V3 training layout: validates the flags against config.json and "
+        description="Dry-run plan of a DeepSeek-V3 or V4 training layout: validates the flags against config.json and "
                     "prints per-stage layers, parameter counts and estimated memory per device. Allocates nothing.")
     p.add_argument("--model-config", required=True,
                    help="HF config.json (or the directory holding it) of the model, e.g. assets/deepseek3_671b.")
