@@ -1,5 +1,6 @@
-"""Dry-run planner: validate a layout against a DeepSeek-V3 config.json and print, per pipeline stage and
-chunk, the layers, parameter counts and an estimate of device memory, without building the model.
+"""Dry-run planner: validate a layout against a DeepSeek-V3 or V4 config.json (V4's tensors: plan_deepseek4.py) and
+print, per pipeline stage and chunk, the layers, parameter counts and an estimate of device memory, without
+building the model.
 
     python -m mindspeed_dsv.plan --model-config assets/deepseek3_671b/config.json \
         --tensor-model-parallel-size 2 --pipeline-model-parallel-size 8 --expert-model-parallel-size 16 \
@@ -25,7 +26,8 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from functools import lru_cache
+from typing import Any, Callable
 
 from mindspeed_dsv.models import names as nm
 from mindspeed_dsv.models.config import DeepSeekConfig
@@ -291,7 +293,7 @@ class StagePlan:
 @dataclass
 class Plan:
     layout: ParallelLayout
-    model: DeepSeekConfig
+    model: Any  # DeepSeekConfig (V3) or DeepSeekV4Config
     train: TrainArgs
     world_size: int | None
     dp: int | None
@@ -410,13 +412,78 @@ def schedule_table(layout: ParallelLayout, num_microbatches: int | None) -> list
     return rows
 
 
+@dataclass(frozen=True)
+class Inventory:
+    """What the planner needs of one model family (DeepSeek-V3 here, V4 in plan_deepseek4.py). Layers are
+    numbered as in the HF checkpoint; `dense` is the layout's first-k-dense rule (V4 has no dense layers)."""
+
+    model: Any  # the family's config dataclass
+    cfg_view: dict  # the config.json fields the layout takes defaults from and is checked against
+    vocab_size: int
+    stream_width: int  # elements per token passed between layers (V3: hidden; V4: hc_mult * hidden)
+    num_hidden_layers: int
+    first_k_dense_replace: int
+    num_nextn_predict_layers: int
+    layer_tensors: Callable[[int, bool], list[Tensor]]
+    layer_activation: Callable[[int, bool, ParallelLayout, TrainArgs], tuple[float, float]]
+    embedding: Callable[[tuple[int, int] | None], list[Tensor]]
+    output: Callable[[tuple[int, int] | None], list[Tensor]]
+    mtp: Callable[[], list[Tensor]]
+    mtp_activation: Callable[[ParallelLayout, TrainArgs], tuple[float, float]]
+    numel: Callable[[list[Tensor]], int]
+    activated: Callable[[list[Tensor]], int]
+    hf_params_per_mtp_copy: int  # what an HF checkpoint stores per MTP module besides the module itself
+    tp_refusal: str | None = None  # why the family cannot split over TP (None: it can)
+
+
+def deepseek3_inventory(m: DeepSeekConfig) -> Inventory:
+    dense_t, moe_t = decoder_layer_tensors(m, dense=True), decoder_layer_tensors(m, dense=False)
+    return Inventory(
+        model=m, cfg_view={k: getattr(m, k) for k in m.__dataclass_fields__ if k not in ("rope", "extra")},
+        vocab_size=m.vocab_size, stream_width=m.hidden_size, num_hidden_layers=m.num_hidden_layers,
+        first_k_dense_replace=m.first_k_dense_replace, num_nextn_predict_layers=m.num_nextn_predict_layers,
+        layer_tensors=lambda i, dense: dense_t if dense else moe_t,
+        layer_activation=lambda i, dense, layout, train: _layer_activation_elems(m, layout, train, dense),
+        embedding=lambda rows: embedding_tensors(m, rows), output=lambda rows: output_tensors(m, rows),
+        mtp=lambda: mtp_layer_tensors(m),
+        mtp_activation=lambda layout, train: _layer_activation_elems(m, layout, train, not m.mtp_layer_is_moe),
+        numel=lambda ts: sum(t.numel for t in ts), activated=lambda ts: activated_numel(ts, m),
+        # HF checkpoints store every MTP module with its own embed_tokens and shared_head.head.
+        hf_params_per_mtp_copy=2 * m.vocab_size * m.hidden_size)
+
+
+def inventory(model_cfg: Any) -> Inventory:
+    """The family's inventory for an HF config dict (models/family.py decides the family) or a config object."""
+    from mindspeed_dsv.models.deepseek4.config import DeepSeekV4Config
+
+    if isinstance(model_cfg, dict):
+        from mindspeed_dsv.models.family import DEEPSEEK4, family_of
+
+        try:
+            is_v4 = family_of(model_cfg) == DEEPSEEK4
+        except ValueError as e:
+            raise PlanError(f"--model-config: {e}") from None
+        if is_v4:
+            try:
+                model_cfg = DeepSeekV4Config.from_hf(model_cfg)
+            except (KeyError, ValueError) as e:
+                raise PlanError(f"--model-config: {e}") from None
+    if isinstance(model_cfg, DeepSeekV4Config):
+        from mindspeed_dsv.plan_deepseek4 import deepseek4_inventory
+
+        return deepseek4_inventory(model_cfg)
+    return deepseek3_inventory(model_shape(model_cfg))
+
+
 def make_plan(model_cfg: Any, layout: ParallelLayout, train_args: TrainArgs | None = None) -> Plan:
     """Validate ``layout`` (filled with config.json defaults) and ``train_args`` and compute the plan.
     Raises LayoutError/PlanError naming the flag. Builds nothing."""
     train = train_args or TrainArgs()
-    m = model_shape(model_cfg)
-    cfg_view = {k: getattr(m, k) for k in m.__dataclass_fields__ if k not in ("rope", "extra")}
+    inv = inventory(model_cfg)
+    cfg_view = inv.cfg_view
     layout = layout.with_model_defaults(cfg_view)
+    if layout.tp > 1 and inv.tp_refusal:
+        raise PlanError(f"--tensor-model-parallel-size {layout.tp}: {inv.tp_refusal}")
     layout.validate_against(cfg_view)
     train.validate()
     layout.validate_runtime(world_size=train.world_size, seq_length=train.seq_length)
@@ -447,36 +514,35 @@ def make_plan(model_cfg: Any, layout: ParallelLayout, train_args: TrainArgs | No
         in_flight = sim.peak_in_flight
     else:
         in_flight = [1.0]
-    if layout.first_k_dense_replace < m.first_k_dense_replace:
+    if layout.first_k_dense_replace < inv.first_k_dense_replace:
         warnings.append(f"--first-k-dense-replace {layout.first_k_dense_replace} < config's "
-                        f"{m.first_k_dense_replace}: dense layers of the checkpoint will not fit this model")
+                        f"{inv.first_k_dense_replace}: dense layers of the checkpoint will not fit this model")
 
     mtp_layers = layout.mtp_num_layers or 0
-    dense_t = decoder_layer_tensors(m, dense=True)
-    moe_t = decoder_layer_tensors(m, dense=False)
-    emb_t, out_t = embedding_tensors(m), output_tensors(m)  # model counts: the HF vocabulary
+    layer_t = lru_cache(maxsize=None)(inv.layer_tensors)
+    layer_act = lru_cache(maxsize=None)(lambda i, dense: inv.layer_activation(i, dense, layout, train))
+    emb_t, out_t = inv.embedding(None), inv.output(None)  # model counts: the HF vocabulary
     # What the devices hold: --make-vocab-size-divisible-by pads the vocabulary rows (zeros, never predicted).
-    padded = nm.vocab_rows(m, layout)
-    emb_dev, out_dev = embedding_tensors(m, padded), output_tensors(m, padded)
-    mtp_t = [mtp_layer_tensors(m) for _ in range(mtp_layers)]
+    padded_rows = layout.padded_vocab_size(inv.vocab_size)
+    padded = None if padded_rows == inv.vocab_size else (inv.vocab_size, padded_rows)
+    emb_dev, out_dev = inv.embedding(padded), inv.output(padded)
+    mtp_t = [inv.mtp() for _ in range(mtp_layers)]
 
-    def numel(ts): return sum(t.numel for t in ts)
+    numel = inv.numel
     def local(ts): return sum(t.local_numel(layout) for t in ts)
 
     # Whole-model counts (HF numbering; noop layers have no parameters).
-    real_dense = min(layout.first_k_dense_replace, m.num_hidden_layers)
-    real_moe = m.num_hidden_layers - real_dense
-    total = numel(emb_t) + numel(out_t) + real_dense * numel(dense_t) + real_moe * numel(moe_t)
-    activated = (numel(emb_t) + numel(out_t) + real_dense * activated_numel(dense_t, m)
-                 + real_moe * activated_numel(moe_t, m))
+    real_dense = min(layout.first_k_dense_replace, inv.num_hidden_layers)
+    hf_layers = [layer_t(i, i < real_dense) for i in range(inv.num_hidden_layers)]
+    total = numel(emb_t) + numel(out_t) + sum(numel(ts) for ts in hf_layers)
+    activated = inv.activated(emb_t) + inv.activated(out_t) + sum(inv.activated(ts) for ts in hf_layers)
     mtp_total = sum(numel(ts) for ts in mtp_t)
-    # HF checkpoints store every num_nextn_predict_layers module with its own embed_tokens and shared_head.head.
-    all_mtp_hf = [mtp_layer_tensors(m) for _ in range(m.num_nextn_predict_layers)]
-    hf_total = total + sum(numel(ts) for ts in all_mtp_hf) + m.num_nextn_predict_layers * 2 * m.vocab_size * m.hidden_size
+    n_hf_mtp = inv.num_nextn_predict_layers
+    hf_total = total + n_hf_mtp * (numel(inv.mtp()) + inv.hf_params_per_mtp_copy)
     groups: dict[str, int] = {}
-    for ts, n in ((emb_t, 1), (out_t, 1), (dense_t, real_dense), (moe_t, real_moe)):
+    for ts in [emb_t, out_t] + hf_layers:
         for t in ts:
-            groups[t.group] = groups.get(t.group, 0) + t.numel * n
+            groups[t.group] = groups.get(t.group, 0) + numel([t])
     groups["mtp"] = mtp_total
 
     # Per stage and chunk.
@@ -493,7 +559,9 @@ def make_plan(model_cfg: Any, layout: ParallelLayout, train_args: TrainArgs | No
             dense = [i for i in ids if not layout.is_noop(i) and layout.is_dense(i)]
             moe = [i for i in ids if not layout.is_noop(i) and not layout.is_dense(i)]
             ts: list[Tensor] = []
-            ts += dense_t * len(dense) + moe_t * len(moe)
+            for i in ids:
+                if not layout.is_noop(i):
+                    ts += layer_t(layout.hf_layer_index(i), i in dense)
             if layout.has_embedding(r, c):
                 ts += emb_dev
             if layout.has_output(r, c):
@@ -512,7 +580,7 @@ def make_plan(model_cfg: Any, layout: ParallelLayout, train_args: TrainArgs | No
                 params=int(numel([t for t in ts if t.name != "mtp.embedding_replica"])),
                 params_per_device=int(round(local(ts)))))
             per_chunk_layer_acts.append(
-                [_layer_activation_elems(m, layout, train, dense=i in dense) for i in ids if not layout.is_noop(i)])
+                [layer_act(layout.hf_layer_index(i), i in dense) for i in ids if not layout.is_noop(i)])
 
         # ---- memory
         w_bytes = 2 if train.bf16 else 4
@@ -545,7 +613,7 @@ def make_plan(model_cfg: Any, layout: ParallelLayout, train_args: TrainArgs | No
             optimizer = dense_train * opt_b / (dp * layout.cp) + expert_train * opt_b / edp
         else:
             optimizer = trainable * opt_b
-        activations = _activations(m, layout, train, r, per_chunk_layer_acts, chunks, in_flight[r])
+        activations = _activations(inv, layout, train, per_chunk_layer_acts, chunks, in_flight[r])
         memory = Memory(weights=weights, grads=grads, optimizer=optimizer, activations=activations)
         stages.append(StagePlan(pp_rank=r, chunks=chunks, params=sum(ch.params for ch in chunks),
                                 params_per_device=int(round(local(stage_tensors))),
@@ -561,14 +629,14 @@ def make_plan(model_cfg: Any, layout: ParallelLayout, train_args: TrainArgs | No
         mpl = None if layout.dualpipev else layout.to_megatron_pp_layout_str()
     except LayoutError:
         mpl = None
-    return Plan(layout=layout, model=m, train=train, world_size=train.world_size, dp=dp, expert_dp=edp,
+    return Plan(layout=layout, model=inv.model, train=train, world_size=train.world_size, dp=dp, expert_dp=edp,
                 num_microbatches=num_mb, total_params=int(total), activated_params=int(activated),
                 mtp_params=int(mtp_total), hf_checkpoint_params=int(hf_total), params_by_group=groups,
                 stages=stages, megatron_pp_layout=mpl, warnings=warnings,
                 schedules=schedule_table(layout, num_mb) if layout.pp > 1 else [])
 
 
-def _activations(m, layout, train, r, per_chunk_layer_acts, chunks, in_flight: float) -> float:
+def _activations(inv: Inventory, layout, train, per_chunk_layer_acts, chunks, in_flight: float) -> float:
     """Activation bytes on pipeline rank r at its peak.
 
     Per micro-batch, each real layer keeps its `_layer_activation_elems` (bf16: 2 bytes each, fp32 router
@@ -583,7 +651,7 @@ def _activations(m, layout, train, r, per_chunk_layer_acts, chunks, in_flight: f
     a_bytes = 2 if train.bf16 else 4
     sp = layout.tp if layout.sequence_parallel else 1
     T = train.micro_batch_size * train.seq_length / layout.cp
-    layer_input = T * m.hidden_size / sp * a_bytes
+    layer_input = T * inv.stream_width / sp * a_bytes
     per_mb = 0.0
     working = 0.0
     full = train.recompute_granularity == "full"
@@ -603,9 +671,9 @@ def _activations(m, layout, train, r, per_chunk_layer_acts, chunks, in_flight: f
                 working = max(working, max(full_bytes[:k]))
     total = per_mb * in_flight + working
     if any(ch.output for ch in chunks):
-        logits = T * layout.padded_vocab_size(m.vocab_size) / layout.tp * 4
+        logits = T * layout.padded_vocab_size(inv.vocab_size) / layout.tp * 4
         mtp = layout.mtp_num_layers or 0
-        mtp_layer, mtp_extra = _layer_activation_elems(m, layout, train, dense=not m.mtp_layer_is_moe)
+        mtp_layer, mtp_extra = inv.mtp_activation(layout, train)
         total += logits * (1 + mtp) + mtp * (mtp_layer * a_bytes + mtp_extra + 3 * layer_input)
     if any(ch.embedding for ch in chunks):
         total += layer_input
@@ -710,7 +778,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mindspeed_dsv.plan",
         allow_abbrev=False,  # a mistyped flag must fail, not silently match a longer one
-        description="Dry-run plan of a DeepSeek-V3 training layout: validates the flags against config.json and "
+        description="Dry-run plan of a DeepSeek-V3 or V4 training layout: validates the flags against config.json and "
                     "prints per-stage layers, parameter counts and estimated memory per device. Allocates nothing.")
     p.add_argument("--model-config", required=True,
                    help="HF config.json (or the directory holding it) of the model, e.g. assets/deepseek3_671b.")

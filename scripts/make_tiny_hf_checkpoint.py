@@ -1,4 +1,4 @@
-"""Write a seeded, randomly initialised HF DeepSeek-V3 checkpoint of a (tiny) config.
+"""Write a seeded, randomly initialised HF DeepSeek-V3 (or V4) checkpoint of a (tiny) config.
 
     python scripts/make_tiny_hf_checkpoint.py --save-dir work_dirs/tiny_hf [--mtp] [--seed 1234]
 
@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-dir", default=None,
                    help="Copy tokenizer files from here. Default: the --config directory.")
     p.add_argument("--overwrite", action="store_true", help="Replace --save-dir if it exists.")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="Override the config's vocab_size (DeepSeek-V4's tiny config has 256 ids; the tiny V4 "
+                        "tokenizer has 4096). Default: the config's.")
     return p
 
 
@@ -89,20 +92,40 @@ def mtp_tensors(config, main: dict, seed: int) -> dict:
     return out
 
 
-def write_checkpoint(config_path: str, save_dir: str, seed: int, mtp: bool, tokenizer_dir: str | None) -> dict:
+def _randomize_v4_tables(model, config) -> None:
+    """transformers initialises DeepSeek-V4's hash-routing table (tid2eid) to zeros, a table naming expert 0 k
+    times, which the converter refuses: give every token k distinct random experts instead (seeded)."""
+    import torch
+
+    for name, buf in model.named_buffers():
+        if name.endswith("tid2eid"):
+            rows = torch.rand(buf.shape[0], config.n_routed_experts).argsort(dim=-1)[:, : buf.shape[1]]
+            buf.copy_(rows.to(buf.dtype))
+
+
+def write_checkpoint(config_path: str, save_dir: str, seed: int, mtp: bool, tokenizer_dir: str | None,
+                     vocab_size: int | None = None) -> dict:
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoConfig, DeepseekV3ForCausalLM
+    from transformers import AutoConfig, DeepseekV3ForCausalLM, DeepseekV4ForCausalLM
 
     config = AutoConfig.from_pretrained(os.path.dirname(config_path))
-    if config.model_type != "deepseek_v3":
-        raise SystemExit(f"{config_path}: model_type {config.model_type!r}, expected 'deepseek_v3'")
+    if config.model_type not in ("deepseek_v3", "deepseek_v4"):
+        raise SystemExit(f"{config_path}: model_type {config.model_type!r}, expected 'deepseek_v3' or 'deepseek_v4'")
+    v4 = config.model_type == "deepseek_v4"
+    if v4 and mtp:
+        # transformers drops V4's MTP module; its checkpoint spelling comes with the V4 MTP work.
+        raise SystemExit("--mtp: DeepSeek-V4 MTP weights are not written yet; make the V4 checkpoint without --mtp")
+    if vocab_size is not None:
+        config.vocab_size = vocab_size
     if not mtp:
         # The config must describe the weights: a config promising MTP layers that are absent makes hf2mcore
         # convert without MTP while the trainer's default (from config.json) asks for them.
         config.num_nextn_predict_layers = 0
     torch.manual_seed(seed)
-    model = DeepseekV3ForCausalLM(config)
+    model = (DeepseekV4ForCausalLM if v4 else DeepseekV3ForCausalLM)(config)
+    if v4:
+        _randomize_v4_tables(model, config)
 
     parent = os.path.dirname(os.path.abspath(save_dir)) or "."
     os.makedirs(parent, exist_ok=True)
@@ -149,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.exists(args.save_dir) and not args.overwrite:
         print(f"make_tiny_hf_checkpoint: error: --save-dir {args.save_dir} exists (pass --overwrite)", file=sys.stderr)
         return 2
-    s = write_checkpoint(config_path, args.save_dir, args.seed, args.mtp, args.tokenizer_dir)
+    s = write_checkpoint(config_path, args.save_dir, args.seed, args.mtp, args.tokenizer_dir, args.vocab_size)
     if not s["tokenizer_files"]:
         print("make_tiny_hf_checkpoint: warning: no tokenizer files copied", file=sys.stderr)
     print(f"wrote {args.save_dir}: {s['main_tensors']} tensors ({s['params']:,} parameters), "

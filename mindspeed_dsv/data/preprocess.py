@@ -387,8 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["GeneralPretrainHandler", "AlpacaStyleInstructionHandler",
                             "SharegptStyleInstructionHandler", "OpenAIStyleInstructionHandler"],
                    help="how a record is read: plain text, or one of the instruction formats")
-    g.add_argument("--prompt-type", default="deepseek3", choices=["deepseek3"],
-                   help="chat template for instruction data (DeepSeek-V3/R1 format)")
+    g.add_argument("--prompt-type", default="deepseek3", choices=["deepseek3", "deepseek4"],
+                   help="chat template for instruction data: deepseek3 (DeepSeek-V3/R1 format) or deepseek4 (DeepSeek-V4 encoding)")
     g.add_argument("--seq-length", type=int, default=None,
                    help="instruction data: samples longer than this are truncated; row length for packing")
     g.add_argument("--pack", action="store_true",

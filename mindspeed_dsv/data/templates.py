@@ -116,10 +116,148 @@ class DeepSeek3Template:
         return merged
 
 
-TEMPLATES = {"deepseek3": DeepSeek3Template}
+# DeepSeek-V4 (the release's encoding/encoding_dsv4.py; no jinja template ships with the tokenizer).
+DSML = "｜DSML｜"
+TOOL_RESULT = "<tool_result>{}</tool_result>"
+V4_TOOLS_TEMPLATE = """## Tools
+
+You have access to a set of tools to help answer the user's question. You can invoke tools by writing a \"<{dsml}tool_calls>\" block like the following:
+
+<{dsml}tool_calls>
+<{dsml}invoke name=\"$TOOL_NAME\">
+<{dsml}parameter name=\"$PARAMETER_NAME\" string=\"true|false\">$PARAMETER_VALUE</{dsml}parameter>
+...
+</{dsml}invoke>
+<{dsml}invoke name=\"$TOOL_NAME2\">
+...
+</{dsml}invoke>
+</{dsml}tool_calls>
+
+String parameters should be specified as is and set `string=\"true\"`. For all other types (numbers, booleans, arrays, objects), pass the value in JSON format and set `string=\"false\"`.
+
+If thinking_mode is enabled (triggered by {think_begin}), you MUST output your complete reasoning inside {think_begin}...{think_end} BEFORE any tool calls or final response.
+
+Otherwise, output directly after {think_end} with tool calls or final response.
+
+### Available Tool Schemas
+
+{schemas}
+
+You MUST strictly follow the above defined tool name and parameter schemas to invoke tool calls.
+"""
 
 
-def get_template(name: str) -> DeepSeek3Template:
+def _v4_tools_text(tools: Sequence[Dict[str, Any]]) -> str:
+    fns = [t["function"] if "function" in t else t for t in tools]  # OpenAI format or bare function schemas
+    return V4_TOOLS_TEMPLATE.format(dsml=DSML, think_begin=THINK_BEGIN, think_end=THINK_END,
+                                    schemas="\n".join(json.dumps(f, ensure_ascii=False) for f in fns))
+
+
+def _v4_tool_calls_text(calls: Sequence[Dict[str, Any]]) -> str:
+    """DSML invoke blocks: one parameter per argument, strings as is, other values as JSON."""
+    invokes = []
+    for call in calls:
+        fn = call.get("function") or {}
+        if "name" not in fn:
+            raise TemplateError("tool call without function.name")
+        args = fn.get("arguments", "{}")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                args = {"arguments": args}  # what the release's encoder does with non-JSON arguments
+        params = "\n".join(
+            f'<{DSML}parameter name="{k}" string="{"true" if isinstance(v, str) else "false"}">'
+            f'{v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)}</{DSML}parameter>'
+            for k, v in args.items())
+        invokes.append(f'<{DSML}invoke name="{fn["name"]}">\n{params}\n</{DSML}invoke>')
+    return f"\n\n<{DSML}tool_calls>\n" + "\n".join(invokes) + f"\n</{DSML}tool_calls>"
+
+
+class DeepSeek4Template:
+    """``--prompt-type deepseek4``: DeepSeek-V4 chat format, as the release's ``encode_messages`` renders it
+    (drop_thinking=True, reasoning effort low):
+
+        BOS, then each system message's content where it stands (the tools section after the first one's)
+        "<｜User｜>" + content, with tool messages merged into the user turn as "<tool_result>...</tool_result>"
+          (parts joined by "\\n\\n")
+        "<｜Assistant｜>" + "</think>" (chat) | "<think>" (thinking mode, turns after the last user turn)   (no loss)
+        [reasoning + "</think>"] + content [+ DSML tool calls] + EOS                                      (loss)
+
+    Thinking mode is on when an assistant turn has ``reasoning_content``; as in the release, reasoning of turns
+    before the last user turn is dropped unless tools are given. Roles: system, user, assistant, tool.
+    """
+
+    name = "deepseek4"
+
+    def render(self, messages: Sequence[Dict[str, Any]], tools: Optional[Sequence[Dict[str, Any]]] = None
+               ) -> List[Segment]:
+        if not messages:
+            raise TemplateError("empty conversation")
+        for i, m in enumerate(messages):
+            if m.get("role") not in ROLES:
+                raise TemplateError(f"message {i}: unknown role {m.get('role')!r} (expected one of {ROLES})")
+            if m.get("content") is not None and not isinstance(m.get("content"), str):
+                raise TemplateError(f"message {i}: content must be a string, got {type(m['content']).__name__}")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise TemplateError("no assistant turn in the conversation")
+        thinking = any(m["role"] == "assistant" and m.get("reasoning_content") for m in messages)
+        drop_thinking = not tools
+
+        # Tools belong to the first system message (an empty one is put first when there is none), rendered
+        # after its content as the release does; system messages stay where they are, without separator.
+        messages = [dict(m) for m in messages]
+        if tools:
+            if messages[0]["role"] != "system":
+                messages.insert(0, {"role": "system", "content": ""})
+            messages[0]["content"] = (messages[0].get("content") or "") + "\n\n" + _v4_tools_text(tools)
+        # The release has no tool role: tool results join the user turn before them (or start one).
+        turns: List[Dict[str, Any]] = []
+        for m in messages:
+            part = TOOL_RESULT.format(m.get("content") or "") if m["role"] == "tool" else (m.get("content") or "")
+            if m["role"] in ("system", "assistant"):
+                turns.append(m)
+            elif turns and turns[-1]["role"] == "user":  # the release merges consecutive user/tool messages
+                turns[-1]["parts"].append(part)
+            else:
+                turns.append({"role": "user", "parts": [part]})
+        last_user = max((i for i, t in enumerate(turns) if t["role"] == "user"), default=-1)
+
+        segs: List[Segment] = [(BOS, False)]
+        for i, t in enumerate(turns):
+            if t["role"] == "system":
+                segs.append((t.get("content") or "", False))
+                continue
+            if t["role"] == "user":
+                text = USER + "\n\n".join(t["parts"])
+                if i + 1 < len(turns) and turns[i + 1]["role"] == "assistant":
+                    open_think = thinking and (not drop_thinking or i >= last_user)
+                    text += ASSISTANT + (THINK_BEGIN if open_think else THINK_END)
+                segs.append((text, False))
+                continue
+            if i == 0 or turns[i - 1]["role"] != "user":
+                raise TemplateError(f"assistant turn {i} does not follow a user turn")
+            body = ""
+            if thinking and (not drop_thinking or i > last_user):
+                body += (t.get("reasoning_content") or "") + THINK_END
+            body += t.get("content") or ""
+            if t.get("tool_calls"):
+                body += _v4_tool_calls_text(t["tool_calls"])
+            segs.append((body + EOS, bool(t.get("loss", True))))
+
+        merged: List[Segment] = []
+        for text, loss in segs:
+            if merged and merged[-1][1] == loss:
+                merged[-1] = (merged[-1][0] + text, loss)
+            elif text:
+                merged.append((text, loss))
+        return merged
+
+
+TEMPLATES = {"deepseek3": DeepSeek3Template, "deepseek4": DeepSeek4Template}
+
+
+def get_template(name: str):
     if name not in TEMPLATES:
         raise ValueError(f"--prompt-type {name!r} is not supported (choices: {sorted(TEMPLATES)})")
     return TEMPLATES[name]()

@@ -50,8 +50,63 @@ def forward_flops_per_token(cfg: DeepSeekConfig, seq_length: int, mtp_num_layers
     return total + mtp_num_layers * per_mtp
 
 
-def train_flops_per_token(cfg: DeepSeekConfig, seq_length: int, mtp_num_layers: int = 0) -> float:
+def train_flops_per_token(cfg, seq_length: int, mtp_num_layers: int = 0) -> float:
+    """3x the forward of a DeepSeekConfig (V3) or a DeepSeekV4Config (V4) model."""
+    from mindspeed_dsv.models.deepseek4.config import DeepSeekV4Config
+
+    if isinstance(cfg, DeepSeekV4Config):
+        return 3 * v4_forward_flops_per_token(cfg, seq_length, mtp_num_layers)
     return 3 * forward_flops_per_token(cfg, seq_length, mtp_num_layers)
+
+
+# ------------------------------------------------------------------------------------------------ DeepSeek-V4
+# Per token, forward, as for V3 (multiply-add = 2 FLOPs). Keys a query attends to are averaged over the S
+# positions of a sequence (causal): sliding window min(t+1, W); HCA every closed window, (t+1)//m';
+# CSA min(index_topk, (t+1)//m) picked entries.
+#   mHC, per sub-block (2 per layer): 2·(N·D)·(2+N)·N (mapping) + 2·N·N·D (stream mixing) + 4·N·D (pre/post)
+#   attention: 2·D·q_lora (q down) + 2·q_lora·H·d (q up) + 2·D·d (kv) + 4·H·d·keys (scores + context, K=V)
+#              + 2·H·d·o_lora (grouped o_a: g groups of H·d/g -> o_lora) + 2·g·o_lora·D (o_b)
+#   compressor (CSA: 2d rows, HCA: d rows): 2·2·D·rows (kv and gate projections)
+#   indexer (CSA): 2·2·D·2c (its compressor) + 2·q_lora·n_I·c (q) + 2·D·n_I (weights) + 2·n_I·c·(t+1)//m (scores)
+#   MoE (every layer): 2·D·E (router) + (top_k + 1 shared)·2·3·D·I
+#   head: 2·N·D·N + 2·N·D (hc_head) + 2·D·V (output layer)
+#   MTP module: 2·2·D·D (e_proj, h_proj) + one sliding-window layer + hc_head + output layer
+
+
+def _mean_keys(seq_length: int, per_position) -> float:
+    return sum(per_position(t) for t in range(seq_length)) / seq_length
+
+
+def v4_layer_flops_per_token(cfg, attention: str, seq_length: int) -> float:
+    from mindspeed_dsv.models.deepseek4.config import CSA, SLIDING
+
+    D, N, H, d = cfg.hidden_size, cfg.hc_mult, cfg.num_attention_heads, cfg.head_dim
+    hyper = 2 * (2 * N * D * (2 + N) * N + 2 * N * N * D + 4 * N * D)
+    keys = _mean_keys(seq_length, lambda t: min(t + 1, cfg.sliding_window))
+    extra = 0.0
+    if attention == CSA:
+        keys += _mean_keys(seq_length, lambda t: min(cfg.index_topk, (t + 1) // cfg.csa_rate))
+        c, n_i = cfg.index_head_dim, cfg.index_n_heads
+        entries = _mean_keys(seq_length, lambda t: (t + 1) // cfg.csa_rate)
+        extra = (2 * 2 * D * 2 * d + 2 * 2 * D * 2 * c + 2 * cfg.q_lora_rank * n_i * c + 2 * D * n_i
+                 + 2 * n_i * c * entries)
+    elif attention != SLIDING:
+        keys += _mean_keys(seq_length, lambda t: (t + 1) // cfg.hca_rate)
+        extra = 2 * 2 * D * d
+    attn = (2 * D * cfg.q_lora_rank + 2 * cfg.q_lora_rank * H * d + 2 * D * d + 4 * H * d * keys
+            + 2 * H * d * cfg.o_lora_rank + 2 * cfg.o_groups * cfg.o_lora_rank * D)
+    moe = 2 * D * cfg.n_routed_experts + (cfg.num_experts_per_tok + 1) * 2 * 3 * D * cfg.moe_intermediate_size
+    return hyper + attn + extra + moe
+
+
+def v4_forward_flops_per_token(cfg, seq_length: int, mtp_num_layers: int = 0) -> float:
+    from mindspeed_dsv.models.deepseek4.config import SLIDING
+
+    D, N = cfg.hidden_size, cfg.hc_mult
+    head = 2 * N * D * N + 2 * N * D + 2 * D * cfg.vocab_size
+    total = sum(v4_layer_flops_per_token(cfg, t, seq_length) for t in cfg.layer_types) + head
+    mtp = 2 * 2 * D * D + v4_layer_flops_per_token(cfg, SLIDING, seq_length) + head
+    return total + mtp_num_layers * mtp
 
 
 # Dense bf16 peaks (TFLOP/s) by device name, from the vendors' datasheets; MFU is measured against these

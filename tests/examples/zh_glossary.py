@@ -130,7 +130,7 @@ ZH = {
     "--map-keys": "指令 handler：标准字段名到数据列名的 JSON 映射。可用字段：Alpaca 为 instruction、input、output、system、history；ShareGPT 为 conversations、system、tools；OpenAI 为 messages、tools。未知字段报错。",
     "--append-eod": "预训练：每篇文档末尾追加结束符（分词器的 EOS）。",
     "--handler-name": "记录的读取方式：纯文本，或某种指令格式（Alpaca / ShareGPT / OpenAI）。",
-    "--prompt-type": "指令数据的对话模板（DeepSeek-V3/R1 格式）。",
+    "--prompt-type": "指令数据的对话模板：deepseek3（DeepSeek-V3/R1 格式）或 deepseek4（DeepSeek-V4 编码）。",
     "--pack": "把样本拼接成正好 --seq-length 的行，样本可跨行。",
     "--neat-pack": "把完整样本装入 --seq-length 的行（样本不拆分），剩余部分补齐。",
     "--workers": "并行进程数（分词 / 写 rank 文件 / 写 HF 分片）；内存随之增长。",

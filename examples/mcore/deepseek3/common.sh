@@ -8,9 +8,12 @@
 #   -h, --help       print the script's header comment
 #   anything else    appended to the launched command (e.g. --train-iters 10)
 
-DSV_EXAMPLES_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-DSV_ROOT="$(cd "${DSV_EXAMPLES_DIR}/../../.." && pwd)"
-DSV_SCRIPT="$(basename "${BASH_SOURCE[1]:-$0}")"
+# DSV_COMMON_DIR: this file's directory (dry_run.py lives here). DSV_EXAMPLES_DIR: the running script's
+# directory (its layouts/, model and env files): examples/mcore/deepseek4/common.sh sources this file too.
+DSV_COMMON_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+DSV_EXAMPLES_DIR="$(cd "$(dirname "${BASH_SOURCE[-1]}")" && pwd)"
+DSV_ROOT="$(cd "${DSV_COMMON_DIR}/../../.." && pwd)"
+DSV_SCRIPT="$(basename "${BASH_SOURCE[-1]}")"
 DRY_RUN="${DRY_RUN:-0}"
 EXTRA_ARGS=()
 
@@ -119,7 +122,7 @@ dsv_train() {
     local world=$(( NNODES * DEVICES_PER_NODE ))
     if [ "${DRY_RUN}" = "1" ]; then
         dsv_log "dry run: world ${world} (${NNODES} nodes x ${DEVICES_PER_NODE})"
-        "${PYTHON}" "${DSV_EXAMPLES_DIR}/dry_run.py" --prog "$(basename "${entry}")" --world-size "${world}" \
+        "${PYTHON}" "${DSV_COMMON_DIR}/dry_run.py" --prog "$(basename "${entry}")" --world-size "${world}" \
             ${DEVICE_MEMORY_GB:+--device-memory-gb "${DEVICE_MEMORY_GB}"} \
             ${FALLBACK_MODEL_CONFIG:+--fallback-model-config "${FALLBACK_MODEL_CONFIG}"} \
             ${DSV_DEVICE:+--device "${DSV_DEVICE}"} -- "$@"

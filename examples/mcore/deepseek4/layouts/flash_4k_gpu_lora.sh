@@ -1,0 +1,27 @@
+# Layout of tune_deepseek4_flash_4k_xlora_gpu.sh with FINETUNE_MODE=lora: NVIDIA H100/H200, 4 nodes x 8 GPUs.
+# TP1 (DeepSeek-V4 has one shared K=V head: the model refuses TP > 1) x EP16 (16 experts per device) x PP2,
+# stages 22,21 of the 43 layers (the last one also holds the output layer).
+# Sourced by ckpt_convert_deepseek4_hf2mcore.sh (LAYOUT=flash_4k_gpu_lora) and by the training script.
+LAYOUT_ARGS=(
+    --tensor-model-parallel-size 1
+    --pipeline-model-parallel-size 2
+    --expert-model-parallel-size 16
+    --num-layers 43
+    --num-layer-list 22,21
+    --mtp-num-layers 0
+    --num-experts 256
+)
+# No MTP in this layout: hf2mcore leaves the HF MTP module out on purpose, and says so.
+HF2MCORE_ARGS=(--allow-unused-weights)
+# Shared with ckpt_convert_deepseek4_merge_lora2hf.sh, which must use the same rank/alpha/modules. Targets: the
+# attention's q down/up, kv and output projections and the shared and routed experts' fc1/fc2 (the grouped o_a
+# projection, linear_o_group_proj, is a plain parameter and stays frozen).
+LORA_ARGS=(
+    --lora-r 8
+    --lora-alpha 16
+    --lora-target-modules linear_q_down_proj linear_q_up_proj linear_kv_proj linear_proj linear_fc1 linear_fc2
+)
+LAYOUT_NNODES=4
+LAYOUT_DEVICES_PER_NODE=8
+LAYOUT_DEVICE_MEMORY_GB=80
+PRECISION=bf16   # hf2mcore --params-dtype and training --bf16 both follow this
