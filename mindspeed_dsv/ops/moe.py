@@ -143,7 +143,9 @@ class _Unpermute(torch.autograd.Function):
             rows = permuted_tokens.index_select(0, index).view(num_tokens, topk, permuted_tokens.shape[-1])
             grad_probs = (rows.to(acc) * grad_out.to(acc).unsqueeze(1)).sum(dim=-1).to(probs.dtype)
         grad_rows = (grad_out.to(acc).unsqueeze(1) * probs.to(acc).unsqueeze(-1)).to(permuted_tokens.dtype)
-        grad_permuted = torch.empty_like(permuted_tokens).index_copy_(0, index, grad_rows.view(num_tokens * topk, permuted_tokens.shape[-1]))
+        grad_permuted = torch.empty_like(permuted_tokens).index_copy_(
+            0, index, grad_rows.view(num_tokens * topk, permuted_tokens.shape[-1])
+        )
         return grad_permuted, None, grad_probs
 
 

@@ -215,3 +215,18 @@ def test_permute_unpermute_grads_match_autograd_of_plain_indexing():
     (back * probs2.unsqueeze(-1)).sum(1).pow(2).sum().backward()
     torch.testing.assert_close(tokens.grad, tokens2.grad)
     torch.testing.assert_close(probs.grad, probs2.grad)
+
+
+def test_permute_unpermute_with_no_tokens():
+    """An EP rank that receives no tokens still runs its experts on [0, hidden] and combines back: the
+    shapes survive (a `view(..., -1)` of zero rows cannot infer the hidden size), and the backward gives
+    empty gradients of the right shapes."""
+    hdim, topk = 8, 2
+    tokens = torch.zeros(0, hdim, requires_grad=True)
+    probs = torch.zeros(0, topk, requires_grad=True)
+    permuted, sorted_indices = ops.permute(tokens, torch.zeros(0, topk, dtype=torch.long))
+    assert permuted.shape == (0, hdim)
+    out = ops.unpermute(permuted * 2.0, sorted_indices, probs)
+    assert out.shape == (0, hdim)
+    out.sum().backward()
+    assert tokens.grad.shape == (0, hdim) and probs.grad.shape == (0, topk)
