@@ -25,8 +25,7 @@ def hf4(tmp_path_factory):
     return make_hf_dir(str(tmp_path_factory.mktemp("hf4")), mtp=True, seed=3)
 
 
-def _run(hf_dir, data, out, world, conv_flags=(), train_flags=()):
-    ckpt = hf2mcore(hf_dir, str(out / "ckpt"), *conv_flags)
+def _run(ckpt, data, world, train_flags=()):
     argv = ["--data-path", data["sft"], "--is-instruction-dataset", "--seq-length", "128", "--micro-batch-size", "1",
             "--global-batch-size", GBS, "--train-iters", str(STEPS), "--lr", "1e-4", "--seed", "5",
             "--log-interval", "1000", "--finetune", "--no-shuffle", "--load", ckpt, *train_flags]
@@ -76,8 +75,9 @@ def test_fb_overlap_matches_one_rank_and_plain_dualpipev(hf4, tiny_data, tmp_pat
             "dualpipev"]
     layout = ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2", "--schedules-method",
               "dualpipev"]
-    on = _run(hf4, tiny_data, tmp_path / "on", 4, conv, [*layout, "--moe-fb-overlap"])
-    off = _run(hf4, tiny_data, tmp_path / "off", 4, conv, layout)
+    ckpt = hf2mcore(hf4, str(tmp_path / "ckpt"), *conv)  # one conversion for both runs (training only loads it)
+    on = _run(ckpt, tiny_data, 4, [*layout, "--moe-fb-overlap"])
+    off = _run(ckpt, tiny_data, 4, layout)
     for rank, (a, b) in enumerate(zip(on, off)):
         for step in range(STEPS):
             assert a[step]["loss"] == b[step]["loss"], (rank, step)
@@ -86,7 +86,7 @@ def test_fb_overlap_matches_one_rank_and_plain_dualpipev(hf4, tiny_data, tmp_pat
                 assert np.array_equal(g, b[step]["grads"][name]), (rank, step, name)
             assert b[step]["handovers"] == []  # without the flag nothing is paired
 
-    reference = _merged(_run(hf4, tiny_data, tmp_path / "pp1", 1))
+    reference = _merged(_run(hf2mcore(hf4, str(tmp_path / "pp1")), tiny_data, 1))
     merged = _merged(on)
     # the measured agreement, for the docs (pytest -s shows it)
     loss_rel = max(abs(b["loss"] - a["loss"]) / abs(a["loss"]) for a, b in zip(reference, merged))
