@@ -10,6 +10,9 @@ Stacks (same HF config, same token batches, same micro-batch / global batch / se
   hf     transformers' DeepseekV3ForCausalLM (sdpa attention, grouped_mm experts), bf16 parameters,
          fused torch AdamW: the plain loop FSDP/DeepSpeed recipes wrap
 
+--proxy v4 (DeepSeek-V4-Flash widths, 16 experts, one sliding, CSA and HCA layer; the comment above V4 says why
+these sizes) has two rows: ours (the V4 trainer) and hf (transformers' DeepseekV4ForCausalLM, eager attention).
+
 Both baselines train bf16 parameters without fp32 master weights: less memory traffic and memory than ours,
 so the comparison favours them. Every row: median step time over the timed steps (warm-up steps excluded),
 tokens/s over all GPUs of the run, TFLOP/s per GPU from mindspeed_dsv.training.flops (the same count for
