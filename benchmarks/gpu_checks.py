@@ -6,12 +6,16 @@
            Configs: the shipped tiny config (q_lora, YaRN, 2 groups) and the proxy's widths with 2 layers.
            Each with the reference kernels and with the GPU templates' kernel flags (flash attention, grouped GEMM,
            compiled RMSNorm/SwiGLU/permute: grouped experts then run through LocalTokenDispatcher).
+  parity (V4) our DeepSeekV4Model vs transformers' DeepseekV4ForCausalLM the same way (bf16 vs fp32 on one GPU, same
+           pass rule): the tiny V4 config (every attention type, hash routing, a clamp that cuts, a top-k that drops)
+           and train_mfu's --proxy v4 widths (V4-Flash widths, 16 experts) at seq 512.
   parallel the trainer (`python -m mindspeed_dsv.train` under torchrun, NCCL, bf16, flash attention, grouped
            GEMM) from one tiny HF checkpoint converted by `ckpt_convert hf2mcore`: 1 GPU vs TP2(+SP) / EP2 / PP2
            on 2 GPUs, same data and seed; the first losses must agree within 1e-2 relative (bf16).
 
     python benchmarks/gpu_checks.py                  # parity, then parallel if 2 GPUs are visible
     python benchmarks/gpu_checks.py --only parity
+    python benchmarks/gpu_checks.py --only parity-v4 # DeepSeek-V4 only
 Exit status 1 if any check fails; a table at the end.
 """
 
@@ -78,6 +82,81 @@ def parity(name: str, hf_cfg: dict, fast: bool, seq: int, batch: int = 2):
     del hf, model
     torch.cuda.empty_cache()
     return result
+
+
+def parity_v4(hf_cfg: dict, seq: int, batch: int = 2, scale: float = 1.0):
+    """DeepSeek-V4: (rel error ours-bf16 vs hf-fp32, rel error hf-bf16 vs hf-fp32, loss ours, loss hf-fp32).
+    transformers' bf16 model keeps in fp32 what it builds in fp32 under a bf16 default dtype (norms,
+    hyper-connections, sinks, compressor position biases), as from_pretrained(dtype=bfloat16) does; ours is
+    built with bf16 params_dtype, which keeps the same tensors in fp32 (V4RMSNorm, HyperConnection, attn_sink)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    from mindspeed_dsv.models.deepseek4 import DeepSeekV4Config, DeepSeekV4Model
+    from mindspeed_dsv.models.deepseek4.config import transformer_config
+    from mindspeed_dsv.ops import OpsConfig, configure_ops
+    from mindspeed_dsv.platform import current_platform, init_distributed
+    from tests.model.deepseek4_reference import hf_v4_to_ours, make_hf_v4_model, token_ids
+
+    platform = current_platform()
+    device = platform.device()
+    configure_ops(OpsConfig(), platform)  # V4 takes none of the V3 kernel flags
+    init_distributed()
+    cfg = DeepSeekV4Config.from_hf(hf_cfg)
+    hf = make_hf_v4_model(hf_cfg, seed=0, scale=scale)  # fp32, every tensor randomised (cpu)
+    model = DeepSeekV4Model(cfg, transformer_config(cfg, params_dtype=torch.bfloat16))
+    hf_v4_to_ours(hf, model, cfg.n_routed_experts)
+    model = model.to(device).eval()
+    ids = token_ids(cfg.vocab_size, batch=batch, seq=seq).to(device)
+    with torch.no_grad():
+        hf32 = hf.to(device)
+        ref = hf32(ids, labels=ids)
+        ref_logits, ref_loss = ref.logits.float(), ref.loss.item()
+        # the dtype transformers gives each parameter when built under a bf16 default dtype
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device("meta"):
+            shape = DeepseekV4ForCausalLM(DeepseekV4Config(**{k: v for k, v in hf_cfg.items()
+                                                              if k not in ("architectures", "torch_dtype")}))
+        torch.set_default_dtype(torch.float32)
+        want = {n: p.dtype for n, p in shape.named_parameters()}
+        for n, p in hf32.named_parameters():
+            p.data = p.data.to(want[n])
+        hf_bf16 = hf32(ids).logits.float()
+        ours = model(ids).float()
+        loss = F.cross_entropy(ours[:, :-1].reshape(-1, ours.shape[-1]), ids[:, 1:].reshape(-1)).item()
+
+    def rel(x):
+        return ((x - ref_logits).norm() / ref_logits.norm()).item()
+
+    result = rel(ours), rel(hf_bf16), loss, ref_loss
+    del hf, hf32, model
+    torch.cuda.empty_cache()
+    return result
+
+
+def run_parity_v4(rows):
+    from tests.model.deepseek4_reference import tiny_v4_config
+
+    from benchmarks.train_mfu import V4, v4_config
+
+    configs = {  # name -> (config, seq, weight scale)
+        "V4 tiny (sliding/CSA/HCA, hash, clamp, top-k drops), seq 30": (tiny_v4_config(num_nextn_predict_layers=0), 30, 1.0),
+        "V4 proxy widths (train_mfu --proxy v4), seq 512": (v4_config(V4, 3), 512, 0.2),
+    }
+    ok = True
+    for name, (cfg, seq, scale) in configs.items():
+        try:
+            err, hf_err, loss, ref_loss = parity_v4(cfg, seq, scale=scale)
+            passed = err <= max(2e-2, 2 * hf_err)
+            detail = (f"ours bf16 {err:.2e} vs transformers bf16 {hf_err:.2e} (rel. to fp32); "
+                      f"loss ours {loss:.4f} vs fp32 {ref_loss:.4f}")
+        except Exception as exc:  # report and go on: one table at the end
+            passed, detail = False, f"{type(exc).__name__}: {exc}"[:300]
+        ok &= passed
+        rows.append((f"parity {name}", "PASS" if passed else "FAIL", detail))
+        print(rows[-1], flush=True)
+    return ok
 
 
 def run_parity(rows):
@@ -181,7 +260,8 @@ def run_parallel(rows, work, steps=4, only=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", choices=["parity", "parallel"], default=None, help="Run one group of checks.")
+    p.add_argument("--only", choices=["parity", "parity-v4", "parallel"], default=None,
+                   help="Run one group of checks (parity-v4: DeepSeek-V4 only).")
     p.add_argument("--workdir", default=None, help="Scratch directory (default: a temporary one).")
     p.add_argument("--layouts", nargs="*", default=None, choices=["TP2+SP", "EP2", "PP2"],
                    help="Parallel layouts to compare with 1 GPU (default: all three).")
@@ -195,6 +275,8 @@ def main(argv=None):
     rows, ok = [], True
     if a.only in (None, "parity"):
         ok &= run_parity(rows)
+    if a.only in (None, "parity", "parity-v4"):
+        ok &= run_parity_v4(rows)
     if a.only in (None, "parallel"):
         if torch.cuda.device_count() < 2:
             rows.append(("parallel", "SKIP", "needs 2 GPUs"))

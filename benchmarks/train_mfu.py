@@ -10,6 +10,9 @@ Stacks (same HF config, same token batches, same micro-batch / global batch / se
   hf     transformers' DeepseekV3ForCausalLM (sdpa attention, grouped_mm experts), bf16 parameters,
          fused torch AdamW: the plain loop FSDP/DeepSpeed recipes wrap
 
+--proxy v4 (DeepSeek-V4-Flash widths, 16 experts, one sliding, CSA and HCA layer; the comment above V4 says why
+these sizes) has two rows: ours (the V4 trainer) and hf (transformers' DeepseekV4ForCausalLM, eager attention).
+
 Both baselines train bf16 parameters without fp32 master weights: less memory traffic and memory than ours,
 so the comparison favours them. Every row: median step time over the timed steps (warm-up steps excluded),
 tokens/s over all GPUs of the run, TFLOP/s per GPU from mindspeed_dsv.training.flops (the same count for
@@ -23,6 +26,8 @@ ln(vocab) = 11.54; they must agree roughly).
     python benchmarks/train_mfu.py --proxy real --rows ours titan-compile hf   # DeepSeek-V3's real widths
     MFU_PROFILE=1 python benchmarks/train_mfu.py --rows ours hf        # + a torch.profiler table per row (logs)
     python benchmarks/train_mfu.py --tiny --rows ours-unfused hf titan # a seconds-long smoke run (cpu too)
+    python benchmarks/train_mfu.py --proxy v4 --mbs 1 --gbs 4          # DeepSeek-V4-shaped: ours vs transformers
+    python benchmarks/train_mfu.py --proxy v4 --tiny --seq 64          # its smoke run (cpu too)
 
 Each row runs in its own process (torchrun for ours), so one failing stack leaves a row saying why. torchtitan
 is 0.2.2 (0.3.0 needs a newer torch than 2.11); the transformers baseline needs transformers >= 5 for grouped_mm
@@ -90,12 +95,80 @@ PROXY = {
 REAL = dict(PROXY, vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
             num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512,
             n_routed_experts=32, num_experts_per_tok=8, n_group=8, topk_group=4, n_shared_experts=1)
-PROXIES = {"v2lite": (PROXY, 4), "real": (REAL, 2)}  # name -> (config, default layers)
+
+# DeepSeek-V4-Flash's real widths (assets/deepseek4_flash: hidden 4096, 64 query heads of 512 with one shared
+# K=V head, q LoRA 1024, 8 output groups of LoRA 1024, expert 2048, vocab 129280, 4 hyper-connection streams,
+# sliding window 128, CSA rate 4 with a 64x128 indexer keeping 512, HCA rate 128, sqrt-softplus top-6, clamp 10)
+# with 16 instead of 256 experts and 3 layers: one of each attention type (sliding, CSA, HCA), hash routing in
+# the first, learned routing in the others, as V4-Flash's first layers hash and the rest learn. Why these sizes:
+# one 4096x2048 expert is 25 M parameters, so 256 of them are 6.4 B per layer; with 16, a layer is ~0.56 B and
+# the model 2.7 B, whose bf16 weights + fp32 grads + fp32 master + Adam (18 B/parameter, ~49 GB) leave room for
+# the dense [64 heads, S, S] attention scores both stacks hold per layer at S = 4096. 4096 x top-6 / 16 = 1536
+# tokens per expert per micro-batch: the expert GEMMs have the real shapes and the token counts of an EP run of
+# the 256-expert model. S = 4096 gives CSA 1024 compressed entries, so its top-512 drops half, as in training.
+# No MTP (num_nextn_predict_layers 0): transformers builds none, and the V4 trainer refuses MTP > 0 for now.
+V4 = {
+    "architectures": ["DeepseekV4ForCausalLM"],
+    "model_type": "deepseek_v4",
+    "vocab_size": 129280,
+    "hidden_size": 4096,
+    "moe_intermediate_size": 2048,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 1,
+    "head_dim": 512,
+    "partial_rotary_factor": 0.125,  # 64 rotary dims of 512
+    "q_lora_rank": 1024,
+    "o_groups": 8,
+    "o_lora_rank": 1024,
+    "layer_types": ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"],
+    "compress_rates": {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
+    "sliding_window": 128,
+    "index_n_heads": 64,
+    "index_head_dim": 128,
+    "index_topk": 512,
+    "mlp_layer_types": ["hash_moe", "moe", "moe"],
+    "n_routed_experts": 16,
+    "num_experts_per_tok": 6,
+    "n_shared_experts": 1,
+    "scoring_func": "sqrtsoftplus",
+    "norm_topk_prob": True,
+    "routed_scaling_factor": 1.5,
+    "swiglu_limit": 10.0,
+    "hc_mult": 4,
+    "hc_sinkhorn_iters": 20,
+    "hc_eps": 1e-06,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-06,
+    "max_position_embeddings": 1048576,
+    "rope_theta": 10000.0,
+    "compress_rope_theta": 160000.0,
+    "rope_parameters": {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 65536,
+                        "beta_fast": 32.0, "beta_slow": 1.0},
+    "num_nextn_predict_layers": 0,
+    "initializer_range": 0.02,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "torch_dtype": "bfloat16",
+}
+PROXIES = {"v2lite": (PROXY, 4), "real": (REAL, 2), "v4": (V4, 3)}  # name -> (config, default layers)
 
 TINY = dict(PROXY, vocab_size=4096, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
             num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16, n_group=4, topk_group=2,
             num_experts_per_tok=4, kv_lora_rank=32, qk_rope_head_dim=16, v_head_dim=32, qk_nope_head_dim=32,
             n_shared_experts=1, max_position_embeddings=512)
+
+# the tiny V4 (assets/tiny_deepseek4's widths) with the proxy's layer pattern
+TINY_V4 = dict(V4, vocab_size=4096, hidden_size=64, moe_intermediate_size=32, num_attention_heads=4, head_dim=32,
+               partial_rotary_factor=0.25, q_lora_rank=32, o_groups=2, o_lora_rank=16, sliding_window=8,
+               compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+               index_n_heads=2, index_head_dim=16, index_topk=3, n_routed_experts=4, num_experts_per_tok=2,
+               swiglu_limit=1.0, max_position_embeddings=512,
+               rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                                "beta_fast": 32.0, "beta_slow": 1.0})
 
 FAST = ["--use-flash-attn", "--moe-grouped-gemm"]
 FUSED = FAST + ["--use-fused-rmsnorm", "--use-fused-swiglu", "--use-fused-moe-token-permute-and-unpermute",
@@ -124,6 +197,9 @@ OURS_ROWS = {
     "ours-tp2": (2, FUSED + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
 }
 BASELINES = ("titan", "titan-compile", "hf")
+# DeepSeek-V4 (--proxy v4): our trainer with the kernel flags that act on V4 (its attention, hyper-connections
+# and MoE are other modules, so the V3 kernel flags are refused for it) against transformers.
+V4_ROWS = {"ours": ["--mtp-num-layers", "0", "--cross-entropy-loss-fusion"], "hf": None}
 
 
 # ---------------------------------------------------------------------------------------------- shared bits
@@ -212,6 +288,8 @@ def worker_ours(a, hf_cfg, flags):
             *flags]
     if device.type == "cuda":
         argv.append("--bf16")
+    if a.proxy == "v4":
+        argv += V4_ROWS[a.worker]
     args = build_parser().parse_args(argv)
     if a.worker.startswith("exp:"):
         _experiment_patches(a.worker)
@@ -332,12 +410,15 @@ def _baseline_loop(a, model, forward_logits, device, vocab, loss_fn=_cross_entro
 
 def worker_hf(a, hf_cfg):
     import torch
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     device = _device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = DeepseekV3Config(**{k: v for k, v in hf_cfg.items() if k not in ("architectures", "torch_dtype")})
-    config._attn_implementation = "sdpa"
+    if a.proxy == "v4":
+        from transformers import DeepseekV4Config as Config, DeepseekV4ForCausalLM as Model
+    else:
+        from transformers import DeepseekV3Config as Config, DeepseekV3ForCausalLM as Model
+    config = Config(**{k: v for k, v in hf_cfg.items() if k not in ("architectures", "torch_dtype")})
+    config._attn_implementation = "eager" if a.proxy == "v4" else "sdpa"  # V4 ships eager attention only
     experts = "grouped_mm" if device.type == "cuda" else "eager"
     try:
         config._experts_implementation = experts
@@ -346,11 +427,25 @@ def worker_hf(a, hf_cfg):
     torch.manual_seed(0)
     torch.set_default_dtype(dtype)
     with torch.device(device):
-        model = DeepseekV3ForCausalLM(config)
+        model = Model(config)  # V4: norms, hyper-connections, sinks stay fp32 (transformers builds them so)
     torch.set_default_dtype(torch.float32)
+    if a.proxy == "v4":
+        _hash_tables(model, hf_cfg)
     print(f"hf: attn={config._attn_implementation} experts={getattr(config, '_experts_implementation', None)}",
           flush=True)
     _baseline_loop(a, model, lambda x: model(input_ids=x, use_cache=False).logits, device, hf_cfg["vocab_size"])
+
+
+def _hash_tables(model, hf_cfg):
+    """transformers initialises tid2eid to zeros (every token to expert 0; the values come from a checkpoint):
+    give it k distinct experts per token, the table our trainer draws for a model trained from scratch."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.rand(hf_cfg["vocab_size"], hf_cfg["n_routed_experts"], generator=g).argsort(dim=-1)
+    for name, buf in model.named_buffers():
+        if name.endswith("tid2eid"):
+            buf.copy_(table[:, : buf.shape[1]])
 
 
 def _import_titan():
@@ -445,10 +540,17 @@ def _write(a, record):
 
 # ---------------------------------------------------------------------------------------------- driver
 def _flops_per_token(hf_cfg, seq):
-    from mindspeed_dsv.models import DeepSeekConfig
+    from mindspeed_dsv.models.family import model_config
     from mindspeed_dsv.training.flops import train_flops_per_token
 
-    return train_flops_per_token(DeepSeekConfig.from_hf(hf_cfg), seq, 0)
+    return train_flops_per_token(model_config(hf_cfg), seq, 0)
+
+
+def v4_config(base: dict, layers: int) -> dict:
+    """The V4 proxy with `layers` layers: attention types cycle sliding, CSA, HCA; the first layer hashes."""
+    kinds = base["layer_types"]
+    return dict(base, num_hidden_layers=layers, layer_types=[kinds[i % len(kinds)] for i in range(layers)],
+                mlp_layer_types=["hash_moe"] + ["moe"] * (layers - 1))
 
 
 def _free_port() -> int:
@@ -461,7 +563,17 @@ def expected_params(hf_cfg) -> int:
     """Trainable parameters of the configured shape, counted from the planner's tensor inventory (no MTP)."""
     from mindspeed_dsv import plan
     from mindspeed_dsv.models import DeepSeekConfig
+    from mindspeed_dsv.models.family import DEEPSEEK4, family_of, model_config
 
+    if family_of(hf_cfg) == DEEPSEEK4:
+        from mindspeed_dsv import plan_deepseek4 as p4
+
+        c = model_config(hf_cfg)
+        tensors = p4.embedding_tensors(c) + p4.output_tensors(c)
+        for i in range(c.num_hidden_layers):
+            tensors += p4.hf_layer_tensors(c, i)
+        # the CSA indexer is frozen in our trainer and gets no gradient in transformers: counted, as built
+        return sum(t.numel for t in tensors if t.trainable)
     m = DeepSeekConfig.from_hf(hf_cfg)
     tensors = plan.embedding_tensors(m) + plan.output_tensors(m)
     for i in range(m.num_hidden_layers):
@@ -507,8 +619,9 @@ def main(argv=None):
                    help=f"Rows to run, in order; known: {', '.join([*OURS_ROWS, *BASELINES])}. Default: all but the "
                    "exp: rows that fit the visible GPUs.")
     p.add_argument("--proxy", choices=sorted(PROXIES), default="v2lite",
-                   help="Model widths: v2lite (DeepSeek-V2-Lite widths, V3 routing; 4 layers by default) or real "
-                   "(DeepSeek-V3's real widths, 32 experts; 2 layers by default).")
+                   help="Model widths: v2lite (DeepSeek-V2-Lite widths, V3 routing; 4 layers by default), real "
+                   "(DeepSeek-V3's real widths, 32 experts; 2 layers by default) or v4 (DeepSeek-V4-Flash's widths, "
+                   "16 experts, sliding/CSA/HCA layers; 3 by default; rows ours and hf).")
     p.add_argument("--layers", type=int, default=None, help="Decoder layers of the proxy (first one dense); "
                    "default: the proxy's own (4 for v2lite, 2 for real).")
     p.add_argument("--seq", type=int, default=4096, help="Sequence length.")
@@ -528,10 +641,13 @@ def main(argv=None):
 
     base, default_layers = PROXIES[a.proxy]
     a.layers = a.layers or default_layers
-    hf_cfg = dict(TINY if a.tiny else base, num_hidden_layers=a.layers)
+    if a.proxy == "v4":
+        hf_cfg = v4_config(TINY_V4 if a.tiny else base, a.layers)
+    else:
+        hf_cfg = dict(TINY if a.tiny else base, num_hidden_layers=a.layers)
     if a.worker:
         if a.worker in OURS_ROWS:
-            worker_ours(a, hf_cfg, OURS_ROWS[a.worker][1])
+            worker_ours(a, hf_cfg, [] if a.proxy == "v4" else OURS_ROWS[a.worker][1])  # v4: V4_ROWS' flags
         elif a.worker == "hf":
             worker_hf(a, hf_cfg)
         elif a.worker in ("titan", "titan-compile"):
@@ -543,9 +659,13 @@ def main(argv=None):
     import torch
 
     gpus = torch.cuda.device_count()
-    rows = a.rows or [r for r in [*OURS_ROWS, *BASELINES]
-                      if OURS_ROWS.get(r, (1,))[0] <= max(gpus, 1) and not r.startswith("exp:")]
-    unknown = [r for r in rows if r not in OURS_ROWS and r not in BASELINES]
+    if a.proxy == "v4":
+        rows = a.rows or list(V4_ROWS)
+        unknown = [r for r in rows if r not in V4_ROWS]
+    else:
+        rows = a.rows or [r for r in [*OURS_ROWS, *BASELINES]
+                          if OURS_ROWS.get(r, (1,))[0] <= max(gpus, 1) and not r.startswith("exp:")]
+        unknown = [r for r in rows if r not in OURS_ROWS and r not in BASELINES]
     if unknown:
         p.error(f"unknown rows {unknown}")
     device = _device()

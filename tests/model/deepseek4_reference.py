@@ -30,7 +30,9 @@ def single_layer_config(layer_type: str, mlp_type: str = "moe", **overrides) -> 
     return tiny_v4_config(num_hidden_layers=1, layer_types=[layer_type], mlp_layer_types=[mlp_type], **overrides)
 
 
-def make_hf_v4_model(hf_cfg: dict, seed: int = 0):
+def make_hf_v4_model(hf_cfg: dict, seed: int = 0, scale: float = 1.0):
+    """`scale` multiplies the spread of the weight matrices (0.1, experts 0.2): the tiny widths use 1; real widths
+    (thousands of inputs per output) need ~0.2 to keep activations and logits of ordinary size."""
     from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
     torch.manual_seed(seed)
@@ -44,11 +46,11 @@ def make_hf_v4_model(hf_cfg: dict, seed: int = 0):
             elif name.endswith(("hc_scale", ".scale")):
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             elif name.endswith(("experts.gate_up_proj", "experts.down_proj")) or ".shared_experts." in name:
-                p.normal_(0.0, 0.2)  # wide enough that the SwiGLU clamp (swiglu_limit) cuts some entries
+                p.normal_(0.0, 0.2 * scale)  # wide enough that the SwiGLU clamp (swiglu_limit) cuts some entries
             elif name.endswith(("sinks", "position_bias", "base", "hc_base")):
                 p.normal_(0.0, 0.5)
             else:
-                p.normal_(0.0, 0.1)
+                p.normal_(0.0, 0.1 * scale if p.dim() > 1 else 0.1)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(0.05 * torch.randn_like(b))
