@@ -191,7 +191,8 @@ def _mindspeed_source(p: argparse.ArgumentParser) -> None:
 
 MINDSPEED_TARGET = {  # ParallelLayout field -> --target-* flag of mindspeed2mcore / mcore2mindspeed
     "tp": "--target-tensor-parallel-size", "pp": "--target-pipeline-parallel-size",
-    "ep": "--target-expert-parallel-size", "vpp": "--target-num-layers-per-virtual-pipeline-stage",
+    "ep": "--target-expert-parallel-size", "expert_tensor_parallel_size": "--target-expert-tensor-parallel-size",
+    "vpp": "--target-num-layers-per-virtual-pipeline-stage",
     "num_layer_list": "--target-num-layer-list", "noop_layers": "--target-noop-layers",
     "schedules_method": "--target-schedules-method", "num_layers": "--target-num-layers",
 }

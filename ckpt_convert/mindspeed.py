@@ -21,6 +21,11 @@ QLoRA NF4 weights (their `--qlora-nf4`, tags <= 26.0.0: bitsandbytes' packed qua
 `<weight key>.absmax`, `.quant_map`, `.nested_absmax`, `.nested_quant_map`, `.quant_state.bitsandbytes__nf4`) are
 dequantized by our NF4 code (mindspeed_dsv.peft.nf4, the same format) to the dtype they record.
 
+Expert-TP 1 at TP > 1 (`--expert-tensor-parallel-size 1`, their master A2 template: TP4 EP32): the files are the
+ones megatron's ranks save, lcm(TP, EP) per pipeline stage, each with its TP shard of the dense weights and its EP
+group's experts whole (ParallelLayout.rank_files); the saved args record the value, or give
+`--source-expert-tensor-parallel-size 1`.
+
 Not read (refused with a message): LoRA weights, grouped experts split over TP inside each expert (MindSpeed-LLM's
 layout of that case is not documented well enough to be proven here). Optimizer state and RNG state are not converted (the output is a
 weights-only checkpoint at iteration 1, as their converter writes).
@@ -65,8 +70,9 @@ class MindSpeedCheckpointError(ValueError):
 def _check_supported(layout: ParallelLayout) -> None:
     if layout.moe_grouped_gemm and layout.expert_tp > 1:
         raise MindSpeedCheckpointError(
-            f"grouped experts split over TP inside each expert (--moe-grouped-gemm with TP {layout.tp} and no "
-            "--moe-tp-extend-ep) are not supported for MindSpeed-LLM interop; use --moe-tp-extend-ep or TP 1")
+            f"grouped experts split over TP inside each expert (--moe-grouped-gemm with TP {layout.tp}, expert-TP "
+            f"{layout.expert_tp}) are not supported for MindSpeed-LLM interop; their training runs expert-TP 1 "
+            "(--expert-tensor-parallel-size 1) or --moe-tp-extend-ep: give the one it used")
 
 
 def _q_lora_rank(cfg: dict) -> int:
@@ -192,7 +198,7 @@ def expected_shapes(cfg: dict, layout: ParallelLayout, tp: int, pp: int, ep: int
 
 
 def _layout_text(layout: ParallelLayout, mla_mm_split: bool) -> str:
-    return (f"TP={layout.tp} PP={layout.pp} EP={layout.ep} VPP={layout.vpp} dualpipev={layout.dualpipev} "
+    return (f"TP={layout.tp} PP={layout.pp} EP={layout.ep} expert-TP={layout.expert_tp} VPP={layout.vpp} dualpipev={layout.dualpipev} "
             f"noop={layout.noop_layers} mtp={layout.mtp_num_layers} grouped={layout.moe_grouped_gemm} "
             f"tp-extend-ep={layout.moe_tp_extend_ep} mla-mm-split={mla_mm_split}")
 
@@ -234,6 +240,7 @@ SOURCE_FLAGS = {  # ParallelLayout field -> MindSpeed-LLM / Megatron saved-args 
     "vpp": "num_layers_per_virtual_pipeline_stage", "num_layer_list": "num_layer_list", "noop_layers": "noop_layers",
     "num_layers": "num_layers", "mtp_num_layers": "mtp_num_layers", "first_k_dense_replace": "first_k_dense_replace",
     "num_experts": "num_experts", "moe_grouped_gemm": "moe_grouped_gemm", "moe_tp_extend_ep": "moe_tp_extend_ep",
+    "expert_tensor_parallel_size": "expert_tensor_parallel_size",
 }
 
 
@@ -263,6 +270,9 @@ def source_layout(given: dict, args: argparse.Namespace | None, cfg: dict) -> tu
             fields[field] = value
     schedules = given.get("schedules_method") or saved.get("schedules_method")
     fields["dualpipev"] = schedules == "dualpipev"
+    if fields.get("expert_tensor_parallel_size") == fields.get("tp", 1):
+        # megatron saves the resolved value (= TP by default); unset, it follows TP through a --target-* change
+        del fields["expert_tensor_parallel_size"]
     if isinstance(fields.get("noop_layers"), (set, tuple)):
         fields["noop_layers"] = sorted(fields["noop_layers"])
     layout = ParallelLayout(**fields).with_model_defaults(cfg)

@@ -604,8 +604,8 @@ class ParallelLayout:
         out = []
         for name in names:
             a, b = getattr(self, name), getattr(other, name)
-            if name == "expert_tensor_parallel_size":  # None means "= TP": compare what it resolves to
-                a, b = self.expert_tp, other.expert_tp
+            if name == "expert_tensor_parallel_size":  # None and TP mean the same ("= TP", a change of TP says it)
+                a, b = ("TP" if x.expert_tp == x.tp else x.expert_tp for x in (self, other))
             if a != b:
                 out.append(f"{_FLAGS[name]} ({name}): {a!r} != {b!r}")
         return out

@@ -66,4 +66,5 @@ def test_expert_tp_flag_rules():
     a = ParallelLayout(tp=2, num_layers=4)
     assert a.expert_tp == 2 and not a.diff(ParallelLayout(tp=2, num_layers=4, expert_tensor_parallel_size=2))
     assert a.diff(ParallelLayout(tp=2, num_layers=4, expert_tensor_parallel_size=1)) == [
-        "--expert-tensor-parallel-size (expert_tensor_parallel_size): 2 != 1"]
+        "--expert-tensor-parallel-size (expert_tensor_parallel_size): 'TP' != 1"]
+    assert len(a.diff(ParallelLayout(tp=4, num_layers=4))) == 1  # only TP differs
