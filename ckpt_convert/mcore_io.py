@@ -176,14 +176,19 @@ class McoreReader:
         path = rank_file(root, self.layout, tp, pp, ep, self.iterations[root])
         f = self._files.get(path)
         if f is None:
-            f = load_rank_file(path, verify=self.verify_checksums and path not in self._verified)
-            self._verified.add(path)
+            f = self._load(path, tp, pp, ep)
             self._files[path] = f
             while len(self._files) > max(8, 2 * self.layout.tp * self.layout.ep):
                 self._files.popitem(last=False)
         else:
             self._files.move_to_end(path)
         return f
+
+    def _load(self, path: str, tp: int, pp: int, ep: int) -> dict:
+        """One rank file's state as served to the name map (a subclass may rename what it reads)."""
+        state = load_rank_file(path, verify=self.verify_checksums and path not in self._verified)
+        self._verified.add(path)
+        return state
 
     def _chunk(self, root: str, tp: int, pp: int, ep: int, ck: str) -> dict:
         state = self._file(root, tp, pp, ep)

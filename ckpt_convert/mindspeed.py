@@ -42,8 +42,8 @@ import shutil
 import torch
 
 from ckpt_convert import hf_io
-from ckpt_convert.mcore_io import (CKPT_FILE, all_ranks, args_record, iter_dir_name, load_rank_file, rank_file,
-                                   read_iteration, save_rank_file, write_record, write_tracker)
+from ckpt_convert.mcore_io import (CKPT_FILE, McoreReader, all_ranks, args_record, iter_dir_name, load_rank_file,
+                                   rank_file, read_iteration, save_rank_file, write_record, write_tracker)
 from mindspeed_dsv.files import replace_dir, write_json_atomic
 from mindspeed_dsv.layout import ParallelLayout
 from mindspeed_dsv.models import names as nm
@@ -326,6 +326,29 @@ def read_mindspeed_as_ours(load_dir: str, cfg: dict, layout: ParallelLayout, mla
     return {"files": files, "source_iteration": it}
 
 
+class MindSpeedReader(McoreReader):
+    """Serves full HF-named tensors straight out of MindSpeed-LLM rank files: as each file is opened its chunks are
+    renamed to ours (chunk_to_ours) and checked key by key and shape by shape against the name map (_check_keys),
+    so mindspeed2mcore / mindspeed2hf write the output once, with no staging copy in our names."""
+
+    def __init__(self, load_dir: str, layout: ParallelLayout, cfg: dict, mla_mm_split: bool = False):
+        _check_supported(layout)
+        _check_rank_dirs(load_dir, read_iteration(load_dir), layout, mla_mm_split)
+        super().__init__(load_dir, layout, cfg, mla_mm_split=mla_mm_split, verify_checksums=False)
+
+    def _load(self, path: str, tp: int, pp: int, ep: int) -> dict:
+        state = load_rank_file(path, verify=False)  # their checkpoints record no checksums
+        extra = sorted(k for k in state if k not in NON_MODEL_KEYS and not re.fullmatch(r"model\d*", k))
+        if extra:
+            raise MindSpeedCheckpointError(f"{path}: unknown top-level entries {extra}")
+        out = {}
+        for c, ck, sd in _model_chunks(path, state, self.layout, "the VPP/dualpipev flags differ from the checkpoint's"):
+            where = f"{path} [{ck}]"
+            out[ck] = chunk_to_ours(sd, self.cfg, where)
+            _check_keys(out[ck], self.cfg, self.layout, tp, pp, ep, c, self._mm_split, where)
+        return out
+
+
 def _model_chunks(path: str, state: dict, layout: ParallelLayout, hint: str):
     """(chunk index, chunk key, state dict) of every model chunk a rank file of `layout` holds; a missing one is
     an error naming the file, the keys it has and `hint`."""
@@ -392,22 +415,17 @@ def mindspeed2mcore(load_dir: str, save_dir: str, cfg: dict, given: dict, target
     from ckpt_convert.hf2mcore import write_mcore
 
     _fresh_dir(save_dir, "--save-dir")
-    _, args = saved_args(load_dir)
+    it, args = saved_args(load_dir)
     src, mm = source_layout(given, args, cfg)
     dst = retarget(src, target, cfg)
-    stage = _staging(save_dir, "mindspeed-src")
-    try:
-        stats = read_mindspeed_as_ours(load_dir, cfg, src, mm, stage, model_config_dir)
-        spec = {"kind": "mcore", "dir": stage, "layout": src.to_dict(), "cfg": cfg, "mla_mm_split": mm}
-        record = {"command": "mindspeed2mcore", "source_dir": os.path.abspath(load_dir),
-                  "source_layout": src.to_dict(), "source_iteration": stats["source_iteration"]}
-        # Always written by our writer (even at the same layout): one code path for every target, and the
-        # output gets the same checks and records as hf2mcore's.
-        out = write_mcore(spec, cfg, dst, save_dir, params_dtype, mm, workers, record=record,
-                          side_files_from=model_config_dir, progress=progress)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return dict(out, source_layout=src.to_dict(), source_iteration=stats["source_iteration"])
+    # One pass: our writer reads their files through MindSpeedReader (renamed and checked as each file opens),
+    # for any target layout, the same one included; the output gets hf2mcore's checks and records.
+    spec = {"kind": "mindspeed", "dir": load_dir, "layout": src.to_dict(), "cfg": cfg, "mla_mm_split": mm}
+    record = {"command": "mindspeed2mcore", "source_dir": os.path.abspath(load_dir), "source_layout": src.to_dict(),
+              "source_iteration": it}
+    out = write_mcore(spec, cfg, dst, save_dir, params_dtype, mm, workers, record=record,
+                      side_files_from=model_config_dir, progress=progress)
+    return dict(out, source_layout=src.to_dict(), source_iteration=it)
 
 
 def mindspeed2hf(load_dir: str, save_dir: str, cfg: dict, given: dict, model_config_dir: str, workers: int = 1,
