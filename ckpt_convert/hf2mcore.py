@@ -49,6 +49,8 @@ def layout_str(layout: ParallelLayout) -> str:
         s += f" VPP={layout.vpp}"
     if layout.moe_tp_extend_ep:
         s += " moe-tp-extend-ep"
+    elif layout.expert_tp != layout.tp:
+        s += f" expert-TP={layout.expert_tp}"
     return s
 
 

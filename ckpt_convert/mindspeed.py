@@ -12,9 +12,9 @@ names. They differ in a few tensor names only (facts and sources: shared/notes/m
     final_layernorm.weight   (when MTP is present)      decoder.final_layernorm.weight
     mtp.final_layernorms.{k}.weight                     mtp.layers.{k}.final_layernorm.weight
 
-So a MindSpeed-LLM checkpoint is read by renaming each chunk into ours at the same layout (`chunk_to_ours`), and
-written by the inverse (`chunk_to_theirs`); a change of layout goes through our `reshard` (hf2mcore.write_mcore
-over an mcore source). Every key is checked against the name map (names.rank_maps) of its rank file and chunk:
+So a MindSpeed-LLM checkpoint is read by renaming each chunk into ours as its rank file is opened
+(`chunk_to_ours`, in `MindSpeedReader`, which our writer hf2mcore.write_mcore reads from for any target layout: one
+pass, no staging copy), and written by the inverse (`chunk_to_theirs`). Every key is checked against the name map (names.rank_maps) of its rank file and chunk:
 an unknown key names the key, the file and the layout it expected.
 
 QLoRA NF4 weights (their `--qlora-nf4`, tags <= 26.0.0: bitsandbytes' packed quant state stored as

@@ -52,6 +52,18 @@ def test_resume_continues_the_same_curve(tiny_data, tmp_path):
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-9)
 
 
+def _common_layout_args(tiny_data):
+    return _sft_args(tiny_data, "--train-iters", "3", "--global-batch-size", "4", "--finetune", "--no-shuffle")
+
+
+@pytest.fixture(scope="module")
+def single_rank_curve(tiny_data, tiny_hf_dir, tmp_path_factory):
+    """The 1-rank run every 2-rank layout is compared with (the same for all of them)."""
+    one = hf2mcore(tiny_hf_dir, str(tmp_path_factory.mktemp("tp1") / "ckpt"))
+    (ref,) = run_distributed(_train, 1, [*_common_layout_args(tiny_data), "--load", one])
+    return ref
+
+
 @pytest.mark.parametrize(
     "layout",
     [
@@ -69,16 +81,15 @@ def test_resume_continues_the_same_curve(tiny_data, tmp_path):
     ],
     ids=["tp2", "ep2", "pp2", "tp2_padded_vocab", "tp2_etp1", "tp2_etp1_ep2_grouped", "tp2_extend_ep"],
 )
-def test_parallel_layouts_match_single_rank(tiny_data, tiny_hf_dir, tmp_path, layout):
+def test_parallel_layouts_match_single_rank(tiny_data, tiny_hf_dir, tmp_path, layout, single_rank_curve):
     """Same converted weights, same data and seed: 2-rank layouts follow the 1-rank loss curve."""
     conv_flags = [f.replace("--tensor-model", "--target-tensor").replace("--expert-model", "--target-expert")
                   .replace("--pipeline-model", "--target-pipeline").replace("--expert-tensor", "--target-expert-tensor")
                   for f in layout if f != "--sequence-parallel"]
     conv_flags = [f.replace("-model-parallel-size", "-parallel-size") for f in conv_flags]
-    one = hf2mcore(tiny_hf_dir, str(tmp_path / "tp1"))
     two = hf2mcore(tiny_hf_dir, str(tmp_path / "two"), *conv_flags)
-    common = _sft_args(tiny_data, "--train-iters", "3", "--global-batch-size", "4", "--finetune", "--no-shuffle")
-    (ref,) = run_distributed(_train, 1, [*common, "--load", one])
+    common = _common_layout_args(tiny_data)
+    ref = single_rank_curve
     save = str(tmp_path / "saved")
     results = run_distributed(_train, 2, [*common, "--load", two, *layout, "--save", save])
     got = results[0]
