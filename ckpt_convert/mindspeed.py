@@ -12,10 +12,10 @@ names. They differ in a few tensor names only (facts and sources: shared/notes/m
     final_layernorm.weight   (when MTP is present)      decoder.final_layernorm.weight
     mtp.final_layernorms.{k}.weight                     mtp.layers.{k}.final_layernorm.weight
 
-So a MindSpeed-LLM checkpoint is read by renaming each chunk into ours as its rank file is opened
-(`chunk_to_ours`, in `MindSpeedReader`, which our writer hf2mcore.write_mcore reads from for any target layout: one
-pass, no staging copy), and written by the inverse (`chunk_to_theirs`). Every key is checked against the name map (names.rank_maps) of its rank file and chunk:
-an unknown key names the key, the file and the layout it expected.
+So a MindSpeed-LLM checkpoint is read by renaming each chunk into ours as its rank file is opened (`chunk_to_ours`,
+in `MindSpeedReader`, which our writer hf2mcore.write_mcore reads from for any target layout: one pass, no staging
+copy), and written by the inverse (`chunk_to_theirs`). Every key is checked against the name map (names.rank_maps)
+of its rank file and chunk: an unknown key names the key, the file and the layout it expected.
 
 QLoRA NF4 weights (their `--qlora-nf4`, tags <= 26.0.0: bitsandbytes' packed quant state stored as
 `<weight key>.absmax`, `.quant_map`, `.nested_absmax`, `.nested_quant_map`, `.quant_state.bitsandbytes__nf4`) are
@@ -198,7 +198,8 @@ def expected_shapes(cfg: dict, layout: ParallelLayout, tp: int, pp: int, ep: int
 
 
 def _layout_text(layout: ParallelLayout, mla_mm_split: bool) -> str:
-    return (f"TP={layout.tp} PP={layout.pp} EP={layout.ep} expert-TP={layout.expert_tp} VPP={layout.vpp} dualpipev={layout.dualpipev} "
+    return (f"TP={layout.tp} PP={layout.pp} EP={layout.ep} expert-TP={layout.expert_tp} VPP={layout.vpp} "
+            f"dualpipev={layout.dualpipev} "
             f"noop={layout.noop_layers} mtp={layout.mtp_num_layers} grouped={layout.moe_grouped_gemm} "
             f"tp-extend-ep={layout.moe_tp_extend_ep} mla-mm-split={mla_mm_split}")
 
@@ -342,7 +343,8 @@ class MindSpeedReader(McoreReader):
         if extra:
             raise MindSpeedCheckpointError(f"{path}: unknown top-level entries {extra}")
         out = {}
-        for c, ck, sd in _model_chunks(path, state, self.layout, "the VPP/dualpipev flags differ from the checkpoint's"):
+        hint = "the VPP/dualpipev flags differ from the checkpoint's"
+        for c, ck, sd in _model_chunks(path, state, self.layout, hint):
             where = f"{path} [{ck}]"
             out[ck] = chunk_to_ours(sd, self.cfg, where)
             _check_keys(out[ck], self.cfg, self.layout, tp, pp, ep, c, self._mm_split, where)

@@ -125,8 +125,8 @@ def mcore_logits(mcore_dir: str, tokens: torch.Tensor, dtype: torch.dtype) -> to
     init_distributed(tp=layout.tp, pp=layout.pp, ep=ep, etp=etp, vpp=chunks if chunks > 1 else None)
     world = dist.get_world_size()
     if world % world_size_of(layout):
-        raise VerifyError(f"world size {world} is not a multiple of PP*lcm(TP, expert-TP*EP) = {world_size_of(layout)} of "
-                          f"{mcore_dir}/layout.json")
+        raise VerifyError(f"world size {world} is not a multiple of PP*lcm(TP, expert-TP*EP) = "
+                          f"{world_size_of(layout)} of {mcore_dir}/layout.json")
     cfg = DeepSeekConfig.from_hf(mcore_dir)
     models = _load_chunks(mcore_dir, layout, cfg, dtype)
 

@@ -11,7 +11,6 @@ CASES = {  # name -> layout fields; every case fits a world of 4
     "tp2_etp1_ep4": dict(tp=2, ep=4, expert_tensor_parallel_size=1),
     "tp4_etp1_ep2": dict(tp=4, ep=2, expert_tensor_parallel_size=1),
     "tp2_etp1_ep1_pp2": dict(tp=2, pp=2, expert_tensor_parallel_size=1),
-    "tp2_ep2": dict(tp=2, ep=2),
     "tp2_ep2_extend": dict(tp=2, ep=2, moe_tp_extend_ep=True),
 }
 
