@@ -11,6 +11,7 @@ from mindspeed_dsv.layout import LayoutError, ParallelLayout, add_layout_args
 
 LAYOUT_DESTS = {  # argparse dest (with prefix) -> ParallelLayout field
     "{p}tensor_parallel_size": "tp", "{p}pipeline_parallel_size": "pp", "{p}expert_parallel_size": "ep",
+    "{p}expert_tensor_parallel_size": "expert_tensor_parallel_size",
     "num_layers_per_virtual_pipeline_stage": "vpp", "num_layer_list": "num_layer_list", "noop_layers": "noop_layers",
     "num_layers": "num_layers", "mtp_num_layers": "mtp_num_layers", "first_k_dense_replace": "first_k_dense_replace",
     "num_experts": "num_experts", "make_vocab_size_divisible_by": "make_vocab_size_divisible_by",
@@ -190,7 +191,8 @@ def _mindspeed_source(p: argparse.ArgumentParser) -> None:
 
 MINDSPEED_TARGET = {  # ParallelLayout field -> --target-* flag of mindspeed2mcore / mcore2mindspeed
     "tp": "--target-tensor-parallel-size", "pp": "--target-pipeline-parallel-size",
-    "ep": "--target-expert-parallel-size", "vpp": "--target-num-layers-per-virtual-pipeline-stage",
+    "ep": "--target-expert-parallel-size", "expert_tensor_parallel_size": "--target-expert-tensor-parallel-size",
+    "vpp": "--target-num-layers-per-virtual-pipeline-stage",
     "num_layer_list": "--target-num-layer-list", "noop_layers": "--target-noop-layers",
     "schedules_method": "--target-schedules-method", "num_layers": "--target-num-layers",
 }

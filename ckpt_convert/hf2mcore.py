@@ -41,6 +41,10 @@ def make_reader(spec: dict):
         return hf_io.HFReader(spec["dir"], fp8_dtype=DTYPES[spec.get("fp8_dtype", "bf16")],
                               verify_checksums=spec.get("verify_checksums", True))
     layout = ParallelLayout.from_dict(spec["layout"])
+    if spec["kind"] == "mindspeed":  # MindSpeed-LLM rank files, renamed to ours as they are read
+        from ckpt_convert.mindspeed import MindSpeedReader
+
+        return MindSpeedReader(spec["dir"], layout, spec["cfg"], spec.get("mla_mm_split", False))
     return McoreReader(spec["dir"], layout, spec["cfg"], mla_mm_split=spec.get("mla_mm_split", False),
                        verify_checksums=spec.get("verify_checksums", True))
 
@@ -51,6 +55,8 @@ def layout_str(layout: ParallelLayout) -> str:
         s += f" VPP={layout.vpp}"
     if layout.moe_tp_extend_ep:
         s += " moe-tp-extend-ep"
+    elif layout.expert_tp != layout.tp:
+        s += f" expert-TP={layout.expert_tp}"
     return s
 
 
@@ -172,6 +178,10 @@ def build_rank(reader, cfg, layout, tp, pp, ep, mla_mm_split, dtype, qlora: dict
             except nm.NameMapError as e:
                 raise ConversionError(f"{e} (layout {layout_str(layout)})") from None
             t = _cast(t, m.mcore, dtype).contiguous()
+            if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                # a TP row slice is a contiguous view of the whole tensor, and torch.save writes a view's whole
+                # storage: every rank file would hold the full embedding, output layer, ... (measured: +38% bytes)
+                t = t.clone()
             if qlora_targets(m, qlora):
                 t = quantize_nf4(t, blocksize=qlora["blocksize"], double_quant=False, backend="torch").state_dict()
             sd[m.mcore] = t

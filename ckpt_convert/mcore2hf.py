@@ -172,6 +172,8 @@ def _check_flags(layout: ParallelLayout, given: dict, where: str) -> None:
         if value is None:
             continue
         rec = getattr(layout, field)
+        if field == "expert_tensor_parallel_size":  # unset in layout.json means "= TP"
+            rec = layout.expert_tp
         if field in ("num_layer_list", "noop_layers"):
             value = [int(x) for x in str(value).replace(" ", "").split(",") if x != ""] if isinstance(value, str) \
                 else list(value)

@@ -44,8 +44,9 @@ def rank_file(root: str, layout: ParallelLayout, tp: int, pp: int, ep: int, iter
 
 
 def all_ranks(layout: ParallelLayout) -> list[tuple[int, int, int]]:
-    """(tp, pp, ep) of every rank file, pipeline-major so one stage's files are written/read together."""
-    return [(t, p, e) for p in range(layout.pp) for e in range(layout.ep) for t in range(layout.tp)]
+    """(tp, pp, ep) of every rank file, pipeline-major so one stage's files are written/read together (at
+    expert-TP 1 not the whole TP x EP grid: ParallelLayout.rank_files)."""
+    return layout.rank_files()
 
 
 def args_record(cfg: dict, layout: ParallelLayout, params_dtype: str, mla_mm_split: bool, qlora_nf4: bool = False
@@ -58,6 +59,7 @@ def args_record(cfg: dict, layout: ParallelLayout, params_dtype: str, mla_mm_spl
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.expert_tp,
         num_layers_per_virtual_pipeline_stage=layout.vpp,
         num_layer_list=None if layout.num_layer_list is None else ",".join(map(str, layout.num_layer_list)),
         noop_layers=",".join(map(str, layout.noop_layers)) or None,
@@ -208,14 +210,19 @@ class McoreReader:
         path = rank_file(root, self.layout, tp, pp, ep, self.iterations[root])
         f = self._files.get(path)
         if f is None:
-            f = load_rank_file(path, verify=self.verify_checksums and path not in self._verified)
-            self._verified.add(path)
+            f = self._load(path, tp, pp, ep)
             self._files[path] = f
             while len(self._files) > max(8, 2 * self.layout.tp * self.layout.ep):
                 self._files.popitem(last=False)
         else:
             self._files.move_to_end(path)
         return f
+
+    def _load(self, path: str, tp: int, pp: int, ep: int) -> dict:
+        """One rank file's state as served to the name map (a subclass may rename what it reads)."""
+        state = load_rank_file(path, verify=self.verify_checksums and path not in self._verified)
+        self._verified.add(path)
+        return state
 
     def _chunk(self, root: str, tp: int, pp: int, ep: int, ck: str) -> dict:
         state = self._file(root, tp, pp, ep)
@@ -278,11 +285,12 @@ class McoreReader:
     def _entry_tensors(self, first: str) -> dict[str, torch.Tensor]:
         owner = self.entries[first]
         m0 = owner[0][4]
-        # the members holding this entry: lowest ep rank (non-expert tensors repeat on every ep rank)
-        ep0 = min(o[2] for o in owner)
-        members = sorted((o for o in owner if o[2] == ep0), key=lambda o: o[0])
-        if m0.tp == 1:
-            members = members[:1]
+        # one member per TP shard, from the lowest ep rank holding it (non-expert tensors repeat on every ep rank
+        # file; at expert-TP 1 a TP rank's files need not include ep rank 0)
+        by_shard = {}
+        for o in sorted(owner, key=lambda o: (o[2], o[0])):
+            by_shard.setdefault(o[4].tp_rank, o)
+        members = [by_shard[r] for r in sorted(by_shard)]
         shards = [self.rank_tensor(tp, pp, ep, ck, m) for tp, pp, ep, ck, m in members]
         return nm.unshard(m0, shards)
 

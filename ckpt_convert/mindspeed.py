@@ -12,14 +12,19 @@ names. They differ in a few tensor names only (facts and sources: shared/notes/m
     final_layernorm.weight   (when MTP is present)      decoder.final_layernorm.weight
     mtp.final_layernorms.{k}.weight                     mtp.layers.{k}.final_layernorm.weight
 
-So a MindSpeed-LLM checkpoint is read by renaming each chunk into ours at the same layout (`chunk_to_ours`), and
-written by the inverse (`chunk_to_theirs`); a change of layout goes through our `reshard` (hf2mcore.write_mcore
-over an mcore source). Every key is checked against the name map (names.rank_maps) of its rank file and chunk:
-an unknown key names the key, the file and the layout it expected.
+So a MindSpeed-LLM checkpoint is read by renaming each chunk into ours as its rank file is opened (`chunk_to_ours`,
+in `MindSpeedReader`, which our writer hf2mcore.write_mcore reads from for any target layout: one pass, no staging
+copy), and written by the inverse (`chunk_to_theirs`). Every key is checked against the name map (names.rank_maps)
+of its rank file and chunk: an unknown key names the key, the file and the layout it expected.
 
 QLoRA NF4 weights (their `--qlora-nf4`, tags <= 26.0.0: bitsandbytes' packed quant state stored as
 `<weight key>.absmax`, `.quant_map`, `.nested_absmax`, `.nested_quant_map`, `.quant_state.bitsandbytes__nf4`) are
 dequantized by our NF4 code (mindspeed_dsv.peft.nf4, the same format) to the dtype they record.
+
+Expert-TP 1 at TP > 1 (`--expert-tensor-parallel-size 1`, their master A2 template: TP4 EP32): the files are the
+ones megatron's ranks save, lcm(TP, EP) per pipeline stage, each with its TP shard of the dense weights and its EP
+group's experts whole (ParallelLayout.rank_files); the saved args record the value, or give
+`--source-expert-tensor-parallel-size 1`.
 
 Not read (refused with a message): LoRA weights, grouped experts split over TP inside each expert (MindSpeed-LLM's
 layout of that case is not documented well enough to be proven here). Optimizer state and RNG state are not converted (the output is a
@@ -37,8 +42,8 @@ import shutil
 import torch
 
 from ckpt_convert import hf_io
-from ckpt_convert.mcore_io import (CKPT_FILE, all_ranks, args_record, iter_dir_name, load_rank_file, rank_file,
-                                   read_iteration, save_rank_file, write_record, write_tracker)
+from ckpt_convert.mcore_io import (CKPT_FILE, McoreReader, all_ranks, args_record, iter_dir_name, load_rank_file,
+                                   rank_file, read_iteration, save_rank_file, write_record, write_tracker)
 from mindspeed_dsv.files import replace_dir, write_json_atomic
 from mindspeed_dsv.layout import ParallelLayout
 from mindspeed_dsv.models import names as nm
@@ -65,8 +70,9 @@ class MindSpeedCheckpointError(ValueError):
 def _check_supported(layout: ParallelLayout) -> None:
     if layout.moe_grouped_gemm and layout.expert_tp > 1:
         raise MindSpeedCheckpointError(
-            f"grouped experts split over TP inside each expert (--moe-grouped-gemm with TP {layout.tp} and no "
-            "--moe-tp-extend-ep) are not supported for MindSpeed-LLM interop; use --moe-tp-extend-ep or TP 1")
+            f"grouped experts split over TP inside each expert (--moe-grouped-gemm with TP {layout.tp}, expert-TP "
+            f"{layout.expert_tp}) are not supported for MindSpeed-LLM interop; their training runs expert-TP 1 "
+            "(--expert-tensor-parallel-size 1) or --moe-tp-extend-ep: give the one it used")
 
 
 def _q_lora_rank(cfg: dict) -> int:
@@ -192,7 +198,8 @@ def expected_shapes(cfg: dict, layout: ParallelLayout, tp: int, pp: int, ep: int
 
 
 def _layout_text(layout: ParallelLayout, mla_mm_split: bool) -> str:
-    return (f"TP={layout.tp} PP={layout.pp} EP={layout.ep} VPP={layout.vpp} dualpipev={layout.dualpipev} "
+    return (f"TP={layout.tp} PP={layout.pp} EP={layout.ep} expert-TP={layout.expert_tp} VPP={layout.vpp} "
+            f"dualpipev={layout.dualpipev} "
             f"noop={layout.noop_layers} mtp={layout.mtp_num_layers} grouped={layout.moe_grouped_gemm} "
             f"tp-extend-ep={layout.moe_tp_extend_ep} mla-mm-split={mla_mm_split}")
 
@@ -234,6 +241,7 @@ SOURCE_FLAGS = {  # ParallelLayout field -> MindSpeed-LLM / Megatron saved-args 
     "vpp": "num_layers_per_virtual_pipeline_stage", "num_layer_list": "num_layer_list", "noop_layers": "noop_layers",
     "num_layers": "num_layers", "mtp_num_layers": "mtp_num_layers", "first_k_dense_replace": "first_k_dense_replace",
     "num_experts": "num_experts", "moe_grouped_gemm": "moe_grouped_gemm", "moe_tp_extend_ep": "moe_tp_extend_ep",
+    "expert_tensor_parallel_size": "expert_tensor_parallel_size",
 }
 
 
@@ -263,6 +271,9 @@ def source_layout(given: dict, args: argparse.Namespace | None, cfg: dict) -> tu
             fields[field] = value
     schedules = given.get("schedules_method") or saved.get("schedules_method")
     fields["dualpipev"] = schedules == "dualpipev"
+    if fields.get("expert_tensor_parallel_size") == fields.get("tp", 1):
+        # megatron saves the resolved value (= TP by default); unset, it follows TP through a --target-* change
+        del fields["expert_tensor_parallel_size"]
     if isinstance(fields.get("noop_layers"), (set, tuple)):
         fields["noop_layers"] = sorted(fields["noop_layers"])
     layout = ParallelLayout(**fields).with_model_defaults(cfg)
@@ -314,6 +325,30 @@ def read_mindspeed_as_ours(load_dir: str, cfg: dict, layout: ParallelLayout, mla
     _finish_ours(out_dir, cfg, layout, mla_mm_split, side_files_from,
                  {"command": "mindspeed2mcore", "source_dir": os.path.abspath(load_dir), "source_iteration": it})
     return {"files": files, "source_iteration": it}
+
+
+class MindSpeedReader(McoreReader):
+    """Serves full HF-named tensors straight out of MindSpeed-LLM rank files: as each file is opened its chunks are
+    renamed to ours (chunk_to_ours) and checked key by key and shape by shape against the name map (_check_keys),
+    so mindspeed2mcore / mindspeed2hf write the output once, with no staging copy in our names."""
+
+    def __init__(self, load_dir: str, layout: ParallelLayout, cfg: dict, mla_mm_split: bool = False):
+        _check_supported(layout)
+        _check_rank_dirs(load_dir, read_iteration(load_dir), layout, mla_mm_split)
+        super().__init__(load_dir, layout, cfg, mla_mm_split=mla_mm_split, verify_checksums=False)
+
+    def _load(self, path: str, tp: int, pp: int, ep: int) -> dict:
+        state = load_rank_file(path, verify=False)  # their checkpoints record no checksums
+        extra = sorted(k for k in state if k not in NON_MODEL_KEYS and not re.fullmatch(r"model\d*", k))
+        if extra:
+            raise MindSpeedCheckpointError(f"{path}: unknown top-level entries {extra}")
+        out = {}
+        hint = "the VPP/dualpipev flags differ from the checkpoint's"
+        for c, ck, sd in _model_chunks(path, state, self.layout, hint):
+            where = f"{path} [{ck}]"
+            out[ck] = chunk_to_ours(sd, self.cfg, where)
+            _check_keys(out[ck], self.cfg, self.layout, tp, pp, ep, c, self._mm_split, where)
+        return out
 
 
 def _model_chunks(path: str, state: dict, layout: ParallelLayout, hint: str):
@@ -382,22 +417,17 @@ def mindspeed2mcore(load_dir: str, save_dir: str, cfg: dict, given: dict, target
     from ckpt_convert.hf2mcore import write_mcore
 
     _fresh_dir(save_dir, "--save-dir")
-    _, args = saved_args(load_dir)
+    it, args = saved_args(load_dir)
     src, mm = source_layout(given, args, cfg)
     dst = retarget(src, target, cfg)
-    stage = _staging(save_dir, "mindspeed-src")
-    try:
-        stats = read_mindspeed_as_ours(load_dir, cfg, src, mm, stage, model_config_dir)
-        spec = {"kind": "mcore", "dir": stage, "layout": src.to_dict(), "cfg": cfg, "mla_mm_split": mm}
-        record = {"command": "mindspeed2mcore", "source_dir": os.path.abspath(load_dir),
-                  "source_layout": src.to_dict(), "source_iteration": stats["source_iteration"]}
-        # Always written by our writer (even at the same layout): one code path for every target, and the
-        # output gets the same checks and records as hf2mcore's.
-        out = write_mcore(spec, cfg, dst, save_dir, params_dtype, mm, workers, record=record,
-                          side_files_from=model_config_dir, progress=progress)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return dict(out, source_layout=src.to_dict(), source_iteration=stats["source_iteration"])
+    # One pass: our writer reads their files through MindSpeedReader (renamed and checked as each file opens),
+    # for any target layout, the same one included; the output gets hf2mcore's checks and records.
+    spec = {"kind": "mindspeed", "dir": load_dir, "layout": src.to_dict(), "cfg": cfg, "mla_mm_split": mm}
+    record = {"command": "mindspeed2mcore", "source_dir": os.path.abspath(load_dir), "source_layout": src.to_dict(),
+              "source_iteration": it}
+    out = write_mcore(spec, cfg, dst, save_dir, params_dtype, mm, workers, record=record,
+                      side_files_from=model_config_dir, progress=progress)
+    return dict(out, source_layout=src.to_dict(), source_iteration=it)
 
 
 def mindspeed2hf(load_dir: str, save_dir: str, cfg: dict, given: dict, model_config_dir: str, workers: int = 1,

@@ -29,8 +29,9 @@ class VerifyError(ValueError):
 
 
 def world_size_of(layout) -> int:
-    """Ranks needed to hold every rank file once: TP*PP*EP (EP ranks are data-parallel ranks of the dense part)."""
-    return layout.tp * layout.pp * layout.ep
+    """Ranks needed to hold every rank file once: PP * lcm(TP, expert-TP * EP) (ParallelLayout.min_world_size;
+    EP ranks are data-parallel ranks of the dense part)."""
+    return layout.min_world_size()
 
 
 def read_tokens(path: str) -> torch.Tensor:
@@ -77,9 +78,7 @@ def _load_chunks(mcore_dir: str, layout, cfg, dtype: torch.dtype) -> list:
     chunks = layout.num_model_chunks
     tconfig = model_transformer_config(cfg, layout, params_dtype=dtype)
     tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    ep = ps.get_expert_model_parallel_rank()
-    if layout.moe_tp_extend_ep:
-        ep //= layout.tp
+    ep = layout.file_ep_rank(ps.get_expert_model_parallel_rank())
     path = rank_file(mcore_dir, layout, tp, pp, ep, read_iteration(mcore_dir))
     state = load_rank_file(path, verify=False)  # run_verify checked the whole iteration first
     models = []
@@ -122,12 +121,12 @@ def mcore_logits(mcore_dir: str, tokens: torch.Tensor, dtype: torch.dtype) -> to
 
     layout = check_layout(ParallelLayout.load(mcore_dir), mcore_dir)
     chunks = layout.num_model_chunks
-    ep, etp = (layout.ep * layout.tp, 1) if layout.moe_tp_extend_ep else (layout.ep, None)
+    ep, etp = layout.megatron_expert_sizes()
     init_distributed(tp=layout.tp, pp=layout.pp, ep=ep, etp=etp, vpp=chunks if chunks > 1 else None)
     world = dist.get_world_size()
     if world % world_size_of(layout):
-        raise VerifyError(f"world size {world} is not a multiple of TP*PP*EP = {world_size_of(layout)} of "
-                          f"{mcore_dir}/layout.json")
+        raise VerifyError(f"world size {world} is not a multiple of PP*lcm(TP, expert-TP*EP) = "
+                          f"{world_size_of(layout)} of {mcore_dir}/layout.json")
     cfg = DeepSeekConfig.from_hf(mcore_dir)
     models = _load_chunks(mcore_dir, layout, cfg, dtype)
 

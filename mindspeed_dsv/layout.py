@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ _FLAGS = {
     "tp": "--tensor-model-parallel-size",
     "pp": "--pipeline-model-parallel-size",
     "ep": "--expert-model-parallel-size",
+    "expert_tensor_parallel_size": "--expert-tensor-parallel-size",
     "vpp": "--num-layers-per-virtual-pipeline-stage",
     "num_layer_list": "--num-layer-list",
     "noop_layers": "--noop-layers",
@@ -59,7 +61,7 @@ _FLAGS = {
 # Fields that decide what lies in which shard: a checkpoint written with one value cannot be loaded with
 # another. sequence_parallel and cp only change how activations are split at run time.
 SHARD_FIELDS = (
-    "tp", "pp", "ep", "vpp", "num_layer_list", "noop_layers", "dualpipev", "num_layers",
+    "tp", "pp", "ep", "expert_tensor_parallel_size", "vpp", "num_layer_list", "noop_layers", "dualpipev", "num_layers",
     "mtp_num_layers", "first_k_dense_replace", "num_experts", "moe_grouped_gemm", "moe_tp_extend_ep",
     "make_vocab_size_divisible_by",
 )
@@ -68,6 +70,8 @@ SHARD_FIELDS = (
 def flag_name(field_name: str, prefix: str = "") -> str:
     """The command-line flag of a layout field; ``prefix`` ('target-'/'source-') renames TP/PP/EP the way
     MindSpeed's converters do (``--target-tensor-parallel-size``)."""
+    if prefix and field_name == "expert_tensor_parallel_size":
+        return f"--{prefix}expert-tensor-parallel-size"
     if prefix and field_name in ("tp", "pp", "ep"):
         word = {"tp": "tensor", "pp": "pipeline", "ep": "expert"}[field_name]
         return f"--{prefix}{word}-parallel-size"
@@ -76,7 +80,8 @@ def flag_name(field_name: str, prefix: str = "") -> str:
 
 def _flags(prefix: str = "") -> dict[str, str]:
     """The flag table with TP/PP/EP spelled as ``flag_name(..., prefix)``."""
-    return {**_FLAGS, **{k: flag_name(k, prefix) for k in ("tp", "pp", "ep")}} if prefix else _FLAGS
+    names = ("tp", "pp", "ep", "expert_tensor_parallel_size")
+    return {**_FLAGS, **{k: flag_name(k, prefix) for k in names}} if prefix else _FLAGS
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -113,6 +118,10 @@ class ParallelLayout:
     tp: int = 1
     pp: int = 1
     ep: int = 1
+    # Megatron's --expert-tensor-parallel-size: TP inside each routed expert, 1 or TP; None = TP (megatron's
+    # default). At 1 the expert weights are whole on every rank and the expert grid (ETP x EP) no longer lines up
+    # with the attention grid (TP), so the rank files are not the full TP x EP grid (see rank_files).
+    expert_tensor_parallel_size: int | None = None
     # MindSpeed's --num-layers-per-virtual-pipeline-stage (layers per virtual stage); None = no VPP.
     vpp: int | None = None
     num_layer_list: list[int] | None = None
@@ -216,6 +225,14 @@ class ParallelLayout:
                         f"{self.tp * self.ep}) must divide {_FLAGS['num_experts']} {self.num_experts}")
             elif self.num_experts % self.ep != 0:
                 raise LayoutError(f"{_FLAGS['ep']} {self.ep} must divide {_FLAGS['num_experts']} {self.num_experts}")
+        etp = self.expert_tensor_parallel_size
+        if etp is not None:
+            if etp not in (1, self.tp):
+                raise LayoutError(f"{_FLAGS['expert_tensor_parallel_size']} must be 1 or {_FLAGS['tp']} "
+                                  f"({self.tp}), got {etp!r}")
+            if self.moe_tp_extend_ep and etp != 1:
+                raise LayoutError(f"{_FLAGS['moe_tp_extend_ep']} keeps experts whole (expert-TP 1); "
+                                  f"{_FLAGS['expert_tensor_parallel_size']} {etp} contradicts it")
         return self
 
     def validate_against(self, model_cfg: Any, flag_prefix: str = "") -> "ParallelLayout":
@@ -235,7 +252,7 @@ class ParallelLayout:
             raise LayoutError(f"{_FLAGS['tp']} {self.tp} must divide num_attention_heads {heads} of config.json")
         for key in ("intermediate_size", "moe_intermediate_size"):
             size = _get(model_cfg, key)
-            if size is None or (key == "moe_intermediate_size" and self.moe_tp_extend_ep):
+            if size is None or (key == "moe_intermediate_size" and self.expert_tp == 1):
                 continue
             if size % self.tp != 0:
                 raise LayoutError(f"{_FLAGS['tp']} {self.tp} must divide {key} {size} of config.json")
@@ -313,18 +330,26 @@ class ParallelLayout:
         if world_size < 1 or world_size % model != 0:
             raise LayoutError(f"world size {world_size} is not divisible by {_FLAGS['tp']} * {_FLAGS['pp']} * "
                               f"{_FLAGS['cp']} = {self.tp} * {self.pp} * {self.cp} = {model}")
-        # Expert layers: TP*EP ranks per expert group (experts TP-split, or TP folded into EP by
-        # --moe-tp-extend-ep), replicated over the remaining expert-data-parallel ranks.
-        expert = self.tp * self.ep * self.pp
+        # Expert layers: megatron's expert grid, ETP*EP ranks per expert group (experts TP-split, whole at
+        # expert-TP 1, or TP folded into EP by --moe-tp-extend-ep), replicated over the remaining
+        # expert-data-parallel ranks.
+        ep, etp = self.megatron_expert_sizes()
+        expert = etp * ep * self.pp
         if world_size % expert != 0:
-            raise LayoutError(f"world size {world_size} is not divisible by {_FLAGS['tp']} * {_FLAGS['ep']} * "
-                              f"{_FLAGS['pp']} = {self.tp} * {self.ep} * {self.pp} = {expert}")
+            raise LayoutError(f"world size {world_size} is not divisible by expert-TP * {_FLAGS['ep']} * "
+                              f"{_FLAGS['pp']} = {etp} * {ep} * {self.pp} = {expert}")
         return world_size // model
 
     def expert_data_parallel_size(self, world_size: int) -> int:
         """Ranks that hold the same expert shard (the distributed optimizer shards expert states over these)."""
         self.data_parallel_size(world_size)
-        return world_size // (self.tp * self.ep * self.pp)
+        ep, etp = self.megatron_expert_sizes()
+        return world_size // (etp * ep * self.pp)
+
+    def min_world_size(self) -> int:
+        """The fewest ranks megatron accepts for this layout (both grids tile it): PP * lcm(TP, ETP*EP)."""
+        ep, etp = self.megatron_expert_sizes()
+        return self.pp * math.lcm(self.tp, etp * ep)
 
     @property
     def num_model_chunks(self) -> int:
@@ -455,8 +480,38 @@ class ParallelLayout:
 
     @property
     def expert_tp(self) -> int:
-        """TP degree applied inside each expert's weights (1 with --moe-tp-extend-ep)."""
-        return 1 if self.moe_tp_extend_ep else self.tp
+        """TP degree applied inside each expert's weights (1 with --moe-tp-extend-ep or
+        --expert-tensor-parallel-size 1)."""
+        if self.moe_tp_extend_ep:
+            return 1
+        return self.tp if self.expert_tensor_parallel_size is None else self.expert_tensor_parallel_size
+
+    def megatron_expert_sizes(self) -> tuple[int, int]:
+        """(expert_model_parallel_size, expert_tensor_parallel_size) for megatron's parallel_state and
+        TransformerConfig. --moe-tp-extend-ep is megatron's expert-TP 1 with the experts spread over TP*EP ranks."""
+        if self.moe_tp_extend_ep:
+            return self.ep * self.tp, 1
+        return self.ep, self.expert_tp
+
+    def file_ep_rank(self, megatron_ep_rank: int) -> int:
+        """The `ep` of a rank file from megatron's expert-model-parallel rank (with --moe-tp-extend-ep megatron's
+        EP group spans TP*EP ranks, ordered ep*tp + tp, and the file keeps MindSpeed's ep over EP)."""
+        return megatron_ep_rank // self.tp if self.moe_tp_extend_ep else megatron_ep_rank
+
+    def rank_files(self) -> list[tuple[int, int, int]]:
+        """(tp, pp, ep) of every distinct rank file, pipeline-major, each file once.
+
+        Megatron-core 0.16.1 numbers the ranks of one pipeline stage r = 0..; the attention grid puts
+        tp = r % TP, the expert grid (order tp-ep-dp) ep = (r // ETP) % EP. With expert-TP = TP (or
+        --moe-tp-extend-ep, whose ep is folded the same way) every (tp, ep) pair occurs: the TP x EP grid. With
+        expert-TP 1 at TP > 1 only the pairs (r % TP, r % EP) occur: lcm(TP, EP) files per stage, each holding its
+        TP shard of the dense weights and its EP group's experts whole (tests/layout: checked against megatron)."""
+        if self.expert_tp == self.tp or self.moe_tp_extend_ep:
+            pairs = [(t, e) for e in range(self.ep) for t in range(self.tp)]
+        else:
+            pairs = sorted({(r % self.tp, r % self.ep) for r in range(math.lcm(self.tp, self.ep))},
+                           key=lambda te: (te[1], te[0]))
+        return [(t, p, e) for p in range(self.pp) for t, e in pairs]
 
     # ------------------------------------------------------------------ megatron
     def to_megatron_pp_layout(self) -> list[list[str]]:
@@ -549,6 +604,8 @@ class ParallelLayout:
         out = []
         for name in names:
             a, b = getattr(self, name), getattr(other, name)
+            if name == "expert_tensor_parallel_size":  # None and TP mean the same ("= TP", a change of TP says it)
+                a, b = ("TP" if x.expert_tp == x.tp else x.expert_tp for x in (self, other))
             if a != b:
                 out.append(f"{_FLAGS[name]} ({name}): {a!r} != {b!r}")
         return out
@@ -581,6 +638,7 @@ class ParallelLayout:
             tp=size("tensor", "tensor_model_parallel_size"),
             pp=size("pipeline", "pipeline_model_parallel_size"),
             ep=size("expert", "expert_model_parallel_size"),
+            expert_tensor_parallel_size=_etp(ns, prefix),
             vpp=ns.get("num_layers_per_virtual_pipeline_stage"),
             num_layer_list=ns.get("num_layer_list"),
             noop_layers=ns.get("noop_layers") or [],
@@ -597,12 +655,24 @@ class ParallelLayout:
         )
 
 
+def _etp(ns: Mapping[str, Any], prefix: str | None) -> int | None:
+    keys = [f"{prefix.rstrip('-_').replace('-', '_')}_expert_tensor_parallel_size"] if prefix else \
+        ["expert_tensor_parallel_size", "target_expert_tensor_parallel_size", "source_expert_tensor_parallel_size"]
+    for k in keys:
+        if ns.get(k) is not None:
+            return int(ns[k])
+    return None
+
+
 LAYOUT_HELP = {
     "tp": "Tensor-parallel size: attention heads, dense/shared MLP, vocabulary and (unless --moe-tp-extend-ep) "
           "each expert are split over this many ranks. Default 1. Must match training.",
     "pp": "Pipeline-parallel size: decoder layers are split into this many stages. Default 1. Must match training.",
     "ep": "Expert-parallel size: routed experts are split over this many ranks; must divide the expert count. "
           "Default 1. Must match training.",
+    "expert_tensor_parallel_size": "Tensor-parallel size inside each routed expert: 1 keeps every expert whole on "
+                                   "its rank (MindSpeed-LLM's A2 template: TP4 EP32 with 1), or the tensor-parallel "
+                                   "size. Default: the tensor-parallel size (as megatron). Must match training.",
     "vpp": "Layers per virtual pipeline stage (interleaved 1F1B): each rank holds num_layers/(pp*N) chunks. "
            "Cannot be used with --num-layer-list. Default None (off). Must match training.",
     "num_layer_list": "Comma-separated decoder layers per pipeline stage, e.g. 7,7,7,8,8,8,8,8; one entry per "
@@ -646,6 +716,8 @@ def add_layout_args(parser: argparse.ArgumentParser, prefix: str = "") -> argpar
     g = parser.add_argument_group("parallel layout")
     for name in ("tp", "pp", "ep"):
         g.add_argument(flag_name(name, prefix), type=int, default=1, help=LAYOUT_HELP[name])
+    g.add_argument(flag_name("expert_tensor_parallel_size", prefix), type=int, default=None, metavar="N",
+                   help=LAYOUT_HELP["expert_tensor_parallel_size"])
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None, metavar="N",
                    help=LAYOUT_HELP["vpp"])
     g.add_argument("--num-layer-list", type=str, default=None, metavar="N,N,...", help=LAYOUT_HELP["num_layer_list"])

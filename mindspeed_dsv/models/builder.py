@@ -24,6 +24,7 @@ def default_layout(cfg: DeepSeekConfig, **kwargs):
         tp=parallel_state.get_tensor_model_parallel_world_size(),
         pp=parallel_state.get_pipeline_model_parallel_world_size(),
         ep=parallel_state.get_expert_model_parallel_world_size(),
+        expert_tensor_parallel_size=parallel_state.get_expert_tensor_parallel_world_size(),
         num_layers=cfg.num_hidden_layers,
         mtp_num_layers=cfg.num_nextn_predict_layers,
         first_k_dense_replace=cfg.first_k_dense_replace,
@@ -90,7 +91,8 @@ def model_transformer_config(cfg: DeepSeekConfig, layout, **train_options):
         cfg,
         tp=layout.tp,
         pp=layout.pp,
-        ep=layout.ep,
+        ep=layout.megatron_expert_sizes()[0],
+        etp=layout.megatron_expert_sizes()[1],
         vpp=chunks if chunks > 1 else None,
         sequence_parallel=layout.sequence_parallel,
         num_layers=layout.num_layers,
@@ -157,7 +159,7 @@ def build_model(
     mtp = None
     if layout.mtp_num_layers and layout.has_mtp(pp_rank, chunk):
         mtp = mtp_block_spec(layout.mtp_num_layers, provider, experts, moe=cfg.mtp_layer_is_moe)
-    return DeepSeekGPTModel(
+    model = DeepSeekGPTModel(
         config=config,
         transformer_layer_spec=block,
         vocab_size=layout.padded_vocab_size(cfg.vocab_size),  # Megatron's padded rows (layout.padded_vocab_size)
@@ -172,3 +174,16 @@ def build_model(
         vp_stage=vp_stage,
         pg_collection=_process_groups(layout),
     )
+    _reduce_expert_grads_over_expert_dp(model)
+    return model
+
+
+def _reduce_expert_grads_over_expert_dp(model) -> None:
+    """Routed-expert weights are replicas over megatron's expert-data-parallel group, and DDP reduces a parameter
+    over that group only when it is marked allreduce=False. megatron-core 0.16.1 marks expert weights so only at
+    EP > 1; at EP 1 with expert-TP 1 and TP > 1 the expert group (the whole stage) is not the dense data-parallel
+    group (which leaves out the TP ranks), so each TP rank would keep the gradient of its own tokens only. Marked
+    always: where the two groups coincide it changes nothing."""
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name:
+            param.allreduce = False

@@ -175,6 +175,7 @@ def transformer_config(
     tp: int = 1,
     pp: int = 1,
     ep: int = 1,
+    etp: int | None = None,
     vpp: int | None = None,
     sequence_parallel: bool = False,
     params_dtype: torch.dtype = torch.float32,
@@ -247,6 +248,7 @@ def transformer_config(
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
         expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,  # None: megatron takes TP
         sequence_parallel=sequence_parallel,
         pipeline_dtype=params_dtype,
         # gloo matches point-to-point messages between two ranks in posting order, with no tag; megatron's

@@ -1,7 +1,7 @@
 """Save and load training checkpoints in the layout ckpt_convert writes (MindSpeed / Megatron legacy format).
 
-One file per (tp, pp, ep) rank under iter_XXXXXXX/, written by the expert-data-parallel rank 0 of that
-position; the whole iteration directory (with checksums.json: the sha256 of every file) is written under a
+One file per (tp, pp, ep) position under iter_XXXXXXX/ (ParallelLayout.rank_files), written by the lowest
+rank of that position; the whole iteration directory (with checksums.json: the sha256 of every file) is written under a
 temporary name, fsynced and renamed once every rank has finished, and latest_checkpointed_iteration.txt moves
 last (mindspeed_dsv.files), so an interrupted save never replaces a good one; its leftovers go at the next save.
 """
@@ -37,12 +37,23 @@ def _is_distributed(optimizer) -> bool:
     return any(hasattr(o, "get_parameter_state_dp_zero") for o in parts)
 
 
-def _ranks():
+def _ranks(layout: ParallelLayout):
+    """(tp, pp, ep) of this rank's file (layout.rank_files)."""
     return (
         parallel_state.get_tensor_model_parallel_rank(),
         parallel_state.get_pipeline_model_parallel_rank(),
-        parallel_state.get_expert_model_parallel_rank(),
+        layout.file_ep_rank(parallel_state.get_expert_model_parallel_rank()),
     )
+
+
+def _writes_its_file(layout: ParallelLayout) -> bool:
+    """True on the lowest global rank holding this rank's (tp, pp, ep) file: that rank writes it. (Expert-data-
+    parallel rank 0 is not enough: at expert-TP 1 with TP > 1 the TP ranks of one file position are expert-data-
+    parallel replicas of each other, so that rule would leave files unwritten.)"""
+    mine = _ranks(layout)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone.index(mine) == dist.get_rank()
 
 
 def _rng_state():
@@ -117,14 +128,15 @@ def save_checkpoint(save_dir, iteration, models, optimizer, scheduler, consumed_
         os.makedirs(tmp)
     dist.barrier()
     optim_state = optimizer.state_dict() if (save_optim and optimizer is not None) else None
-    tp, pp, ep = _ranks()
+    tp, pp, ep = _ranks(layout)
+    writer = _writes_its_file(layout)
     rank_dir = os.path.join(tmp, layout.rank_dir_name(tp, pp, ep))
     os.makedirs(rank_dir, exist_ok=True)
     if optim_state is not None and _is_distributed(optimizer):
         # The distributed optimizer's moments are sharded over data-parallel ranks: megatron gathers them to
         # data-parallel rank 0, which writes distrib_optim.pt next to the model file (collective: all ranks call).
         optimizer.save_parameter_state(os.path.join(rank_dir, DISTRIB_OPTIM_FILE))
-    if parallel_state.get_expert_data_parallel_rank() == 0:
+    if writer:
         state = {chunk_key(layout, c): sd for c, sd in enumerate(model_state(models, lora_only))}
         state.update(
             checkpoint_version=3.0,
@@ -141,7 +153,7 @@ def save_checkpoint(save_dir, iteration, models, optimizer, scheduler, consumed_
         torch.save(state, os.path.join(rank_dir, CKPT_FILE))
     dist.barrier()
     # Each position's writer hashes its own files (in parallel); rank 0 records them inside the iteration.
-    mine = _file_digests(rank_dir) if parallel_state.get_expert_data_parallel_rank() == 0 else {}
+    mine = _file_digests(rank_dir) if writer else {}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     if rank == 0:
@@ -166,7 +178,7 @@ def read_checkpoint(load_dir, layout: ParallelLayout, verify: bool = True) -> tu
     recorded = ParallelLayout.load(load_dir)
     layout.check_checkpoint(recorded, where=load_dir)
     iteration = read_iteration(load_dir)
-    tp, pp, ep = _ranks()
+    tp, pp, ep = _ranks(layout)
     path = os.path.join(load_dir, iter_dir_name(iteration), layout.rank_dir_name(tp, pp, ep), CKPT_FILE)
     return path, load_rank_file(path, verify=verify)
 

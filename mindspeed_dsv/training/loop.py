@@ -114,7 +114,8 @@ def setup(args, own_batches: bool = False) -> TrainState:
     ops = configure_ops(OpsConfig.from_args(args), platform)  # raises, naming the flag, before any weight exists
     chunks = layout.num_model_chunks
     qlora = bool(args.lora_r and args.qlora_nf4)
-    init_distributed(tp=layout.tp, pp=layout.pp, ep=layout.ep, vpp=chunks if chunks > 1 else None, seed=args.seed,
+    ep, etp = layout.megatron_expert_sizes()  # --moe-tp-extend-ep is megatron's expert-TP 1 over TP*EP ranks
+    init_distributed(tp=layout.tp, pp=layout.pp, ep=ep, etp=etp, vpp=chunks if chunks > 1 else None, seed=args.seed,
                      embedding_on_first_stage_only=layout.dualpipev)
 
     params_dtype = torch.bfloat16 if args.bf16 else torch.float32

@@ -94,10 +94,13 @@ def _layer(hf, h, pre, tp, k, dense, local_experts, grouped, mm_split, cfg):
 
 def write_mindspeed(hf_dir, save_dir, cfg, tp=1, pp=1, ep=1, vpp=None, dualpipev=False, noop_layers=(),
                     num_layers=None, mtp_num_layers=0, grouped=False, tp_extend_ep=False, mm_split=False,
-                    iteration=1, save_args=None, nf4_modules=()):
+                    iteration=1, save_args=None, nf4_modules=(), expert_tp=None):
     """Write MindSpeed-LLM rank files for the HF model in hf_dir. `save_args`: an argparse.Namespace stored as
     'args' (their training checkpoints have one, their converter's output has none). `nf4_modules`: linears
-    stored as their --qlora-nf4 does (bitsandbytes Params4bit defaults: NF4, blocks of 64, nested absmax)."""
+    stored as their --qlora-nf4 does (bitsandbytes Params4bit defaults: NF4, blocks of 64, nested absmax).
+    `expert_tp` 1: what their training saves with --expert-tensor-parallel-size 1 at TP > 1 (master's A2 template):
+    megatron's ranks each save their own file, so the files are those of the ranks that exist, and every one holds
+    its EP group's experts whole."""
     hf = read_all(hf_dir)
     n_real = cfg["num_hidden_layers"]
     num_layers = num_layers or n_real
@@ -110,54 +113,63 @@ def write_mindspeed(hf_dir, save_dir, cfg, tp=1, pp=1, ep=1, vpp=None, dualpipev
     n_chunks = max(c for _, c, _ in stages) + 1
     last = (0, 1) if dualpipev else (pp - 1, n_chunks - 1)  # final norm, output layer and MTP live here
     mtp_stage = last if mtp_num_layers else None
-    layer = _layer_extend if tp_extend_ep else _layer
+    layer = _layer_extend if tp_extend_ep or expert_tp == 1 else _layer
+    etp = tp if expert_tp is None or tp_extend_ep else expert_tp
     it_dir = os.path.join(save_dir, f"iter_{iteration:07d}")
     for r in range(pp):
-        for x in range(ep):
-            for k in range(tp):
-                group = x * tp + k if tp_extend_ep else x
-                local = list(range(group * (E // groups), (group + 1) * (E // groups)))
-                state = {}
-                for rr, c, ids in stages:
-                    if rr != r:
-                        continue
-                    sd = {}
-                    if (r, c) == (0, 0) or (r, c) == mtp_stage:
-                        sd["embedding.word_embeddings.weight"] = _tp(hf["model.embed_tokens.weight"], tp, k, 0)
-                    for j, g in enumerate(ids):
-                        if g in noop:
-                            continue  # noop slot: no weights, the local index is skipped
-                        h = hf_index[g]
-                        sd.update(layer(hf, h, f"decoder.layers.{j}.", tp, k, h < cfg["first_k_dense_replace"],
-                                        local, grouped, mm_split, cfg))
-                    if (r, c) == last:
-                        norm_key = "final_layernorm.weight" if mtp_num_layers else "decoder.final_layernorm.weight"
-                        sd[norm_key] = hf["model.norm.weight"]
-                        for m in range(mtp_num_layers):
-                            h = n_real + m
-                            p, q = f"model.layers.{h}.", f"mtp.layers.{m}."
-                            sd[q + "enorm.weight"] = hf[p + "enorm.weight"]
-                            sd[q + "hnorm.weight"] = hf[p + "hnorm.weight"]
-                            sd[q + "eh_proj.weight"] = _tp(hf[p + "eh_proj.weight"], tp, k, 0)
-                            sd.update(layer(hf, h, q + "transformer_layer.", tp, k, False, local, grouped,
-                                            mm_split, cfg))
-                            sd[f"mtp.final_layernorms.{m}.weight"] = hf[p + "shared_head.norm.weight"]
-                        sd["output_layer.weight"] = _tp(hf["lm_head.weight"], tp, k, 0)
-                    if nf4_modules:
-                        sd = _bnb_nf4(sd, nf4_modules)
-                    state["model" if n_chunks == 1 else f"model{c}"] = sd
-                name = f"mp_rank_{k:02d}" + (f"_{r:03d}" if pp > 1 else "") + (f"_{x:03d}" if ep > 1 else "")
-                state.update(checkpoint_version=3.0, iteration=iteration)
-                if save_args is not None:
-                    state["args"] = save_args
-                os.makedirs(os.path.join(it_dir, name), exist_ok=True)
-                torch.save(state, os.path.join(it_dir, name, "model_optim_rng.pt"))
+        # megatron-core's numbering inside one pipeline stage: rank n has attention TP rank n % TP (order
+        # tp-cp-dp-pp) and expert-parallel rank (n // expert-TP) % EP (expert order tp-ep-dp-pp). A world of
+        # TP*EP ranks per stage holds every file that any world holds; the lowest rank with a name writes it.
+        written = set()
+        for n in range(tp * ep):
+            k, x = n % tp, (n // etp) % ep
+            if (k, x) in written:
+                continue
+            written.add((k, x))
+            group = x * tp + k if tp_extend_ep else x
+            local = list(range(group * (E // groups), (group + 1) * (E // groups)))
+            state = {}
+            for rr, c, ids in stages:
+                if rr != r:
+                    continue
+                sd = {}
+                if (r, c) == (0, 0) or (r, c) == mtp_stage:
+                    sd["embedding.word_embeddings.weight"] = _tp(hf["model.embed_tokens.weight"], tp, k, 0)
+                for j, g in enumerate(ids):
+                    if g in noop:
+                        continue  # noop slot: no weights, the local index is skipped
+                    h = hf_index[g]
+                    sd.update(layer(hf, h, f"decoder.layers.{j}.", tp, k, h < cfg["first_k_dense_replace"],
+                                    local, grouped, mm_split, cfg))
+                if (r, c) == last:
+                    norm_key = "final_layernorm.weight" if mtp_num_layers else "decoder.final_layernorm.weight"
+                    sd[norm_key] = hf["model.norm.weight"]
+                    for m in range(mtp_num_layers):
+                        h = n_real + m
+                        p, q = f"model.layers.{h}.", f"mtp.layers.{m}."
+                        sd[q + "enorm.weight"] = hf[p + "enorm.weight"]
+                        sd[q + "hnorm.weight"] = hf[p + "hnorm.weight"]
+                        sd[q + "eh_proj.weight"] = _tp(hf[p + "eh_proj.weight"], tp, k, 0)
+                        sd.update(layer(hf, h, q + "transformer_layer.", tp, k, False, local, grouped,
+                                        mm_split, cfg))
+                        sd[f"mtp.final_layernorms.{m}.weight"] = hf[p + "shared_head.norm.weight"]
+                    sd["output_layer.weight"] = _tp(hf["lm_head.weight"], tp, k, 0)
+                if nf4_modules:
+                    sd = _bnb_nf4(sd, nf4_modules)
+                state["model" if n_chunks == 1 else f"model{c}"] = sd
+            name = f"mp_rank_{k:02d}" + (f"_{r:03d}" if pp > 1 else "") + (f"_{x:03d}" if ep > 1 else "")
+            state.update(checkpoint_version=3.0, iteration=iteration)
+            if save_args is not None:
+                state["args"] = save_args
+            os.makedirs(os.path.join(it_dir, name), exist_ok=True)
+            torch.save(state, os.path.join(it_dir, name, "model_optim_rng.pt"))
     with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), "w") as f:
         f.write(str(iteration))
 
 
 def _layer_extend(hf, h, pre, tp, k, dense, local, grouped, mm_split, cfg):
-    """--moe-tp-extend-ep: attention and dense/shared MLPs split over TP as usual, routed experts whole."""
+    """--moe-tp-extend-ep or expert-TP 1: attention and dense/shared MLPs split over TP as usual, routed experts
+    whole."""
     out = _layer(hf, h, pre, tp, k, dense, local, grouped, mm_split, cfg)
     if dense or grouped:
         return out

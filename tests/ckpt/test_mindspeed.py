@@ -6,6 +6,7 @@ their files bit for bit; and the HF export equals the HF source."""
 
 import argparse
 import json
+import math
 import os
 
 import pytest
@@ -24,6 +25,9 @@ CASES = {
     "dualpipev_pp2_noop_mtp": dict(pp=2, dualpipev=True, noop_layers=(4, 5, 6, 7), num_layers=8, ep=2, grouped=True,
                                    mtp_num_layers=1),
     "tp2_ep2_extend_ep": dict(tp=2, ep=2, tp_extend_ep=True, grouped=True, mtp_num_layers=0),
+    # their master A2 template's expert layout (TP4 EP32 --expert-tensor-parallel-size 1), tiny
+    "tp2_ep2_etp1_grouped_mtp": dict(tp=2, ep=2, expert_tp=1, grouped=True, mtp_num_layers=1),
+    "tp2_ep4_etp1_pp2": dict(tp=2, ep=4, pp=2, expert_tp=1, mtp_num_layers=1),
 }
 
 
@@ -41,6 +45,8 @@ def layout_flags(case, prefix):
         f.append("--moe-grouped-gemm")
     if case.get("tp_extend_ep"):
         f.append("--moe-tp-extend-ep")
+    if case.get("expert_tp"):
+        f += [f"--{prefix}-expert-tensor-parallel-size", str(case["expert_tp"])]
     if case.get("mm_split"):
         f.append("--mla-mm-split")
     return f
@@ -84,6 +90,9 @@ def test_read_theirs_equals_hf2mcore_and_write_back(name, hf_dir, tmp_path):
                 + layout_flags(case, "target") + unused) == 0
     direct = rank_files(str(tmp_path / "direct"))
     assert_same_models(rank_files(str(tmp_path / "ours")), direct)
+    if case.get("expert_tp") == 1:  # the files of megatron's ranks: lcm(TP, EP) per stage, not TP x EP
+        assert len(direct) == case.get("pp", 1) * math.lcm(case["tp"], case["ep"]) < case["tp"] * case["ep"] * case.get(
+            "pp", 1)
 
     # ours -> theirs: their files, bit for bit; the saved args carry the layout, so no flags are needed to read back
     assert main(["mcore2mindspeed", "--load-dir", str(tmp_path / "direct"), "--save-dir", str(tmp_path / "back"),

@@ -20,6 +20,9 @@ GRID = {
     "pp2_vpp_noop_grouped": dict(pp=2, vpp=1, noop_layers="4,5,6,7", num_layers=8, ep=4, grouped=True),
     "dualpipev_pp2_mtp": dict(pp=2, dualpipev=True, ep=2),
     "tp_extend_ep": dict(tp=2, ep=2, tp_extend=True),
+    "tp2_etp1": dict(tp=2, etp=1),
+    "tp2_etp1_ep2_grouped_mtp": dict(tp=2, ep=2, etp=1, grouped=True),
+    "tp2_etp1_ep4": dict(tp=2, ep=4, etp=1, mtp=False),
     "mla_mm_split_tp2": dict(tp=2, mm_split=True),
     "no_mtp_flag": dict(tp=2, mtp_num_layers=0),
 }
@@ -30,6 +33,8 @@ def flags(case):
          str(case.get("pp", 1)), "--target-expert-parallel-size", str(case.get("ep", 1)), "--no-progress"]
     if "vpp" in case:
         f += ["--num-layers-per-virtual-pipeline-stage", str(case["vpp"])]
+    if "etp" in case:
+        f += ["--target-expert-tensor-parallel-size", str(case["etp"])]
     for key in ("num_layer_list", "noop_layers", "num_layers", "mtp_num_layers"):
         if key in case:
             f += ["--" + key.replace("_", "-"), str(case[key])]
@@ -112,6 +117,8 @@ def test_shards_equal_independent_slices(hf_dirs, tmp_path):
 @pytest.mark.parametrize("src_case,dst_case", [
     ("tp2_pp2_ep4_grouped_mtp", "pp3_layer_list_ep2"),
     ("dualpipev_pp2_mtp", "tp_extend_ep"),
+    ("tp2_etp1_ep2_grouped_mtp", "tp2_pp2_ep4_grouped_mtp"),
+    ("tp2_pp2_ep4_grouped_mtp", "tp2_etp1_ep2_grouped_mtp"),
     ("pp2_vpp_tp2_mtp", "tp1_mtp"),
 ])
 def test_reshard_equals_direct(src_case, dst_case, hf_dirs, tmp_path):

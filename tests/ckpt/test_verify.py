@@ -16,6 +16,9 @@ LAYOUTS = {
     "pp2": ["--target-pipeline-parallel-size", "2"],
     # vocabulary padded to 4098 rows: verify compares the 4096 real ids (the padded ones are stripped)
     "tp2_padded_vocab": ["--target-tensor-parallel-size", "2", "--make-vocab-size-divisible-by", "3"],
+    # expert-TP 1 at TP2 EP2 (MindSpeed-LLM's A2 expert layout): 2 rank files, 2 ranks, experts whole
+    "tp2_etp1_ep2_grouped": ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2",
+                             "--target-expert-tensor-parallel-size", "1", "--moe-grouped-gemm"],
 }
 
 

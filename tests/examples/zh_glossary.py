@@ -25,6 +25,11 @@ ZH = {
     "--target-num-layers": "输出布局的层数（含空层）；默认沿用源权重。",
     "--target-tensor-parallel-size": "张量并行度 TP（转换目标）；须与训练的 --tensor-model-parallel-size 一致。",
     "--source-tensor-parallel-size": "张量并行度 TP（源权重）；给出时须与 layout.json 一致。",
+    "--expert-tensor-parallel-size": "专家内张量并行度：1 表示每个路由专家在其 rank 上完整存放（MindSpeed-LLM A2 模板即 TP4 EP32 "
+                                     "配 1），或等于 TP；默认等于 TP（同 megatron）。须与训练一致。",
+    "--target-expert-tensor-parallel-size": "专家内张量并行度（转换目标）：1 或 TP；默认等于 TP（mindspeed2mcore / "
+                                            "mcore2mindspeed 默认沿用源权重）。须与训练一致。",
+    "--source-expert-tensor-parallel-size": "专家内张量并行度（源权重）：1 或 TP；默认取保存的 args，否则等于 TP。",
     "--pipeline-model-parallel-size": "流水线并行度 PP：解码层切分为的阶段数。",
     "--target-pipeline-parallel-size": "流水线并行度 PP（转换目标）；须与训练一致。",
     "--source-pipeline-parallel-size": "流水线并行度 PP（源权重）；给出时须与 layout.json 一致。",
