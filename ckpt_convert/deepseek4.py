@@ -20,8 +20,8 @@ import torch
 from ckpt_convert import hf_io
 from ckpt_convert.fp8 import BLOCK, dequantize_block_fp8, dequantize_fp4
 from mindspeed_dsv.models import family
-from mindspeed_dsv.models.deepseek4.names import (_OFFICIAL_GLOBAL, _OFFICIAL_LAYER, is_official_spelling,
-                                                 transformers_to_official)
+from mindspeed_dsv.models.deepseek4.names import (_OFFICIAL_GLOBAL, _OFFICIAL_LAYER, _OFFICIAL_MTP,
+                                                 is_official_spelling, transformers_to_official)
 
 OFFICIAL, TRANSFORMERS = "official", "transformers"
 _EXPERT_WEIGHTS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
@@ -37,19 +37,23 @@ def spelling_of(directory: str) -> str:
 
 
 def canonical_name(official: str) -> str | None:
-    """The name the rank maps use for an official-release tensor (None: not a main-model tensor, e.g. mtp.*)."""
+    """The name the rank maps use for an official-release tensor (None: not a V4 tensor name). MTP depth K
+    (`mtp.K.*`: a decoder layer spelled as `layers.N.*` plus its own enorm/hnorm/e_proj/h_proj/norm/hc_head)
+    becomes `model.mtp.K.*`."""
     if official in _OFFICIAL_GLOBAL:
         return _OFFICIAL_GLOBAL[official]
     parts = official.split(".", 2)
-    if parts[0] != "layers" or len(parts) < 3 or not parts[1].isdigit():
+    if parts[0] not in ("layers", "mtp") or len(parts) < 3 or not parts[1].isdigit():
         return None
-    i, rest = parts[1], parts[2]
+    head, rest = f"model.{parts[0]}.{parts[1]}.", parts[2]
     if rest.startswith("ffn.experts."):
         e, w = rest[len("ffn.experts."):].split(".", 1)
         if e.isdigit() and w.endswith(".weight") and w[:-len(".weight")] in _EXPERT_WEIGHTS:
-            return f"model.layers.{i}.mlp.experts.{e}.{_EXPERT_WEIGHTS[w[:-len('.weight')]]}.weight"
+            return f"{head}mlp.experts.{e}.{_EXPERT_WEIGHTS[w[:-len('.weight')]]}.weight"
         return None
-    return f"model.layers.{i}.{_OFFICIAL_LAYER[rest]}" if rest in _OFFICIAL_LAYER else None
+    if parts[0] == "mtp" and rest in _OFFICIAL_MTP:
+        return head + _OFFICIAL_MTP[rest]
+    return head + _OFFICIAL_LAYER[rest] if rest in _OFFICIAL_LAYER else None
 
 
 class OfficialV4Reader:
@@ -141,8 +145,22 @@ def _hf_shapes(cfg_json: str) -> dict[str, tuple[int, ...]]:
 
 def expected_hf_shape(cfg: dict, name: str) -> tuple[int, ...] | None:
     """The shape transformers' DeepseekV4ForCausalLM gives tensor `name` (rank-map names), built on the meta
-    device from config.json."""
-    return _hf_shapes(json.dumps(cfg, sort_keys=True)).get(name)
+    device from config.json. transformers has no MTP: an MTP depth's decoder-layer tensor has the shape of the
+    same tensor of a main layer (it is a sliding, learned-routing layer), its hc_head and norm those of the
+    model's, enorm/hnorm [D] and e_proj/h_proj [D, D]."""
+    shapes = _hf_shapes(json.dumps(cfg, sort_keys=True))
+    if not name.startswith("model.mtp."):
+        return shapes.get(name)
+    rest = name.split(".", 3)[3]
+    d = int(cfg["hidden_size"])
+    own = {"enorm.weight": (d,), "hnorm.weight": (d,), "e_proj.weight": (d, d), "h_proj.weight": (d, d),
+           "norm.weight": shapes.get("model.norm.weight")}
+    if rest in own:
+        return own[rest]
+    if rest.startswith("hc_head."):
+        return shapes.get("model." + rest)
+    return next((shapes[f"model.layers.{i}.{rest}"] for i in range(int(cfg["num_hidden_layers"]))
+                 if f"model.layers.{i}.{rest}" in shapes), None)
 
 
 def to_spelling(tensors: dict[str, torch.Tensor], spelling: str, cfg: dict) -> dict[str, torch.Tensor]:
@@ -181,6 +199,7 @@ def mcore_logits(mcore_dir: str, tokens: torch.Tensor, dtype: torch.dtype) -> to
     cfg_dict = hf_io.read_config(mcore_dir)
     cfg = family.model_config(cfg_dict)
     reader = McoreReader(mcore_dir, ParallelLayout.load(mcore_dir), cfg_dict)
+    reader.check_embedding_copies()
     hf = to_spelling({n: reader.read_full(n) for n in reader.names()}, TRANSFORMERS, cfg_dict)
     reader.close()
     model = DeepSeekV4Model(cfg, transformer_config(cfg, params_dtype=dtype)).to(dtype).eval()
