@@ -187,8 +187,10 @@ def to_spelling(tensors: dict[str, torch.Tensor], spelling: str, cfg: dict) -> d
 
 def mcore_logits(mcore_dir: str, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """verify for V4: the checkpoint (any recorded layout) gathered whole through the same McoreReader that
-    mcore2hf uses, loaded strictly into one DeepSeekV4Model in this process, run on `tokens` -> logits [B, S, V]
-    (float32). The per-rank placement itself is what the rank maps / build_stage guarantee."""
+    mcore2hf uses, loaded strictly into one DeepSeekV4Model (with the checkpoint's MTP layers) in this process,
+    run on `tokens` -> logits [1 + mtp_num_layers, B, S, V] (float32): the main head's, then MTP depth k's
+    (position t predicting token t + k + 2). The per-rank placement itself is what the rank maps / build_stage
+    guarantee."""
     from ckpt_convert.mcore_io import McoreReader
     from mindspeed_dsv.layout import ParallelLayout
     from mindspeed_dsv.models.deepseek4 import DeepSeekV4Model, transformer_config
@@ -198,15 +200,79 @@ def mcore_logits(mcore_dir: str, tokens: torch.Tensor, dtype: torch.dtype) -> to
     init_distributed()
     cfg_dict = hf_io.read_config(mcore_dir)
     cfg = family.model_config(cfg_dict)
-    reader = McoreReader(mcore_dir, ParallelLayout.load(mcore_dir), cfg_dict)
+    layout = ParallelLayout.load(mcore_dir)
+    n = layout.mtp_num_layers or 0
+    reader = McoreReader(mcore_dir, layout, cfg_dict)
     reader.check_embedding_copies()
     hf = to_spelling({n: reader.read_full(n) for n in reader.names()}, TRANSFORMERS, cfg_dict)
     reader.close()
-    model = DeepSeekV4Model(cfg, transformer_config(cfg, params_dtype=dtype)).to(dtype).eval()
-    missing, unexpected = model.load_state_dict(hf_to_mcore(hf, cfg), strict=False)
+    model = DeepSeekV4Model(cfg, transformer_config(cfg, params_dtype=dtype, mtp_num_layers=n),
+                            mtp_num_layers=n).to(dtype).eval()
+    missing, unexpected = model.load_state_dict(hf_to_mcore(hf, cfg, n), strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise ValueError(f"{mcore_dir}: the checkpoint does not fill the model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     with torch.no_grad():
-        return model(tokens).float()
+        streams = model.decode(tokens)
+        heads = [model.final_layernorm(model.hc_head(streams))]
+        if n:
+            heads += model.mtp(streams, tokens, model.embedding)
+        return torch.stack([model.output_layer(h)[0].float() for h in heads])
+
+
+def hf_logits(hf_dir: str, tokens: torch.Tensor, dtype: torch.dtype, mtp_num_layers: int) -> torch.Tensor:
+    """The reference for mcore_logits: transformers' DeepseekV4ForCausalLM on `hf_dir` for the main logits and,
+    since transformers has no MTP, depth k computed as the release's MTPBlock does around transformers' own
+    modules (a one-layer DeepseekV4 model holding the depth's sliding, learned-routing decoder layer, its
+    hc_head and norm, loaded from `model.mtp.k.*` / `mtp.k.*` of either spelling):
+        e = enorm(embed(tokens shifted k + 1)); x = e_proj(e)[:, :, None] + h_proj(hnorm(streams))
+        streams = layer(x); logits = lm_head(norm(hc_head(streams)))
+    with streams the main model's last decoder-layer output for depth 0 and the previous depth's after it."""
+    from transformers import AutoModelForCausalLM, DeepseekV4ForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
+    captured = {}
+    hook = model.model.layers[-1].register_forward_hook(lambda _m, _i, out: captured.__setitem__("streams", out))
+    with torch.no_grad():
+        outs = [model(tokens).logits.float()]
+    hook.remove()
+    if not mtp_num_layers:
+        return torch.stack(outs)
+    reader = hf_reader(hf_dir, dtype, verify_checksums=False)
+    eps = model.config.rms_norm_eps
+    block_cfg = model.config.__class__.from_dict(dict(model.config.to_dict(), num_hidden_layers=1,
+                                                      layer_types=["sliding_attention"], mlp_layer_types=["moe"]))
+
+    def rms(x, w):
+        x32 = x.float()
+        return (w.float() * (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps))).to(x.dtype)
+
+    streams = captured["streams"]
+    for k in range(mtp_num_layers):
+        p = f"model.mtp.{k}."
+        own = to_spelling({n: reader.read(n) for n in reader.names() if n.startswith(p)}, TRANSFORMERS, {})
+        own = {n[len(p):]: t for n, t in own.items()}  # experts stacked as transformers holds them
+        block = DeepseekV4ForCausalLM(block_cfg).to(dtype).eval()
+        sd = {("model." if r.startswith(("hc_head.", "norm.")) else "model.layers.0.") + r: t for r, t in own.items()
+              if r.split(".")[0] not in ("enorm", "hnorm", "e_proj", "h_proj")}
+        sd["model.embed_tokens.weight"], sd["lm_head.weight"] = model.model.embed_tokens.weight, model.lm_head.weight
+        missing, unexpected = block.load_state_dict(sd, strict=False)
+        if [m for m in missing if "rotary_emb" not in m] or unexpected:
+            raise ValueError(f"{hf_dir}: MTP depth {k} does not fill a decoder layer: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        ids = torch.cat([tokens[:, k + 1:], torch.zeros_like(tokens[:, :k + 1])], dim=1)
+        with torch.no_grad():
+            e = rms(model.model.embed_tokens(ids), own["enorm.weight"])
+            x = torch.nn.functional.linear(e, own["e_proj.weight"]).unsqueeze(2) + torch.nn.functional.linear(
+                rms(streams, own["hnorm.weight"]), own["h_proj.weight"])
+            layer = block.model.layers[0]
+            swap = layer.register_forward_pre_hook(lambda _m, a, kw, x=x: ((x,) + a[1:], kw), with_kwargs=True)
+            keep = layer.register_forward_hook(lambda _m, _i, out: captured.__setitem__("streams", out))
+            h = block.model(inputs_embeds=e).last_hidden_state
+            swap.remove()
+            keep.remove()
+            streams = captured["streams"]
+            outs.append(model.lm_head(h).float())
+    reader.close()
+    return torch.stack(outs)
