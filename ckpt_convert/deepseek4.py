@@ -5,9 +5,12 @@ writes, checksums, streaming one rank file at a time).
   A transformers-spelled directory is read by hf_io.HFReader as it is (stacked experts are served per expert;
   `weight_scale_inv` FP8 is dequantized). The official release's spelling (`layers.N.attn.wq_a.weight`,
   `ffn.experts.E.w1.weight`, block scales in `<name>.scale`) is read through `OfficialV4Reader`, which renames
-  and dequantizes on the fly: FP8 e4m3 with 128x128 ue8m0 scales, FP4 e2m1 experts with 1x32 scales.
+  and dequantizes on the fly: FP8 e4m3 with 128x128 ue8m0 scales, FP4 e2m1 experts with 1x32 scales. MTP depth K
+  (the release's `mtp.K.*`) is served as our transformers-side `model.mtp.K.*`.
 * Writing: mcore2hf writes the spelling the checkpoint was converted from (`hf_spelling` in convert.json;
   the official one when none is recorded), routed experts restacked per layer (`to_spelling`).
+* verify: `mcore_logits` (ours, main head and MTP depths) against `hf_logits` (transformers, and the release's
+  MTPBlock math around transformers' modules for the depths transformers does not build).
 """
 
 from __future__ import annotations

@@ -178,7 +178,8 @@ def test_refusals(flags, message, sources, tmp_path, capsys):
 
 def test_mtp_left_out(sources, tmp_path, capsys):
     """--mtp-num-layers 0 on a source with MTP is refused unless --allow-unused-weights (then the export has no
-    MTP); a source without MTP tensors converts without MTP by default, with a note."""
+    MTP); an MTP tensor of the wrong shape is refused; a source without MTP tensors converts without MTP by
+    default, with a note."""
     src = sources["official"]
     assert main(["hf2mcore", "--load-dir", src, "--save-dir", str(tmp_path / "a"), "--no-progress",
                  "--mtp-num-layers", "0"]) == 2
@@ -189,6 +190,10 @@ def test_mtp_left_out(sources, tmp_path, capsys):
                  "--no-progress"]) == 0
     full, out = read_all(src), read_all(str(tmp_path / "a_hf"))
     assert set(out) == {k for k in full if not k.startswith("mtp.")}
+
+    bad = write_hf(tmp_path / "bad", {**full, "mtp.0.e_proj.weight": full["mtp.0.e_proj.weight"][:, :32]})
+    assert main(["hf2mcore", "--load-dir", bad, "--save-dir", str(tmp_path / "c"), "--no-progress"]) == 2
+    assert "model.mtp.0.e_proj.weight: shape [64, 32] but config.json implies [64, 64]" in capsys.readouterr().err
 
     no_mtp = write_hf(tmp_path / "no_mtp", {k: v for k, v in full.items() if not k.startswith("mtp.")})
     assert main(["hf2mcore", "--load-dir", no_mtp, "--save-dir", str(tmp_path / "b"), "--no-progress"]) == 0

@@ -49,8 +49,8 @@ def build_stage(cfg: DeepSeekV4Config, layout, pp_rank: int, chunk: int = 0, con
 
     check_layout(layout)
     return DeepSeekV4Model(cfg, config, pre_process=layout.has_embedding(pp_rank, chunk),
-                           post_process=layout.has_output(pp_rank, chunk), layers=stage_layer_ids(layout, pp_rank, chunk),
-                           mtp_num_layers=layout.mtp_num_layers or 0)
+                           post_process=layout.has_output(pp_rank, chunk),
+                           layers=stage_layer_ids(layout, pp_rank, chunk), mtp_num_layers=layout.mtp_num_layers or 0)
 
 
 def _expert_map(m: TensorMap, mcore: str) -> TensorMap:
