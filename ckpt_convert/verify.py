@@ -14,6 +14,7 @@ compares them with transformers' logits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -227,6 +228,26 @@ def spawn_logits(mcore_dir: str, tokens: torch.Tensor, dtype: torch.dtype, world
     return found[0]
 
 
+@contextlib.contextmanager
+def one_rank_world():
+    """This process as a world of one rank (the environment init_distributed reads); torch.distributed and
+    megatron's groups torn down and the environment restored afterwards."""
+    from mindspeed_dsv.platform import destroy_distributed
+    from mindspeed_dsv.platform.spawn import free_port
+
+    saved = {k: os.environ.get(k) for k in WORLD_ENV}
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    try:
+        yield
+    finally:
+        destroy_distributed()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_verify(ns) -> int:
     from ckpt_convert.hf2mcore import layout_str
     from ckpt_convert.hf_io import read_config
@@ -264,21 +285,8 @@ def run_verify(ns) -> int:
         destroy_distributed()
         return int(flag.item())
     if world == 1:  # in this process
-        from mindspeed_dsv.platform import destroy_distributed
-        from mindspeed_dsv.platform.spawn import free_port
-
-        saved = {k: os.environ.get(k) for k in WORLD_ENV}
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-        try:
+        with one_rank_world():
             ours = logits_fn(ns.mcore_dir, tokens, dtype)
-        finally:
-            destroy_distributed()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         return report(ns, ours, tokens, dtype, text, ref_fn)
     ours = spawn_logits(ns.mcore_dir, tokens, dtype, world)
     return report(ns, ours, tokens, dtype, text)
