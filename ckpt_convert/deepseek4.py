@@ -251,12 +251,18 @@ def hf_logits(hf_dir: str, tokens: torch.Tensor, dtype: torch.dtype, mtp_num_lay
         x32 = x.float()
         return (w.float() * (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps))).to(x.dtype)
 
+    dtypes = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        dtypes.setdefault(_layer_suffix(name), t.dtype)
     streams = captured["streams"]
     for k in range(mtp_num_layers):
         p = f"model.mtp.{k}."
         own = to_spelling({n: reader.read(n) for n in reader.names() if n.startswith(p)}, TRANSFORMERS, {})
         own = {n[len(p):]: t for n, t in own.items()}  # experts stacked as transformers holds them
-        block = DeepseekV4ForCausalLM(block_cfg).to(dtype).eval()
+        block = DeepseekV4ForCausalLM(block_cfg).eval()
+        for name, t in [*block.named_parameters(), *block.named_buffers()]:  # from_pretrained's dtypes (fp32 kept)
+            if t.is_floating_point():
+                t.data = t.data.to(dtypes.get(_layer_suffix(name), dtype))
         sd = {("model." if r.startswith(("hc_head.", "norm.")) else "model.layers.0.") + r: t for r, t in own.items()
               if r.split(".")[0] not in ("enorm", "hnorm", "e_proj", "h_proj")}
         sd["model.embed_tokens.weight"], sd["lm_head.weight"] = model.model.embed_tokens.weight, model.lm_head.weight
@@ -267,8 +273,8 @@ def hf_logits(hf_dir: str, tokens: torch.Tensor, dtype: torch.dtype, mtp_num_lay
         ids = torch.cat([tokens[:, k + 1:], torch.zeros_like(tokens[:, :k + 1])], dim=1)
         with torch.no_grad():
             e = rms(model.model.embed_tokens(ids), own["enorm.weight"])
-            x = torch.nn.functional.linear(e, own["e_proj.weight"]).unsqueeze(2) + torch.nn.functional.linear(
-                rms(streams, own["hnorm.weight"]), own["h_proj.weight"])
+            x = torch.nn.functional.linear(e, own["e_proj.weight"].to(dtype)).unsqueeze(2) + torch.nn.functional.linear(
+                rms(streams, own["hnorm.weight"]), own["h_proj.weight"].to(dtype))
             layer = block.model.layers[0]
             swap = layer.register_forward_pre_hook(lambda _m, a, kw, x=x: ((x,) + a[1:], kw), with_kwargs=True)
             keep = layer.register_forward_hook(lambda _m, _i, out: captured.__setitem__("streams", out))
@@ -279,3 +285,8 @@ def hf_logits(hf_dir: str, tokens: torch.Tensor, dtype: torch.dtype, mtp_num_lay
             outs.append(model.lm_head(h).float())
     reader.close()
     return torch.stack(outs)
+
+
+def _layer_suffix(name: str) -> str:
+    """`model.layers.N.rest` -> `rest`; other names as they are."""
+    return name.split(".", 3)[3] if name.startswith("model.layers.") else name

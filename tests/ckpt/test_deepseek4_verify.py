@@ -50,3 +50,20 @@ def test_logits_match_transformers_and_a_changed_weight_fails(tmp_path, capsys):
     rerecord_checksum(str(rank))
     code, stats = _verify(hf, mc, str(tokens), capsys)
     assert code == 1 and stats["max_abs"] > 1e-3, stats
+
+
+def test_official_spelling(tmp_path, capsys):
+    """The release's spelling on --hf-dir: transformers reads it through its own conversion mapping, the MTP
+    reference through our reader (`mtp.0.*`)."""
+    from mindspeed_dsv.models.deepseek4 import DeepSeekV4Config
+    from mindspeed_dsv.models.deepseek4.names import transformers_to_official
+
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in transformers_state(seed=4).items()}
+    cfg = tiny_v4_config()
+    hf = write_hf(tmp_path / "hf", transformers_to_official(sd, DeepSeekV4Config.from_hf(cfg)), cfg)
+    mc = str(tmp_path / "mc")
+    assert main(["hf2mcore", "--load-dir", hf, "--save-dir", mc, "--no-progress"] + LAYOUTS["pp2_vpp"]) == 0
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps(token_ids(cfg["vocab_size"], batch=1, seq=16).tolist()))
+    code, stats = _verify(hf, mc, str(tokens), capsys)
+    assert code == 0 and stats["relative"] < 1e-5 and stats["mtp"][0]["relative"] < 1e-5, stats
