@@ -204,14 +204,14 @@ def mcore_logits(mcore_dir: str, tokens: torch.Tensor, dtype: torch.dtype) -> to
     cfg_dict = hf_io.read_config(mcore_dir)
     cfg = family.model_config(cfg_dict)
     layout = ParallelLayout.load(mcore_dir)
-    n = layout.mtp_num_layers or 0
+    depths = layout.mtp_num_layers or 0
     reader = McoreReader(mcore_dir, layout, cfg_dict)
     reader.check_embedding_copies()
     hf = to_spelling({n: reader.read_full(n) for n in reader.names()}, TRANSFORMERS, cfg_dict)
     reader.close()
-    model = DeepSeekV4Model(cfg, transformer_config(cfg, params_dtype=dtype, mtp_num_layers=n),
-                            mtp_num_layers=n).to(dtype).eval()
-    missing, unexpected = model.load_state_dict(hf_to_mcore(hf, cfg, n), strict=False)
+    model = DeepSeekV4Model(cfg, transformer_config(cfg, params_dtype=dtype, mtp_num_layers=depths),
+                            mtp_num_layers=depths).to(dtype).eval()
+    missing, unexpected = model.load_state_dict(hf_to_mcore(hf, cfg, depths), strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise ValueError(f"{mcore_dir}: the checkpoint does not fill the model: missing {missing[:5]}, "
@@ -219,7 +219,7 @@ def mcore_logits(mcore_dir: str, tokens: torch.Tensor, dtype: torch.dtype) -> to
     with torch.no_grad():
         streams = model.decode(tokens)
         heads = [model.final_layernorm(model.hc_head(streams))]
-        if n:
+        if depths:
             heads += model.mtp(streams, tokens, model.embedding)
         return torch.stack([model.output_layer(h)[0].float() for h in heads])
 
@@ -232,6 +232,7 @@ def hf_logits(hf_dir: str, tokens: torch.Tensor, dtype: torch.dtype, mtp_num_lay
         e = enorm(embed(tokens shifted k + 1)); x = e_proj(e)[:, :, None] + h_proj(hnorm(streams))
         streams = layer(x); logits = lm_head(norm(hc_head(streams)))
     with streams the main model's last decoder-layer output for depth 0 and the previous depth's after it."""
+    import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, DeepseekV4ForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
@@ -273,7 +274,7 @@ def hf_logits(hf_dir: str, tokens: torch.Tensor, dtype: torch.dtype, mtp_num_lay
         ids = torch.cat([tokens[:, k + 1:], torch.zeros_like(tokens[:, :k + 1])], dim=1)
         with torch.no_grad():
             e = rms(model.model.embed_tokens(ids), own["enorm.weight"])
-            x = torch.nn.functional.linear(e, own["e_proj.weight"].to(dtype)).unsqueeze(2) + torch.nn.functional.linear(
+            x = F.linear(e, own["e_proj.weight"].to(dtype)).unsqueeze(2) + F.linear(
                 rms(streams, own["hnorm.weight"]), own["h_proj.weight"].to(dtype))
             layer = block.model.layers[0]
             swap = layer.register_forward_pre_hook(lambda _m, a, kw, x=x: ((x,) + a[1:], kw), with_kwargs=True)
