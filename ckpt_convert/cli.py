@@ -294,12 +294,12 @@ def cmd_hf2mcore(ns) -> int:
     if v4 and ns.mtp_num_layers is None and nextn:
         from ckpt_convert.deepseek4 import hf_reader
 
-        names = hf_reader(ns.load_dir, torch.bfloat16, verify_checksums=False).names()
-        if any(n.startswith(("mtp.", "model.mtp.")) for n in names):
-            raise ValueError(f"{ns.load_dir} holds DeepSeek-V4 MTP weights (mtp.*), which are not converted yet: "
-                             "pass --mtp-num-layers 0 --allow-unused-weights to convert the main model alone")
-        ns.mtp_num_layers = 0
-    if ns.mtp_num_layers is None and nextn:
+        names = hf_reader(ns.load_dir, torch.bfloat16, verify_checksums=False).names()  # rank-map names
+        if not any(n.startswith("model.mtp.") for n in names):
+            print(f"note: config.json has num_nextn_predict_layers {nextn} but {ns.load_dir} holds no MTP weights "
+                  "(mtp.* / model.mtp.*); converting without MTP (--mtp-num-layers 0)", file=sys.stderr)
+            ns.mtp_num_layers = 0
+    elif ns.mtp_num_layers is None and nextn:
         reader = hf_io.HFReader(ns.load_dir, verify_checksums=False)  # names only; write_mcore's reader verifies
         if f"model.layers.{cfg['num_hidden_layers']}.eh_proj.weight" not in reader:
             print(f"note: config.json has num_nextn_predict_layers {nextn} but {ns.load_dir} holds no MTP weights "
@@ -331,7 +331,7 @@ def cmd_reshard(ns) -> int:
     src = ParallelLayout.load(ns.load_dir)
     cfg = hf_io.read_config(ns.load_dir)
     rec = read_record(ns.load_dir)
-    if ns.mtp_num_layers is None and rec.get("hf_spelling"):  # DeepSeek-V4: MTP as the source has it (none yet)
+    if ns.mtp_num_layers is None and rec.get("hf_spelling"):  # DeepSeek-V4: MTP as the source has it
         ns.mtp_num_layers = src.mtp_num_layers
     layout = target_layout(ns, cfg)
     spec = {"kind": "mcore", "dir": ns.load_dir, "layout": src.to_dict(), "cfg": cfg,

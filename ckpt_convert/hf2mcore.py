@@ -110,6 +110,8 @@ def check_mtp_copies(reader, cfg: dict, layout: ParallelLayout) -> set[str]:
     lost silently, so each present copy is compared bit for bit. Returns the copies checked (they count as used);
     raises ConversionError naming both tensors and the first differing row."""
     checked = set()
+    if v4.is_v4(cfg):  # the V4 release stores no copies (its MTP uses the main embedding and head)
+        return checked
     for k in range(layout.mtp_num_layers or 0):
         for copy, main in nm.mtp_shared_names(cfg, k).items():
             if copy not in reader:
@@ -253,6 +255,8 @@ def write_mcore(spec: dict, cfg: dict, layout: ParallelLayout, save_dir: str, pa
     reader = make_reader(spec)
     check_source(reader, cfg, layout, mla_mm_split, check_shapes=spec["kind"] == "hf")
     unused = check_unused(reader, cfg, layout, mla_mm_split, allow_unused) if spec["kind"] == "hf" else []
+    if spec["kind"] == "mcore" and v4.is_v4(cfg):
+        reader.check_embedding_copies()
     _READERS.clear()
     _READERS[repr(sorted((k, str(v)) for k, v in spec.items()))] = reader
 

@@ -29,7 +29,7 @@ from ckpt_convert.fp8 import BLOCK, dequantize_block_fp8, quantize_block_fp8
 from mindspeed_dsv.rankfiles import TOKENIZER_FILES, copy_side_files  # noqa: F401 (re-exported)
 
 INDEX = "model.safetensors.index.json"
-_FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+_FUSED = re.compile(r"^(model\.(?:layers|mtp)\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")  # mtp: DeepSeek-V4
 
 
 class HFCheckpointError(ValueError):

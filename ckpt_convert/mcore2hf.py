@@ -22,10 +22,18 @@ def hf_groups(reader: McoreReader, cfg: dict, layout: ParallelLayout) -> list[tu
     for name in reader.names():
         m = reader.entries[reader.hf_of_name[name]][0][4]
         by_layer.setdefault(m.hf_layer, []).append(name)
-    for k in range(layout.mtp_num_layers or 0):
-        by_layer.setdefault(nm.dims(cfg).num_hidden_layers + k, []).extend(nm.mtp_shared_names(cfg, k))
+    for k, shared in enumerate(mtp_shared(cfg, layout)):
+        by_layer.setdefault(nm.dims(cfg).num_hidden_layers + k, []).extend(shared)
     keys = sorted(by_layer, key=lambda x: -1 if x is None else x)
     return [("other" if k is None else f"layer{k}", by_layer[k]) for k in keys]
+
+
+def mtp_shared(cfg: dict, layout: ParallelLayout) -> list[dict[str, str]]:
+    """Per MTP depth, the HF copies of main tensors it writes (HF name -> main HF name): DeepSeek-V3's
+    embed_tokens / shared_head.head; none for DeepSeek-V4, whose release shares the main ones."""
+    if v4.is_v4(cfg):
+        return []
+    return [nm.mtp_shared_names(cfg, k) for k in range(layout.mtp_num_layers or 0)]
 
 
 def _reader(spec) -> McoreReader:
@@ -100,9 +108,11 @@ def convert(load_dir: str, save_dir: str, given_layout: dict, lora_load: str | N
         raise McoreCheckpointError(f"{load_dir}: tensors that layout.json does not account for (is the layout "
                                    f"right?):\n  " + "\n  ".join(extra[:10]))
     groups = hf_groups(reader, cfg, layout)
+    if v4.is_v4(cfg):
+        reader.check_embedding_copies()
     shared = {}
-    for k in range(layout.mtp_num_layers or 0):
-        shared.update(nm.mtp_shared_names(cfg, k))
+    for names in mtp_shared(cfg, layout):
+        shared.update(names)
 
     with hf_io.staged_dir(save_dir) as stage:
         total, n, copied = _write_export(stage, spec, reader, groups, shared, record, load_dir, lora_load, save_fp8,

@@ -186,7 +186,7 @@ class McoreReader:
         self._mm_split = mla_mm_split
         # HF name -> list of (tp, pp, ep, chunk key, TensorMap); the first stage holding it wins
         self.entries: dict[str, list] = {}
-        self.mtp_embedding: dict[str, tuple] = {}
+        self.copies: dict[str, list] = {}  # key -> (tp, pp, ep, chunk key, TensorMap) of the other stages' copies
         for tp, pp, ep in all_ranks(layout):
             for c in range(layout.num_model_chunks):
                 ck = nm.chunk_key(layout, c)
@@ -194,7 +194,9 @@ class McoreReader:
                     key = m.hf[0] if m.split != nm.HEAD_PART else f"{m.hf[0]}#{m.head_part[2]}"
                     owner = self.entries.setdefault(key, [])
                     if owner and (owner[0][1], owner[0][3]) != (pp, ck):
-                        continue  # the embedding's second copy on the MTP stage: same values
+                        # the embedding's second copy on the MTP stage: same values (check_embedding_copies)
+                        self.copies.setdefault(key, []).append((tp, pp, ep, ck, m))
+                        continue
                     owner.append((tp, pp, ep, ck, m))
         self.hf_of_name = {}
         for key, lst in self.entries.items():
@@ -270,6 +272,27 @@ class McoreReader:
                                        f"{rank}, the rank the adapters were trained with")
         self.lora_used.add((f"{tp},{pp},{ep},{ck}", m.lora_module))
         return merge_lora_weight(w, sd[a_key], sd[b_key], self.lora_alpha, self.lora_r)
+
+    def check_embedding_copies(self) -> None:
+        """The MTP stage's copy of the embedding must equal the first stage's bit for bit: the readers serve
+        the first stage's, so a differing copy would be dropped silently. Raises McoreCheckpointError naming
+        both rank files and the first differing row."""
+        for key, copies in self.copies.items():
+            owner = {(tp, ep): (pp, ck) for tp, pp, ep, ck, _ in self.entries[key]}
+            for tp, pp, ep, ck, m in copies:
+                if (tp, ep) not in owner:
+                    continue
+                mpp, mck = owner[(tp, ep)]
+                a = dense(self._chunk(self.dir, tp, mpp, ep, mck)[m.mcore])
+                b = dense(self._chunk(self.dir, tp, pp, ep, ck)[m.mcore])
+                if a.shape != b.shape or not torch.equal(a, b):
+                    row = "shape" if a.shape != b.shape else \
+                        f"row {int((a != b).reshape(a.shape[0], -1).any(1).nonzero()[0, 0])}"
+                    raise McoreCheckpointError(
+                        f"{rank_file(self.dir, self.layout, tp, pp, ep, self.iteration)} [{ck}]: {m.mcore} (the MTP "
+                        f"stage's copy of the embedding) differs from the one of "
+                        f"{rank_file(self.dir, self.layout, tp, mpp, ep, self.iteration)} [{mck}] (first at {row}); "
+                        "training keeps the two equal, so the checkpoint is inconsistent")
 
     def adapter_only(self) -> bool:
         """True when the rank files record lora_only (training's --lora-ckpt-filter): adapters, no base weights."""

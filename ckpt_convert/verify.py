@@ -14,6 +14,7 @@ compares them with transformers' logits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -178,16 +179,27 @@ def compare(ours: torch.Tensor, ref: torch.Tensor) -> dict:
             "max_relative": (diff.max() / ref.abs().max()).item()}
 
 
-def report(ns, ours: torch.Tensor, tokens: torch.Tensor, dtype: torch.dtype, layout_text: str) -> int:
-    stats = compare(ours, hf_logits(ns.hf_dir, tokens, dtype))
-    stats.update(layout=layout_text, dtype=ns.dtype, tolerance=ns.tolerance, shape=list(ours.shape))
+def report(ns, ours: torch.Tensor, tokens: torch.Tensor, dtype: torch.dtype, layout_text: str, ref_fn=None) -> int:
+    """Compare and print the statistics. With `ref_fn` (DeepSeek-V4) `ours` and the reference are stacked
+    [1 + MTP depths, B, S, V]: the main logits' statistics, and per MTP depth under "mtp"."""
+    if ref_fn is None:
+        ours, ref = ours[None], hf_logits(ns.hf_dir, tokens, dtype)[None]
+    else:
+        ref = ref_fn(ns.hf_dir, tokens, dtype)
+    if ours.shape[0] != ref.shape[0]:
+        raise VerifyError(f"{ours.shape[0] - 1} MTP depth(s) in the checkpoint, {ref.shape[0] - 1} in the reference")
+    stats = compare(ours[0], ref[0])
+    if len(ours) > 1:
+        stats["mtp"] = [compare(o, r) for o, r in zip(ours[1:], ref[1:])]
+    stats.update(layout=layout_text, dtype=ns.dtype, tolerance=ns.tolerance, shape=list(ours[0].shape))
     print(json.dumps(stats))
     if ns.save_logits:
         tmp = ns.save_logits + ".tmp"
-        torch.save(ours, tmp)
+        torch.save(ours[0], tmp)
         os.replace(tmp, ns.save_logits)
-    if stats["max_abs"] > ns.tolerance:
-        print(f"error: max abs logit difference {stats['max_abs']:.3e} exceeds --tolerance {ns.tolerance:g}",
+    worst = max(s["max_abs"] for s in [stats, *stats.get("mtp", [])])
+    if worst > ns.tolerance:
+        print(f"error: max abs logit difference {worst:.3e} exceeds --tolerance {ns.tolerance:g}",
               file=sys.stderr)
         return 1
     return 0
@@ -215,6 +227,26 @@ def spawn_logits(mcore_dir: str, tokens: torch.Tensor, dtype: torch.dtype, world
     return found[0]
 
 
+@contextlib.contextmanager
+def one_rank_world():
+    """This process as a world of one rank (the environment init_distributed reads); torch.distributed and
+    megatron's groups torn down and the environment restored afterwards."""
+    from mindspeed_dsv.platform import destroy_distributed
+    from mindspeed_dsv.platform.spawn import free_port
+
+    saved = {k: os.environ.get(k) for k in WORLD_ENV}
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    try:
+        yield
+    finally:
+        destroy_distributed()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_verify(ns) -> int:
     from ckpt_convert.hf2mcore import layout_str
     from ckpt_convert.hf_io import read_config
@@ -233,11 +265,12 @@ def run_verify(ns) -> int:
     dtype = torch.bfloat16 if ns.dtype == "bf16" else torch.float32
     world = world_size_of(layout)
     text = layout_str(layout)
-    logits_fn = mcore_logits
+    logits_fn, ref_fn = mcore_logits, None
     if v4:
         from ckpt_convert import deepseek4
 
         logits_fn, world = deepseek4.mcore_logits, 1  # gathered into one model in this process
+        ref_fn = partial(deepseek4.hf_logits, mtp_num_layers=layout.mtp_num_layers or 0)  # main + MTP logits
 
     if world > 1 and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:  # one rank of torchrun
         import torch.distributed as dist
@@ -251,21 +284,8 @@ def run_verify(ns) -> int:
         destroy_distributed()
         return int(flag.item())
     if world == 1:  # in this process
-        from mindspeed_dsv.platform import destroy_distributed
-        from mindspeed_dsv.platform.spawn import free_port
-
-        saved = {k: os.environ.get(k) for k in WORLD_ENV}
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-        try:
+        with one_rank_world():
             ours = logits_fn(ns.mcore_dir, tokens, dtype)
-        finally:
-            destroy_distributed()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-        return report(ns, ours, tokens, dtype, text)
+        return report(ns, ours, tokens, dtype, text, ref_fn)
     ours = spawn_logits(ns.mcore_dir, tokens, dtype, world)
     return report(ns, ours, tokens, dtype, text)

@@ -1,6 +1,7 @@
-"""DeepSeek-V4 HF -> Megatron -> HF is bit-identical (names, dtypes, values) from both key spellings over PP/VPP/EP/
-dualpipev layouts; rank files hold exactly the state-dict keys of the DeepSeekV4Model stages the trainer builds;
-what V4 cannot do yet is refused with a clear message."""
+"""DeepSeek-V4 HF -> Megatron -> HF is bit-identical (names, dtypes, values, the MTP depth included) from both key
+spellings over PP/VPP/EP/dualpipev layouts; rank files hold exactly the state-dict keys of the DeepSeekV4Model
+stages (with their MTP layers) the trainer builds; transformers loads the export; what V4 cannot do is refused
+with a clear message."""
 
 import glob
 import json
@@ -12,7 +13,8 @@ from safetensors.torch import save_file
 
 from ckpt_convert.cli import main
 from ckpt_convert.hf_io import read_all
-from tests.model.deepseek4_reference import make_hf_v4_model, tiny_v4_config
+from tests.ckpt.helpers import edit_rank_file
+from tests.model.deepseek4_reference import make_hf_v4_model, make_hf_v4_mtp, tiny_v4_config
 
 LAYOUTS = {
     "pp1": [],
@@ -23,10 +25,13 @@ LAYOUTS = {
 }
 
 
-def transformers_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    """The random tiny model's state dict (transformers' names, stacked experts); the norm weights and the
-    hyper-connection scales kept float32 while the rest is bf16, and tid2eid int64, so dtypes are checked."""
+def transformers_state(seed: int = 0, mtp: bool = True) -> dict[str, torch.Tensor]:
+    """The random tiny model's state dict (transformers' names, stacked experts) with, if `mtp`, its MTP depth
+    (`model.mtp.0.*`, the config's num_nextn_predict_layers 1); the norm weights and the hyper-connection
+    scales kept float32 while the rest is bf16, and tid2eid int64, so dtypes are checked."""
     sd = make_hf_v4_model(tiny_v4_config(), seed).state_dict()
+    if mtp:
+        sd.update({k: v.detach() for k, v in make_hf_v4_mtp(tiny_v4_config(), 0)[1].items()})
     out = {}
     for k, v in sd.items():
         keep = not v.is_floating_point() or k.endswith(("norm.weight", "layernorm.weight", "hc_scale", ".scale"))
@@ -64,9 +69,15 @@ def test_roundtrip_bit_identical(spelling, layout, sources, tmp_path):
     assert main(["mcore2hf", "--load-dir", str(tmp_path / "mc"), "--save-dir", str(tmp_path / "hf"),
                  "--no-progress"]) == 0
     a, b = read_all(src), read_all(str(tmp_path / "hf"))
-    assert set(a) == set(b)
+    assert set(a) == set(b) and sum(k.startswith(("mtp.0.", "model.mtp.0.")) for k in a) > 30
     bad = [k for k in a if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape or not torch.equal(a[k], b[k])]
     assert not bad, bad[:5]
+    if (spelling, layout) == ("transformers", "pp1"):  # transformers loads the export, ignoring model.mtp.*
+        from transformers import DeepseekV4ForCausalLM
+
+        model, info = DeepseekV4ForCausalLM.from_pretrained(str(tmp_path / "hf"), output_loading_info=True)
+        assert not info["missing_keys"] and not info["mismatched_keys"], info
+        assert torch.equal(model.lm_head.weight, a["lm_head.weight"].to(model.lm_head.weight.dtype))
 
 
 def test_reshard_equals_direct(sources, tmp_path):
@@ -98,26 +109,34 @@ def _stage_keys_on_rank(save_dir):
     layout = ParallelLayout.load(save_dir)
     cfg = DeepSeekV4Config.from_hf(tiny_v4_config())
     checked = 0
+    mtp_stages = 0
     for pp in range(layout.pp):
         state = torch.load(rank_file(save_dir, layout, 0, pp, 0), weights_only=False)
         for c in range(layout.num_model_chunks):
-            model = build_stage(cfg, layout, pp, c, transformer_config(cfg, pp=layout.pp))
+            config = transformer_config(cfg, pp=layout.pp, mtp_num_layers=layout.mtp_num_layers)
+            model = build_stage(cfg, layout, pp, c, config)
             model.load_state_dict(state[f"model{c}"], strict=True)
             checked += 1
-    return checked
+            mtp_stages += any(k.startswith("mtp.layers.0.") for k in state[f"model{c}"])
+    return checked, mtp_stages
 
 
-def test_rank_files_are_the_trainer_stages(sources, tmp_path):
-    """dualpipev PP2 rank files load strictly into the trainer's stages; the EP2 files of the same layout hold
-    the same tensors with each rank's half of the experts renumbered from 0 (megatron's local experts)."""
-    from tests.dist_utils import run_distributed
+def test_rank_files_are_the_trainer_stages(sources, tmp_path, capsys):
+    """dualpipev PP2 rank files load strictly into the trainer's stages (MTP on chunk 1 of pipeline rank 0); the
+    EP2 files of the same layout hold the same tensors with each rank's half of the experts (the MTP layer's
+    too) renumbered from 0 (megatron's local experts). An MTP-stage embedding copy that differs from the first
+    stage's is refused by mcore2hf and reshard."""
+    from ckpt_convert.verify import one_rank_world
 
     one, two = str(tmp_path / "ep1"), str(tmp_path / "ep2")
     dual = ["--target-pipeline-parallel-size", "2", "--schedules-method", "dualpipev"]
     assert main(["hf2mcore", "--load-dir", sources["official"], "--save-dir", one, "--no-progress"] + dual) == 0
     assert main(["hf2mcore", "--load-dir", sources["official"], "--save-dir", two, "--no-progress"] + dual
                 + ["--target-expert-parallel-size", "2"]) == 0
-    assert run_distributed(_stage_keys_on_rank, 1, one) == [4]
+    with one_rank_world():  # in this process: a spawned rank would import megatron again (~15 s)
+        assert _stage_keys_on_rank(one) == (4, 1)
+    mtp_file = f"{one}/iter_0000001/mp_rank_00_000/model_optim_rng.pt"
+    assert "mtp.layers.0.e_proj.weight" in torch.load(mtp_file, weights_only=False)["model1"]
     for pp in range(2):
         full = torch.load(f"{one}/iter_0000001/mp_rank_00_{pp:03d}/model_optim_rng.pt", weights_only=False)
         for ep in range(2):
@@ -136,10 +155,19 @@ def test_rank_files_are_the_trainer_stages(sources, tmp_path):
                 assert part[ck].keys() == want.keys()
                 assert all(torch.equal(part[ck][k], want[k]) for k in want)
 
+    def bump(state):
+        state["model1"]["embedding.weight"][7, 3] += 1.0
+    edit_rank_file(mtp_file, bump)
+    for cmd in ("mcore2hf", "reshard"):
+        capsys.readouterr()
+        assert main([cmd, "--load-dir", one, "--save-dir", str(tmp_path / cmd), "--no-progress"]) == 2
+        assert __import__("re").search(r"embedding.weight \(the MTP stage's copy of the embedding\) differs .*"
+                                       r"first at row 7", capsys.readouterr().err)
+
 
 @pytest.mark.parametrize("flags,message", [
     (["--target-tensor-parallel-size", "2"], "tensor parallel size 2 is not supported"),
-    (["--mtp-num-layers", "1"], "MTP layers .1. are not converted yet"),
+    (["--mtp-num-layers", "2"], "--mtp-num-layers 2 exceeds num_nextn_predict_layers 1"),
     (["--mla-mm-split"], "--mla-mm-split does not apply"),
 ])
 def test_refusals(flags, message, sources, tmp_path, capsys):
@@ -149,11 +177,26 @@ def test_refusals(flags, message, sources, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "mc" / "latest_checkpointed_iteration.txt")
 
 
-def test_mtp_weights_in_source_are_refused(sources, tmp_path, capsys):
-    sd = read_all(sources["official"])
-    sd["mtp.0.enorm.weight"] = torch.ones(64)
-    src = write_hf(tmp_path / "with_mtp", sd)
-    assert main(["hf2mcore", "--load-dir", src, "--save-dir", str(tmp_path / "mc"), "--no-progress"]) == 2
-    assert "MTP weights (mtp.*), which are not converted yet" in capsys.readouterr().err
-    assert main(["hf2mcore", "--load-dir", src, "--save-dir", str(tmp_path / "mc"), "--no-progress",
+def test_mtp_left_out(sources, tmp_path, capsys):
+    """--mtp-num-layers 0 on a source with MTP is refused unless --allow-unused-weights (then the export has no
+    MTP); an MTP tensor of the wrong shape is refused; a source without MTP tensors converts without MTP by
+    default, with a note."""
+    src = sources["official"]
+    assert main(["hf2mcore", "--load-dir", src, "--save-dir", str(tmp_path / "a"), "--no-progress",
+                 "--mtp-num-layers", "0"]) == 2
+    assert "mtp.0.e_proj.weight" in capsys.readouterr().err
+    assert main(["hf2mcore", "--load-dir", src, "--save-dir", str(tmp_path / "a"), "--no-progress",
                  "--mtp-num-layers", "0", "--allow-unused-weights"]) == 0
+    assert main(["mcore2hf", "--load-dir", str(tmp_path / "a"), "--save-dir", str(tmp_path / "a_hf"),
+                 "--no-progress"]) == 0
+    full, out = read_all(src), read_all(str(tmp_path / "a_hf"))
+    assert set(out) == {k for k in full if not k.startswith("mtp.")}
+
+    bad = write_hf(tmp_path / "bad", {**full, "mtp.0.e_proj.weight": full["mtp.0.e_proj.weight"][:, :32]})
+    assert main(["hf2mcore", "--load-dir", bad, "--save-dir", str(tmp_path / "c"), "--no-progress"]) == 2
+    assert "model.mtp.0.e_proj.weight: shape [64, 32] but config.json implies [64, 64]" in capsys.readouterr().err
+
+    no_mtp = write_hf(tmp_path / "no_mtp", {k: v for k, v in full.items() if not k.startswith("mtp.")})
+    assert main(["hf2mcore", "--load-dir", no_mtp, "--save-dir", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert "holds no MTP weights" in capsys.readouterr().err
+    assert json.load(open(tmp_path / "b" / "layout.json"))["layout"]["mtp_num_layers"] == 0

@@ -1,6 +1,7 @@
 """The official DeepSeek-V4 release's quantized weights, dequantized by hf2mcore on the fly: FP8 e4m3 with one
 ue8m0 scale per 128x128 block (`<name>.scale`) and FP4 e2m1 routed experts (two values per int8 byte, low nibble
-first) with one ue8m0 scale per 32 input columns. Checked against the formulas written out here."""
+first) with one ue8m0 scale per 32 input columns, the MTP layer's included. Checked against the formulas written
+out here."""
 
 import os
 
@@ -50,17 +51,18 @@ def test_fp8_and_fp4_are_dequantized_by_formula(tmp_path):
     sd = transformers_to_official(transformers_state(), DeepSeekV4Config.from_hf(tiny_v4_config()))
     # FP8: layer 2's wq_b [128, 32] in one block column, wo_a [32, 64]; exponents in [-8, 2]
     fp8 = {}
-    for name in ("layers.2.attn.wq_b.weight", "layers.2.attn.wo_a.weight"):
+    for name in ("layers.2.attn.wq_b.weight", "layers.2.attn.wo_a.weight", "mtp.0.e_proj.weight"):
         shape = sd[name].shape
         q = (torch.randn(shape, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
         exps = torch.randint(-8, 3, (-(-shape[0] // 128), -(-shape[1] // 128)), generator=g)
         sd[name], sd[name[:-len("weight")] + "scale"] = q, ue8m0(exps)
         fp8[name] = fp8_reference(q, exps)
-    # FP4: every routed expert of layer 3 (w1/w3 [32, 64] -> packed [32, 32]; w2 [64, 32] -> [64, 16])
+    # FP4: every routed expert of layer 3 and of the MTP layer (w1/w3 [32, 64] -> packed [32, 32]; w2 [64, 32] ->
+    # [64, 16])
     fp4 = {}
     for e in range(4):
-        for w in ("w1", "w2", "w3"):
-            name = f"layers.3.ffn.experts.{e}.{w}.weight"
+        for w, head in ((w, h) for w in ("w1", "w2", "w3") for h in ("layers.3", "mtp.0")):
+            name = f"{head}.ffn.experts.{e}.{w}.weight"
             rows, cols = sd[name].shape
             packed = torch.randint(-128, 128, (rows, cols // 2), generator=g, dtype=torch.int8)
             exps = torch.randint(-6, 2, (rows, cols // 32), generator=g)
@@ -73,11 +75,13 @@ def test_fp8_and_fp4_are_dequantized_by_formula(tmp_path):
     bf16 = lambda t: t.to(torch.bfloat16)  # noqa: E731  (the default dequantized dtype, as the official recipe)
     assert torch.equal(model["layers.2.self_attention.linear_q_up_proj.weight"], bf16(fp8["layers.2.attn.wq_b.weight"]))
     assert torch.equal(model["layers.2.self_attention.linear_o_group_proj"], bf16(fp8["layers.2.attn.wo_a.weight"]))
+    assert torch.equal(model["mtp.layers.0.e_proj.weight"], bf16(fp8["mtp.0.e_proj.weight"]))
     for e in range(4):
-        fc1 = torch.cat([fp4[f"layers.3.ffn.experts.{e}.w1.weight"], fp4[f"layers.3.ffn.experts.{e}.w3.weight"]])
-        assert torch.equal(model[f"layers.3.mlp.experts.local_experts.{e}.linear_fc1.weight"], bf16(fc1))
-        assert torch.equal(model[f"layers.3.mlp.experts.local_experts.{e}.linear_fc2.weight"],
-                           bf16(fp4[f"layers.3.ffn.experts.{e}.w2.weight"]))
+        for head, ours in (("layers.3", "layers.3"), ("mtp.0", "mtp.layers.0.transformer_layer")):
+            fc1 = torch.cat([fp4[f"{head}.ffn.experts.{e}.w1.weight"], fp4[f"{head}.ffn.experts.{e}.w3.weight"]])
+            assert torch.equal(model[f"{ours}.mlp.experts.local_experts.{e}.linear_fc1.weight"], bf16(fc1))
+            assert torch.equal(model[f"{ours}.mlp.experts.local_experts.{e}.linear_fc2.weight"],
+                               bf16(fp4[f"{head}.ffn.experts.{e}.w2.weight"]))
     # the unquantized tensors keep their dtype (a float32 norm stays float32)
     assert model["layers.3.input_layernorm.weight"].dtype == torch.float32
     assert model["layers.3.self_attention.linear_q_up_proj.weight"].dtype == torch.bfloat16
