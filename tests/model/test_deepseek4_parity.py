@@ -110,7 +110,8 @@ def _hash_table_on_rank():
 
     init_distributed()
     cfg = DeepSeekV4Config.from_hf(single_layer_config("sliding_attention", mlp_type="hash_moe"))
-    model = DeepSeekV4Model(cfg)  # tid2eid all zeros: expert 0 twice per token
+    model = DeepSeekV4Model(cfg)
+    model.layers[0].mlp.router.tid2eid.zero_()  # transformers' initial table: expert 0 twice per token
     try:
         model(token_ids(cfg.vocab_size, seq=5))
     except ValueError as e:
