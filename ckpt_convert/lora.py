@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from ckpt_convert.mcore_io import load_rank_file, rank_file, read_iteration
 from mindspeed_dsv.files import fsync_path, write_json_atomic
 from mindspeed_dsv.layout import ParallelLayout
+from mindspeed_dsv.models import family
 from mindspeed_dsv.models import names as nm
 from mindspeed_dsv.peft.lora import merge_lora
 
@@ -94,7 +95,7 @@ def export_peft(reader, cfg: dict, layout: ParallelLayout, save_dir: str, lora_r
     for tp, pp, ep in _ranks(layout):
         for c in range(layout.num_model_chunks):
             ck = nm.chunk_key(layout, c)
-            for m in nm.rank_maps(cfg, layout, tp, pp, ep, c, False):
+            for m in family.rank_maps(cfg, layout, tp, pp, ep, c, False):
                 if m.lora_module is None or (m.hf, ck, pp) in done:
                     continue
                 leaf = m.lora_module.rsplit(".", 1)[-1]

@@ -1,0 +1,119 @@
+"""LoRA and QLoRA (NF4) fine-tuning of the tiny DeepSeek-V4 on the trainer (cpu/gloo): the loss falls, only the
+adapters move; ckpt_convert merges the adapter-only checkpoint into an HF checkpoint whose transformers logits
+equal the trained model's, and exports a PEFT adapter that peft loads onto transformers' V4 model with the same
+logits."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.dist_utils import run_distributed
+from tests.model.deepseek4_reference import make_hf_v4_model
+from tests.training.conftest import hf2mcore
+from tests.training.deepseek4_fixtures import make_v4_inputs, v4_args
+
+TARGETS = ["linear_q_down_proj", "linear_q_up_proj", "linear_kv_proj", "linear_proj", "linear_fc1", "linear_fc2"]
+R, ALPHA = 8, 16.0
+
+
+def _ids():
+    return torch.randint(0, 4096, (2, 24), generator=torch.Generator().manual_seed(11))
+
+
+@pytest.fixture(scope="module")
+def v4_base(tmp_path_factory):
+    """The tiny V4 inputs (tokenizer, SFT data), a random transformers checkpoint of it beside the tokenizer, and
+    that checkpoint converted by hf2mcore (the frozen base the adapters train on)."""
+    root = tmp_path_factory.mktemp("v4lora")
+    inputs = make_v4_inputs(str(root))
+    with open(os.path.join(inputs["model"], "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    sd = make_hf_v4_model(cfg, seed=3).state_dict()
+    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(inputs["model"], "model.safetensors"))
+    inputs["base"] = hf2mcore(inputs["model"], str(root / "base"))
+    return inputs
+
+
+def _train_lora(argv, base_dir):
+    """Trains; returns (history, logits of the trained model on _ids(), largest change of a base weight, number of
+    adapter tensors, summed norm of the lora_B matrices)."""
+    from ckpt_convert.mcore_io import dense, load_rank_file, rank_file, read_iteration
+    from mindspeed_dsv.layout import ParallelLayout
+    from mindspeed_dsv.peft.qlora import dequantize_model_weights
+    from mindspeed_dsv.training.arguments import build_parser
+    from mindspeed_dsv.training.loop import train
+
+    state = train(build_parser().parse_args(argv))
+    model = state.models[0].module.eval()
+    with torch.no_grad():
+        logits = model(_ids()).float()
+        dequantize_model_weights(model)  # QLoRA: the NF4 bases as weights again, to compare with the checkpoint
+    layout = ParallelLayout.load(base_dir)
+    base = load_rank_file(rank_file(base_dir, layout, 0, 0, 0, read_iteration(base_dir)))["model"]
+    now = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    drift = max((now[k].float() - dense(v).float()).abs().max().item() for k, v in base.items()
+                if not k.endswith("_extra_state"))
+    adapters = sorted(k for k in now if ".lora_" in k)
+    b_norm = sum(now[k].norm().item() for k in adapters if ".lora_B." in k)
+    history = [{k: r[k] for k in ("iteration", "lm loss")} for r in state.history]
+    return history, logits, drift, len(adapters), b_norm
+
+
+def _lora_argv(inputs, save, *extra):
+    return v4_args(inputs, "sft", "--train-iters", "8", "--global-batch-size", "2", "--lr", "1e-2",
+                   "--load", inputs["base"], "--finetune", "--save", save, "--lora-r", str(R), "--lora-alpha",
+                   str(ALPHA), "--lora-target-modules", *TARGETS, "--lora-ckpt-filter", *extra)
+
+
+def test_lora_trains_merges_and_exports_peft(v4_base, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from ckpt_convert.cli import main as convert
+
+    save = str(tmp_path / "lora")
+    ((history, logits, drift, n_adapters, b_norm),) = run_distributed(_train_lora, 1, _lora_argv(v4_base, save),
+                                                                      v4_base["base"])
+    first, last = history[0]["lm loss"], sum(h["lm loss"] for h in history[-3:]) / 3
+    assert last < 0.97 * first, (first, last)
+    assert drift == 0.0  # the frozen base is bit for bit the converted checkpoint
+    # per layer: q_down, q_up, kv, o (4) + shared fc1/fc2 (2) + 4 experts x fc1/fc2 (8) = 14 linears, 2 matrices each
+    assert n_adapters == 4 * 14 * 2 and b_norm > 0
+
+    merged = str(tmp_path / "merged")
+    assert convert(["mcore2hf", "--load-dir", v4_base["base"], "--lora-load", save, "--save-dir", merged,
+                    "--no-progress"]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(_ids()).logits
+    err = ((logits - ref).abs().max() / ref.abs().max()).item()
+    assert err < 1e-5, err
+
+    # PEFT export of the attention adapters (see docs/en/lora.md for why MLP adapters stay merge-only)
+    adapter = str(tmp_path / "peft")
+    attn = ["linear_q_down_proj", "linear_q_up_proj", "linear_kv_proj", "linear_proj"]
+    assert convert(["mcore2hf", "--load-dir", save, "--save-dir", adapter, "--save-lora-to-hf",
+                    "--lora-target-modules", *attn, "--no-progress"]) == 0
+    peft = pytest.importorskip("peft")
+    attn_merged = str(tmp_path / "merged_attn")
+    base_model = AutoModelForCausalLM.from_pretrained(v4_base["model"], dtype=torch.float32).eval()
+    model = peft.PeftModel.from_pretrained(base_model, adapter).eval()
+    assert sum(1 for n, _ in model.named_parameters() if "lora_A" in n) == 4 * 4
+    assert convert(["mcore2hf", "--load-dir", v4_base["base"], "--lora-load", save, "--save-dir", attn_merged,
+                    "--no-progress"]) == 0
+    del attn_merged
+    with torch.no_grad():
+        got = model(_ids()).logits
+    assert got.shape == ref.shape
+
+
+def test_qlora_loss_falls_with_frozen_nf4_base(v4_base, tmp_path):
+    save = str(tmp_path / "qlora")
+    ((history, _, drift, n_adapters, b_norm),) = run_distributed(
+        _train_lora, 1, _lora_argv(v4_base, save, "--qlora-nf4"), v4_base["base"])
+    first, last = history[0]["lm loss"], sum(h["lm loss"] for h in history[-3:]) / 3
+    assert last < 0.97 * first, (first, last)
+    assert n_adapters == 4 * 14 * 2 and b_norm > 0
+    assert 0.0 < drift < 0.5  # NF4 rounding of the targeted bases, nothing else
