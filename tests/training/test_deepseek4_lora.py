@@ -38,8 +38,9 @@ def v4_base(tmp_path_factory):
 
 
 def _train_lora(argv, base_dir):
-    """Trains; returns (history, logits of the trained model on _ids(), largest change of a base weight, number of
-    adapter tensors, summed norm of the lora_B matrices)."""
+    """Trains; returns (history, logits of the trained model on _ids() with all adapters and with the attention
+    adapters alone, largest change of a base weight, number of adapter tensors, summed norm of the attention
+    lora_B matrices)."""
     from ckpt_convert.mcore_io import dense, load_rank_file, rank_file, read_iteration
     from mindspeed_dsv.layout import ParallelLayout
     from mindspeed_dsv.peft.qlora import dequantize_model_weights
@@ -50,6 +51,10 @@ def _train_lora(argv, base_dir):
     model = state.models[0].module.eval()
     with torch.no_grad():
         logits = model(_ids()).float()
+        for name, p in model.named_parameters():  # the model with its attention adapters alone (PEFT's export)
+            if ".mlp." in name and ".lora_B." in name:
+                p.zero_()
+        attn_logits = model(_ids()).float()
         dequantize_model_weights(model)  # QLoRA: the NF4 bases as weights again, to compare with the checkpoint
     layout = ParallelLayout.load(base_dir)
     base = load_rank_file(rank_file(base_dir, layout, 0, 0, 0, read_iteration(base_dir)))["model"]
@@ -57,31 +62,39 @@ def _train_lora(argv, base_dir):
     drift = max((now[k].float() - dense(v).float()).abs().max().item() for k, v in base.items()
                 if not k.endswith("_extra_state"))
     adapters = sorted(k for k in now if ".lora_" in k)
-    b_norm = sum(now[k].norm().item() for k in adapters if ".lora_B." in k)
+    b_norm = sum(now[k].norm().item() for k in adapters if ".lora_B." in k and ".self_attention." in k)
     history = [{k: r[k] for k in ("iteration", "lm loss")} for r in state.history]
-    return history, logits, drift, len(adapters), b_norm
+    return history, (logits, attn_logits), drift, len(adapters), b_norm
 
 
 def _lora_argv(inputs, save, *extra):
-    return v4_args(inputs, "sft", "--train-iters", "8", "--global-batch-size", "2", "--lr", "1e-2",
+    return v4_args(inputs, "sft", "--train-iters", "8", "--global-batch-size", "2", "--lr", "3e-2",
                    "--load", inputs["base"], "--finetune", "--save", save, "--lora-r", str(R), "--lora-alpha",
                    str(ALPHA), "--lora-target-modules", *TARGETS, "--lora-ckpt-filter", *extra)
 
 
-def test_lora_trains_merges_and_exports_peft(v4_base, tmp_path):
+def _falls(history) -> bool:
+    """The mean loss of the last 4 steps is below that of the first 2 by 0.1 or more (one batch's loss is noisy:
+    8 steps of 2 SFT samples each)."""
+    first = sum(h["lm loss"] for h in history[:2]) / 2
+    last = sum(h["lm loss"] for h in history[-4:]) / 4
+    return last < first - 0.1
+
+
+def test_lora_trains_merges_and_exports_peft(v4_base, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     from ckpt_convert.cli import main as convert
 
     save = str(tmp_path / "lora")
-    ((history, logits, drift, n_adapters, b_norm),) = run_distributed(_train_lora, 1, _lora_argv(v4_base, save),
-                                                                      v4_base["base"])
-    first, last = history[0]["lm loss"], sum(h["lm loss"] for h in history[-3:]) / 3
-    assert last < 0.97 * first, (first, last)
+    ((history, (logits, attn_logits), drift, n_adapters, b_norm),) = run_distributed(
+        _train_lora, 1, _lora_argv(v4_base, save), v4_base["base"])
+    assert _falls(history), history  # 8.58 -> 8.16 measured
     assert drift == 0.0  # the frozen base is bit for bit the converted checkpoint
     # per layer: q_down, q_up, kv, o (4) + shared fc1/fc2 (2) + 4 experts x fc1/fc2 (8) = 14 linears, 2 matrices each
     assert n_adapters == 4 * 14 * 2 and b_norm > 0
 
+    # merge: transformers on the merged HF checkpoint gives the trained model's logits
     merged = str(tmp_path / "merged")
     assert convert(["mcore2hf", "--load-dir", v4_base["base"], "--lora-load", save, "--save-dir", merged,
                     "--no-progress"]) == 0
@@ -91,29 +104,30 @@ def test_lora_trains_merges_and_exports_peft(v4_base, tmp_path):
     err = ((logits - ref).abs().max() / ref.abs().max()).item()
     assert err < 1e-5, err
 
-    # PEFT export of the attention adapters (see docs/en/lora.md for why MLP adapters stay merge-only)
+    # PEFT: routed experts are fused tensors in transformers, so the export refuses them by name ...
+    assert convert(["mcore2hf", "--load-dir", save, "--save-dir", str(tmp_path / "refused"), "--save-lora-to-hf",
+                    "--no-progress"]) == 2
+    assert "adapts a DeepSeek-V4 routed expert" in capsys.readouterr().err
+    # ... and the attention adapters, loaded by peft onto transformers' V4, give our model's logits with them alone
+    peft = pytest.importorskip("peft")
     adapter = str(tmp_path / "peft")
     attn = ["linear_q_down_proj", "linear_q_up_proj", "linear_kv_proj", "linear_proj"]
     assert convert(["mcore2hf", "--load-dir", save, "--save-dir", adapter, "--save-lora-to-hf",
                     "--lora-target-modules", *attn, "--no-progress"]) == 0
-    peft = pytest.importorskip("peft")
-    attn_merged = str(tmp_path / "merged_attn")
     base_model = AutoModelForCausalLM.from_pretrained(v4_base["model"], dtype=torch.float32).eval()
     model = peft.PeftModel.from_pretrained(base_model, adapter).eval()
     assert sum(1 for n, _ in model.named_parameters() if "lora_A" in n) == 4 * 4
-    assert convert(["mcore2hf", "--load-dir", v4_base["base"], "--lora-load", save, "--save-dir", attn_merged,
-                    "--no-progress"]) == 0
-    del attn_merged
     with torch.no_grad():
         got = model(_ids()).logits
-    assert got.shape == ref.shape
+    assert not torch.allclose(got, ref, atol=1e-3)  # the MLP adapters are not in it
+    err = ((attn_logits - got).abs().max() / got.abs().max()).item()
+    assert err < 1e-5, err
 
 
 def test_qlora_loss_falls_with_frozen_nf4_base(v4_base, tmp_path):
     save = str(tmp_path / "qlora")
     ((history, _, drift, n_adapters, b_norm),) = run_distributed(
         _train_lora, 1, _lora_argv(v4_base, save, "--qlora-nf4"), v4_base["base"])
-    first, last = history[0]["lm loss"], sum(h["lm loss"] for h in history[-3:]) / 3
-    assert last < 0.97 * first, (first, last)
+    assert _falls(history), history
     assert n_adapters == 4 * 14 * 2 and b_norm > 0
     assert 0.0 < drift < 0.5  # NF4 rounding of the targeted bases, nothing else
