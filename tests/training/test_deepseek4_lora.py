@@ -102,6 +102,7 @@ def test_lora_trains_merges_and_exports_peft(v4_base, tmp_path, capsys):
     with torch.no_grad():
         ref = hf(_ids()).logits
     err = ((logits - ref).abs().max() / ref.abs().max()).item()
+    print(f"V4 LoRA: loss {history[0]['lm loss']:.3f} -> {history[-1]['lm loss']:.3f}; merged vs trained logits: {err:.2e}")
     assert err < 1e-5, err
 
     # PEFT: routed experts are fused tensors in transformers, so the export refuses them by name ...
@@ -121,6 +122,7 @@ def test_lora_trains_merges_and_exports_peft(v4_base, tmp_path, capsys):
         got = model(_ids()).logits
     assert not torch.allclose(got, ref, atol=1e-3)  # the MLP adapters are not in it
     err = ((attn_logits - got).abs().max() / got.abs().max()).item()
+    print(f"V4 LoRA: peft vs trained (attention adapters) logits: {err:.2e}")
     assert err < 1e-5, err
 
 
@@ -128,6 +130,7 @@ def test_qlora_loss_falls_with_frozen_nf4_base(v4_base, tmp_path):
     save = str(tmp_path / "qlora")
     ((history, _, drift, n_adapters, b_norm),) = run_distributed(
         _train_lora, 1, _lora_argv(v4_base, save, "--qlora-nf4"), v4_base["base"])
+    print(f"V4 QLoRA: losses {[round(h['lm loss'], 3) for h in history]}; NF4 drift {drift:.3f}")
     assert _falls(history), history
     assert n_adapters == 4 * 14 * 2 and b_norm > 0
     assert 0.0 < drift < 0.5  # NF4 rounding of the targeted bases, nothing else
