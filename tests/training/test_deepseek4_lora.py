@@ -154,3 +154,41 @@ def test_qlora_trains_and_merges_into_the_nf4_base(v4_base, tmp_path):
     err = ((logits - ref).abs().max() / ref.abs().max()).item()
     print(f"V4 QLoRA: merged (NF4 base) vs trained logits {err:.2e}")
     assert err < 1e-5, err
+
+
+def _lora_modules_per_stage(layout_dict):
+    """{(pp, chunk): (LoRA modules of the stage the trainer builds, lora_module entries of the rank maps)}."""
+    from mindspeed_dsv.layout import ParallelLayout
+    from mindspeed_dsv.models import family
+    from mindspeed_dsv.models.deepseek4 import DeepSeekV4Config, transformer_config
+    from mindspeed_dsv.models.deepseek4.stages import build_stage
+    from mindspeed_dsv.peft.lora import LoraConfig, apply_lora, lora_state_dict
+    from mindspeed_dsv.platform import init_distributed
+    from tests.model.deepseek4_reference import tiny_v4_config
+
+    init_distributed()
+    layout = ParallelLayout.from_dict(layout_dict)
+    hf = tiny_v4_config()
+    cfg = DeepSeekV4Config.from_hf(hf)
+    out = {}
+    for pp in range(layout.pp):
+        for c in range(layout.num_model_chunks):
+            model = apply_lora(build_stage(cfg, layout, pp, c, transformer_config(cfg, pp=layout.pp)),
+                               LoraConfig(lora_r=2, lora_target_modules=TARGETS))
+            built = sorted({k.rsplit(".lora_", 1)[0] for k in lora_state_dict(model)})
+            mapped = sorted(m.lora_module for m in family.rank_maps(hf, layout, 0, pp, 0, c) if m.lora_module)
+            out[(pp, c)] = (built, mapped)
+    return out
+
+
+def test_rank_maps_name_the_adapters_of_every_stage():
+    """The merge finds each adapter under the rank map's lora_module: on a dualpipev PP2 layout (two chunks per
+    rank, stage-local layer numbers), the LoRA modules of every stage the trainer builds are exactly those."""
+    from mindspeed_dsv.layout import ParallelLayout
+
+    layout = ParallelLayout(pp=2, dualpipev=True, num_layers=4, num_experts=4, mtp_num_layers=0,
+                            make_vocab_size_divisible_by=1)
+    (stages,) = run_distributed(_lora_modules_per_stage, 1, layout.to_dict())
+    assert len(stages) == 4
+    for (pp, c), (built, mapped) in stages.items():
+        assert built == mapped and len(built) == 14, (pp, c, built, mapped)  # one layer per stage, 14 linears
