@@ -82,8 +82,8 @@ def export_peft(reader, cfg: dict, layout: ParallelLayout, save_dir: str, lora_r
                 target_modules: list[str] | None, base_model: str | None = None) -> dict:
     """Write adapter_config.json + adapter_model.safetensors with peft's key names for transformers' model
     (`base_model.model.model.layers.N.self_attn.q_b_proj.lora_A.weight`; DeepSeek-V4: transformers' spelling
-    whatever spelling the base was converted from, since peft loads onto transformers' module names). `reader` is a McoreReader on the
-    adapter-only checkpoint (its rank files hold only lora_A/lora_B keys)."""
+    whatever spelling the base was converted from, since peft loads onto transformers' module names).
+    `reader` is a McoreReader on the adapter-only checkpoint (its rank files hold only lora_A/lora_B keys)."""
     if layout.moe_grouped_gemm:
         raise ValueError("--save-lora-to-hf cannot be used with --moe-grouped-gemm (grouped experts carry no "
                          "per-expert LoRA modules); train LoRA without --moe-grouped-gemm")

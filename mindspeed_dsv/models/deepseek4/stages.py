@@ -109,5 +109,6 @@ def rank_maps(cfg: DeepSeekV4Config, layout, tp_rank: int, pp_rank: int, ep_rank
             out.append(_expert_map(m, mcore))
         else:
             # the LoRA module follows the stage-local name (adapter keys are the stage's state-dict keys)
-            out.append(dataclasses.replace(m, mcore=mcore, lora_module=lora_module_of(mcore) if m.lora_module else None))
+            lora = lora_module_of(mcore) if m.lora_module else None
+            out.append(dataclasses.replace(m, mcore=mcore, lora_module=lora))
     return out
