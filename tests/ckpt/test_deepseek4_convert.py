@@ -157,3 +157,14 @@ def test_mtp_weights_in_source_are_refused(sources, tmp_path, capsys):
     assert "MTP weights (mtp.*), which are not converted yet" in capsys.readouterr().err
     assert main(["hf2mcore", "--load-dir", src, "--save-dir", str(tmp_path / "mc"), "--no-progress",
                  "--mtp-num-layers", "0", "--allow-unused-weights"]) == 0
+
+
+def test_model_type_hf_is_checked_against_config(sources, tmp_path, capsys):
+    """--model-type-hf acts: the family config.json names must be the one given (the V4 hf2mcore script passes
+    deepseek4)."""
+    assert main(["hf2mcore", "--load-dir", sources["transformers"], "--save-dir", str(tmp_path / "v3"),
+                 "--model-type-hf", "deepseek3", "--no-progress"]) == 2
+    assert "--model-type-hf deepseek3: " in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "v3")
+    assert main(["hf2mcore", "--load-dir", sources["transformers"], "--save-dir", str(tmp_path / "v4"),
+                 "--model-type-hf", "deepseek4", "--no-progress"]) == 0
