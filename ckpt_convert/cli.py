@@ -54,8 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "dequantized on the fly) and write Megatron-Core rank files for the target layout.")
     p.add_argument("--load-dir", required=True, help="HF directory: config.json + safetensors (+ index).")
     p.add_argument("--save-dir", required=True, help="Output Megatron checkpoint directory.")
-    p.add_argument("--model-type-hf", default="deepseek3", choices=["deepseek3"],
-                   help="HF model family; only deepseek3 (DeepseekV3ForCausalLM). Default deepseek3.")
+    p.add_argument("--model-type-hf", default=None, choices=["deepseek3", "deepseek4"],
+                   help="HF model family the checkpoint must be: deepseek3 (DeepseekV3ForCausalLM) or deepseek4 "
+                        "(DeepseekV4ForCausalLM); a config.json of the other family is refused. Default: the "
+                        "family config.json names.")
     p.add_argument("--qlora-nf4", action="store_true",
                    help="Store the base weights of the --lora-target-modules linears as NF4 (bitsandbytes' "
                         "4-bit NormalFloat, blocks of 64, no double quantization), each rank quantizing its own "
@@ -289,6 +291,9 @@ def cmd_hf2mcore(ns) -> int:
     from mindspeed_dsv.models.family import DEEPSEEK4, family_of
 
     cfg = hf_io.read_config(ns.load_dir)
+    if ns.model_type_hf is not None and ns.model_type_hf != family_of(cfg):
+        raise ValueError(f"--model-type-hf {ns.model_type_hf}: {ns.load_dir}/config.json is a {family_of(cfg)} "
+                         f"model (architectures {cfg.get('architectures')})")
     nextn = int(cfg.get("num_nextn_predict_layers") or 0)
     v4 = family_of(cfg) == DEEPSEEK4
     if v4 and ns.mtp_num_layers is None and nextn:

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from ckpt_convert.mcore_io import load_rank_file, rank_file, read_iteration
 from mindspeed_dsv.files import fsync_path, write_json_atomic
 from mindspeed_dsv.layout import ParallelLayout
+from mindspeed_dsv.models import family
 from mindspeed_dsv.models import names as nm
 from mindspeed_dsv.peft.lora import merge_lora
 
@@ -79,22 +80,24 @@ def merge_lora_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: 
 
 def export_peft(reader, cfg: dict, layout: ParallelLayout, save_dir: str, lora_r: int, lora_alpha: float,
                 target_modules: list[str] | None, base_model: str | None = None) -> dict:
-    """Write adapter_config.json + adapter_model.safetensors with peft's DeepseekV3 key names
-    (`base_model.model.model.layers.N.self_attn.q_b_proj.lora_A.weight`). `reader` is a McoreReader on the
-    adapter-only checkpoint (its rank files hold only lora_A/lora_B keys)."""
+    """Write adapter_config.json + adapter_model.safetensors with peft's key names for transformers' model
+    (`base_model.model.model.layers.N.self_attn.q_b_proj.lora_A.weight`; DeepSeek-V4: transformers' spelling
+    whatever spelling the base was converted from, since peft loads onto transformers' module names).
+    `reader` is a McoreReader on the adapter-only checkpoint (its rank files hold only lora_A/lora_B keys)."""
     if layout.moe_grouped_gemm:
         raise ValueError("--save-lora-to-hf cannot be used with --moe-grouped-gemm (grouped experts carry no "
                          "per-expert LoRA modules); train LoRA without --moe-grouped-gemm")
     if reader._mm_split:
         raise ValueError("--save-lora-to-hf cannot be used with --mla-mm-split (the split up-projections have "
                          "separate adapters that PEFT's q_b_proj/kv_b_proj cannot hold)")
+    v4 = family.family_of(cfg) == family.DEEPSEEK4
     out: dict[str, torch.Tensor] = {}
     leaves: set[str] = set()
     done: set[tuple] = set()
     for tp, pp, ep in _ranks(layout):
         for c in range(layout.num_model_chunks):
             ck = nm.chunk_key(layout, c)
-            for m in nm.rank_maps(cfg, layout, tp, pp, ep, c, False):
+            for m in family.rank_maps(cfg, layout, tp, pp, ep, c, False):
                 if m.lora_module is None or (m.hf, ck, pp) in done:
                     continue
                 leaf = m.lora_module.rsplit(".", 1)[-1]
@@ -104,6 +107,13 @@ def export_peft(reader, cfg: dict, layout: ParallelLayout, save_dir: str, lora_r
                 a_key, b_key = m.lora_module + ".lora_A.weight", m.lora_module + ".lora_B.weight"
                 if a_key not in sd:
                     continue
+                if v4 and m.expert is not None:
+                    raise ValueError(
+                        f"--save-lora-to-hf: {m.lora_module} adapts a DeepSeek-V4 routed expert; transformers holds "
+                        "the routed experts as fused tensors (mlp.experts.gate_up_proj/down_proj) that peft cannot "
+                        "adapt per expert. Merge these adapters with --lora-load instead, or export the attention "
+                        "adapters alone (--lora-target-modules linear_q_down_proj linear_q_up_proj linear_kv_proj "
+                        "linear_proj)")
                 done.add((m.hf, ck, pp))
                 a_split, b_split = nm.lora_splits(m.split)
                 ranks = range(m.tp) if m.tp > 1 else [m.tp_rank]

@@ -89,8 +89,6 @@ def convert(load_dir: str, save_dir: str, given_layout: dict, lora_load: str | N
                                                                 lora_target_modules)
     hf_spelling = None
     if v4.is_v4(cfg):
-        if lora_load is not None or recorded_lora(load_dir)["lora_r"] is not None:
-            raise McoreCheckpointError("DeepSeek-V4: merging LoRA adapters in mcore2hf is not supported yet")
         if save_fp8:
             raise McoreCheckpointError("DeepSeek-V4: --save-fp8 is not supported yet (the export is unquantized)")
         hf_spelling = record.get("hf_spelling") or v4.OFFICIAL

@@ -131,7 +131,16 @@ def write_checkpoint(config_path: str, save_dir: str, seed: int, mtp: bool, toke
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(save_dir) + ".partial-", dir=parent)
     try:
-        model.save_pretrained(tmp)
+        if v4:
+            # transformers' save_pretrained of V4 writes a third spelling (official names under `model.`, e.g.
+            # model.layers.0.attn.wq_a.weight) that ckpt_convert does not read; its own module names (what
+            # from_pretrained loads as is, and mcore2hf writes for a transformers-spelled source) are written here.
+            model.config.save_pretrained(tmp)
+            model.generation_config.save_pretrained(tmp)
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                      os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            model.save_pretrained(tmp)
         main = read_all(tmp)
         summary = {"main_tensors": len(main), "params": sum(t.numel() for t in main.values()), "mtp_tensors": 0}
         if mtp:

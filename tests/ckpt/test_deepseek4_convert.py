@@ -200,3 +200,14 @@ def test_mtp_left_out(sources, tmp_path, capsys):
     assert main(["hf2mcore", "--load-dir", no_mtp, "--save-dir", str(tmp_path / "b"), "--no-progress"]) == 0
     assert "holds no MTP weights" in capsys.readouterr().err
     assert json.load(open(tmp_path / "b" / "layout.json"))["layout"]["mtp_num_layers"] == 0
+
+
+def test_model_type_hf_is_checked_against_config(sources, tmp_path, capsys):
+    """--model-type-hf acts: the family config.json names must be the one given (the V4 hf2mcore script passes
+    deepseek4)."""
+    assert main(["hf2mcore", "--load-dir", sources["transformers"], "--save-dir", str(tmp_path / "v3"),
+                 "--model-type-hf", "deepseek3", "--no-progress"]) == 2
+    assert "--model-type-hf deepseek3: " in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "v3")
+    assert main(["hf2mcore", "--load-dir", sources["transformers"], "--save-dir", str(tmp_path / "v4"),
+                 "--model-type-hf", "deepseek4", "--no-progress"]) == 0

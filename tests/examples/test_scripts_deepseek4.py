@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES = os.path.join(ROOT, "examples", "mcore", "deepseek4")
@@ -137,17 +138,28 @@ def test_instruction_data_uses_the_v4_template(tmp_path):
     assert r.returncode == 0 and "--prompt-type deepseek4" in r.stdout
 
 
-@pytest.mark.skip(reason="needs V4 conversion+training lanes")
 def test_quickstart_tiny_end_to_end(tmp_path):
-    """The whole tour on CPU: the fine-tuned model, converted back to HF, loads in transformers and answers."""
+    """The whole tour on CPU with LoRA (the longest path: hf2mcore, adapter training, merge): the merged model,
+    written as HF, loads in transformers and answers; the merge changed the weights the adapters target."""
+    from ckpt_convert.hf_io import read_all
+
     r = subprocess.run(["bash", os.path.join(EXAMPLES, "quickstart_tiny.sh")], capture_output=True, text=True,
                        cwd=ROOT, timeout=1500,
-                       env={**ENV, "PYTHON": sys.executable, "OUTPUT_DIR": str(tmp_path / "qs"), "TRAIN_ITERS": "40"})
+                       env={**ENV, "PYTHON": sys.executable, "OUTPUT_DIR": str(tmp_path / "qs"), "TRAIN_ITERS": "6",
+                            "FINETUNE": "lora"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = tmp_path / "qs"
     assert (out / "hf_out" / "config.json").is_file() and list((out / "hf_out").glob("*.safetensors"))
     for stage in range(1, 7):
         assert f"stage {stage}/6" in r.stdout
+    assert "mean reproduced:" in r.stdout  # generate_check loaded hf_out in transformers and generated
+    base, merged = read_all(str(out / "hf")), read_all(str(out / "hf_out"))
+    assert set(base) == set(merged)
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert {"model.layers.0.self_attn.q_b_proj.weight", "model.layers.3.mlp.experts.gate_up_proj"} <= changed
+    targeted = re.compile(r"model\.layers\.\d+\.(self_attn\.(q_a|q_b|kv|o_b)_proj\.weight|"
+                          r"mlp\.shared_experts\.(gate|up|down)_proj\.weight|mlp\.experts\.(gate_up|down)_proj)$")
+    assert all(targeted.match(k) for k in changed), sorted(k for k in changed if not targeted.match(k))
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out / "hf_out")

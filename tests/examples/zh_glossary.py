@@ -150,7 +150,7 @@ ZH = {
     # convert
     "--load-dir": "输入目录（HF 权重或 Megatron 权重）。",
     "--save-dir": "输出目录。",
-    "--model-type-hf": "HF 模型族，仅支持 deepseek3。",
+    "--model-type-hf": "HF 模型族：deepseek3 或 deepseek4，须与 config.json 一致，否则报错；默认取 config.json 所示的模型族。",
     "--mla-mm-split": "MLA 的两个上投影存为四个（linear_qk_nope、linear_qk_rope、linear_kv_nope、linear_v）；须与训练一致。",
     "--params-dtype": "写出的 Megatron 权重数据类型；默认保持源类型（FP8 反量化为 bf16）。应与训练一致：训练加 --bf16 时为 bf16，否则 fp32（训练没有 fp16）。--params-dtype、--bf16、--fp16 只能给一个，互相矛盾时报错。",
     "--fp16": "同 --params-dtype fp16。",

@@ -33,7 +33,7 @@ stage "1/6: tiny HF DeepSeek-V4 checkpoint (random init, seeded, vocabulary of t
 "${PYTHON}" "${ROOT}/scripts/make_tiny_hf_checkpoint.py" --config "${ROOT}/assets/tiny_deepseek4" \
     --vocab-size 4096 --save-dir "${OUT}/hf" --overwrite
 
-stage "2/6: instruction data (${SFT_DATA##*/}, DeepSeek-V4 chat encoding, packed to 256 tokens) -> ${OUT}/data"
+stage "2/6: instruction data (${SFT_DATA##*/}, DeepSeek-V4 chat encoding, rows of up to 256 tokens) -> ${OUT}/data"
 INPUT="${SFT_DATA}" HANDLER=AlpacaStyleInstructionHandler TOKENIZER_PATH="${OUT}/hf" \
 OUTPUT_PREFIX="${OUT}/data/alpaca" SEQ_LENGTH=256 WORKERS=1 \
     bash "${HERE}/data_convert_deepseek4_instruction.sh" --no-progress --overwrite

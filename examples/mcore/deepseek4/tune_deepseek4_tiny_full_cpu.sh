@@ -45,7 +45,6 @@ TRAIN_ARGS=(
     --weight-decay 0.0
     --clip-grad 1.0
     --seed 1234
-    --moe-token-dispatcher-type allgather
 )
 [ "${PRECISION}" = "bf16" ] && TRAIN_ARGS+=(--bf16)
 DATA_ARGS=(

@@ -14,6 +14,7 @@ checkpoint name.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 import torch
@@ -31,6 +32,23 @@ def _one(mc: str, hf: str, layer: int | None = None) -> TensorMap:
 
 def _compressor(mc: str, hf: str, layer: int) -> list[TensorMap]:
     return [_one(mc + k, hf + k, layer) for k in ("kv_proj.weight", "gate_proj.weight", "position_bias", "kv_norm.weight")]
+
+
+# The megatron linears LoRA can adapt (peft.lora.LORA_TARGET_MODULES spells the same leaf names); the compressors'
+# and indexers' projections, the router and the grouped output projection (a Parameter) are not among them.
+LORA_LINEARS = ("linear_q_down_proj", "linear_q_up_proj", "linear_kv_proj", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+def lora_module_of(mcore: str) -> str | None:
+    """The LoRA module path of a linear's weight (`...linear_proj.weight` -> `...linear_proj`), None otherwise."""
+    if not mcore.endswith(".weight"):
+        return None
+    module = mcore[:-len(".weight")]
+    return module if module.rsplit(".", 1)[-1] in LORA_LINEARS else None
+
+
+def _lora(m: TensorMap) -> TensorMap:
+    return dataclasses.replace(m, lora_module=lora_module_of(m.mcore))
 
 
 def layer_maps(cfg: DeepSeekV4Config, i: int, hf: str | None = None, mc: str | None = None) -> list[TensorMap]:
@@ -58,7 +76,7 @@ def layer_maps(cfg: DeepSeekV4Config, i: int, hf: str | None = None, mc: str | N
         pairs.append(("mlp.router.tid2eid", "mlp.gate.tid2eid"))
     else:
         pairs.append(("mlp.router.expert_bias", "mlp.gate.e_score_correction_bias"))
-    out += [_one(mc + m, hf + h, i) for m, h in pairs]
+    out += [_lora(_one(mc + m, hf + h, i)) for m, h in pairs]
     if cfg.attention_type(i) != SLIDING:
         out += _compressor(mc + "self_attention.compressor.window.", hf + "self_attn.compressor.", i)
     if cfg.attention_type(i) == CSA:
@@ -66,15 +84,16 @@ def layer_maps(cfg: DeepSeekV4Config, i: int, hf: str | None = None, mc: str | N
         out += _compressor(idx_mc + "compressor.", idx_hf, i)
         out.append(_one(idx_mc + "q_b_proj.weight", idx_hf + "q_b_proj.weight", i))
         out.append(_one(idx_mc + "weights_proj.weight", idx_hf + "scorer.weights_proj.weight", i))
-    out.append(TensorMap(
+    out.append(_lora(TensorMap(
         mcore=mc + "mlp.shared_experts.linear_fc1.weight",
         hf=(hf + "mlp.shared_experts.gate_proj.weight", hf + "mlp.shared_experts.up_proj.weight"),
         split=GLU, hf_layer=i,
-    ))
+    )))
     for e in range(cfg.n_routed_experts):
         for fc, stacked in (("linear_fc1", "gate_up_proj"), ("linear_fc2", "down_proj")):
-            out.append(TensorMap(mcore=mc + f"mlp.experts.local_experts.{e}.{fc}.weight",
-                                 hf=(hf + f"mlp.experts.{stacked}",), split=EXPERT_SLICE, hf_layer=i, expert=e))
+            out.append(_lora(TensorMap(mcore=mc + f"mlp.experts.local_experts.{e}.{fc}.weight",
+                                       hf=(hf + f"mlp.experts.{stacked}",), split=EXPERT_SLICE, hf_layer=i,
+                                       expert=e)))
     return out
 
 

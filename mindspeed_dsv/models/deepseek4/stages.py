@@ -20,7 +20,7 @@ import dataclasses
 from mindspeed_dsv.models.names import GLU, REPLICATED, NameMapError, TensorMap
 
 from .config import DeepSeekV4Config
-from .names import EXPERT_SLICE, model_maps
+from .names import EXPERT_SLICE, lora_module_of, model_maps
 
 
 def check_layout(layout) -> None:
@@ -76,11 +76,12 @@ def freeze_indexer(model) -> int:
 
 def _expert_map(m: TensorMap, mcore: str) -> TensorMap:
     per = f"{m.hf[0].rsplit('.mlp.experts.', 1)[0]}.mlp.experts.{m.expert}."  # model.layers.L / model.mtp.K
+    lora = lora_module_of(mcore)
     if ".linear_fc1." in mcore:  # [gate; up], as transformers' gate_up_proj[e] holds them
         return TensorMap(mcore=mcore, hf=(per + "gate_proj.weight", per + "up_proj.weight"), split=GLU,
-                         hf_layer=m.hf_layer, expert=m.expert)
+                         hf_layer=m.hf_layer, expert=m.expert, lora_module=lora)
     return TensorMap(mcore=mcore, hf=(per + "down_proj.weight",), split=REPLICATED, hf_layer=m.hf_layer,
-                     expert=m.expert)
+                     expert=m.expert, lora_module=lora)
 
 
 def rank_maps(cfg: DeepSeekV4Config, layout, tp_rank: int, pp_rank: int, ep_rank: int, chunk: int = 0,
@@ -116,5 +117,7 @@ def rank_maps(cfg: DeepSeekV4Config, layout, tp_rank: int, pp_rank: int, ep_rank
             mcore = mcore.replace(f".local_experts.{m.expert}.", f".local_experts.{local[m.expert]}.")
             out.append(_expert_map(m, mcore))
         else:
-            out.append(dataclasses.replace(m, mcore=mcore))
+            # the LoRA module follows the stage-local name (adapter keys are the stage's state-dict keys)
+            lora = lora_module_of(mcore) if m.lora_module else None
+            out.append(dataclasses.replace(m, mcore=mcore, lora_module=lora))
     return out
