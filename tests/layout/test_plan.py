@@ -289,7 +289,13 @@ def test_plan_simulates_the_schedules(cfg671):
     assert plan.num_microbatches == 240
     assert [s.in_flight_microbatches for s in plan.stages] == [8.5] * 8  # (2 * PP + 1) half-chunks
     rows = {r.name: r for r in plan.schedules}
-    assert set(rows) == {"1F1B", "interleaved 1F1B, 2 chunks", "dualpipev"} and rows["dualpipev"].current
+    assert set(rows) == {"1F1B", "interleaved 1F1B, 2 chunks", "dualpipev", "dualpipev + --moe-fb-overlap"}
+    assert rows["dualpipev"].current
+    # pairing a forward with a backward (--moe-fb-overlap) can only wait longer in a simulation where the
+    # all-to-all it hides costs nothing; it keeps the in-flight peak
+    fb = rows["dualpipev + --moe-fb-overlap"]
+    assert rows["dualpipev"].bubble <= fb.bubble < rows["1F1B"].bubble
+    assert fb.peak_in_flight == rows["dualpipev"].peak_in_flight
     assert rows["1F1B"].peak_in_flight == [8, 7, 6, 5, 4, 3, 2, 1]
     # uniform stages: the same simulation gives DualPipe's bubble, below 1F1B's (P-1)/(M+P-1)
     even = simulate([dualpipev_order(8, r, 240) for r in range(8)], lambda r, c: dualpipev_stage(8, r, c), 16)
