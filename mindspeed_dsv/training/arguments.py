@@ -338,7 +338,8 @@ def _is_deepseek4(model_cfg: dict) -> bool:
 def deepseek4_problems(args, layout: ParallelLayout) -> list[str]:
     """Flags and layouts the DeepSeek-V4 trainer does not act on, each refused by name (they would otherwise be
     accepted and change nothing): its attention, hyper-connections and compressors are our own modules (TP 1,
-    no megatron recompute or fused attention/rotary/SwiGLU inside them) and its MoE routing has no aux loss."""
+    no megatron selective recompute or fused attention/rotary/SwiGLU inside them) and its MoE routing has no aux
+    loss."""
     v4 = "DeepSeek-V4"
     out = []
     if layout.tp > 1 or layout.sequence_parallel:
@@ -351,8 +352,10 @@ def deepseek4_problems(args, layout: ParallelLayout) -> list[str]:
                    "num_nextn_predict_layers > 0)")
     if layout.moe_grouped_gemm or layout.moe_tp_extend_ep:
         out.append(f"{v4} experts are megatron's SequentialMLP: drop --moe-grouped-gemm / --moe-tp-extend-ep")
-    if args.recompute_granularity or args.recompute_activation_function or args.recompute_mla_up_proj:
-        out.append(f"{v4} has no activation recompute yet: drop --recompute-* flags")
+    if (args.recompute_granularity not in (None, "full") or args.recompute_modules
+            or args.recompute_activation_function or args.recompute_mla_up_proj):
+        out.append(f"{v4} recomputes whole layers only (--recompute-granularity full with --recompute-method "
+                   "uniform or block): drop selective --recompute-* flags")
     if args.moe_aux_loss_coeff:
         out.append(f"{v4} routes without an auxiliary balance loss (expert-bias balancing): drop "
                    "--moe-aux-loss-coeff")

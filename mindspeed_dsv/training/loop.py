@@ -250,6 +250,8 @@ def _build_deepseek4(cfg, layout, args, params_dtype, platform, qlora: bool):
         virtual_pipeline_model_parallel_size=chunks if chunks > 1 else None,
         gradient_accumulation_fusion=(not args.no_gradient_accumulation_fusion
                                       and platform.device_type in GRAD_ACCUM_FUSION_DEVICES),
+        # whole-layer recompute only (arguments.deepseek4_problems refuses the selective kinds)
+        **_recompute_options(args),
         **({"perform_initialization": False} if qlora and args.load else {}),
     )
     models = build_stage_chunks(cfg, layout, tconfig)

@@ -67,8 +67,7 @@ TRAIN_ARGS=(
     --recompute-granularity full
     --recompute-method uniform
     --recompute-num-layers 1
-    --moe-router-load-balancing-type seq_aux_loss
-    --moe-aux-loss-coeff 0.0001
+    # no --moe-aux-loss-coeff: the V4 trainer balances experts by the selection bias alone (refused otherwise)
     --moe-router-bias-update-rate 0.001
     --moe-token-dispatcher-type alltoall
 )

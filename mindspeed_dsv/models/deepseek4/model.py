@@ -9,6 +9,8 @@ seq_length * hc_mult (`stage_tensor_shape`). TP 1.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
@@ -133,11 +135,35 @@ class DeepSeekV4Model(MegatronModule):
             streams = self.embedding(input_ids).unsqueeze(2).expand(-1, -1, n, -1).contiguous()
         else:
             streams = self.input_tensor.view(s, n, b, d).permute(2, 0, 1, 3)
-        for layer in self.layers:
-            streams = layer(streams, input_ids)
+        for start, stop, recompute in self._layer_groups():
+            if recompute:  # keep only the group's input; run its layers again in the backward
+                run = functools.partial(self._run_layers, start=start, stop=stop)  # checkpoint saves tensors only
+                streams = tensor_parallel.checkpoint(run, False, streams, input_ids)
+            else:
+                streams = self._run_layers(streams, input_ids, start, stop)
         if not self.post_process:
             return streams.permute(1, 2, 0, 3).reshape(s * n, b, d).contiguous()
         return streams
+
+    def _run_layers(self, streams, input_ids, start: int, stop: int):
+        for layer in self.layers[start:stop]:
+            streams = layer(streams, input_ids)
+        return streams
+
+    def _layer_groups(self) -> list[tuple[int, int, bool]]:
+        """(start, stop, recompute) over this stage's layers, as megatron's TransformerBlock reads
+        --recompute-granularity full: 'uniform' recomputes every group of recompute_num_layers layers, 'block'
+        the first recompute_num_layers layers one by one and runs the rest plainly. Only the training forward
+        recomputes (no backward otherwise)."""
+        c, n = self.config, len(self.layers)
+        if c.recompute_granularity != "full" or not self.training:
+            return [(0, n, False)]
+        k = c.recompute_num_layers
+        if c.recompute_method == "uniform":
+            return [(i, min(i + k, n), True) for i in range(0, n, k)]
+        if c.recompute_method == "block":
+            return [(i, i + 1, True) for i in range(min(k, n))] + ([(k, n, False)] if k < n else [])
+        raise ValueError(f"--recompute-method {c.recompute_method!r}: expected uniform or block")
 
     def _attach_mtp_loss(self, h, streams, input_ids, labels, loss_mask):
         """megatron's GPTModel MTP loss: per depth k the labels and loss mask shifted k + 1 further, the masked
