@@ -245,6 +245,9 @@ def _build_deepseek4(cfg, layout, args, params_dtype, platform, qlora: bool):
         cfg, pp=layout.pp, ep=layout.ep, params_dtype=params_dtype,
         moe_router_bias_update_rate=0.0 if args.lora_r else args.moe_router_bias_update_rate,
         init_method_std=args.init_method_std,
+        # the MTP layers sit on the output stage (stages.build_stage reads the layout's count, which must match)
+        mtp_num_layers=layout.mtp_num_layers or 0,
+        mtp_loss_scaling_factor=args.mtp_loss_scaling_factor,
         use_cpu_initialization=True if qlora else None,  # as for V3: QLoRA quantizes from the host
         virtual_pipeline_model_parallel_size=chunks if chunks > 1 else None,
         gradient_accumulation_fusion=(not args.no_gradient_accumulation_fusion

@@ -7,6 +7,10 @@ Routed experts are named per expert on the HF side (`model.layers.L.mlp.experts.
 the names ckpt_convert's HF reader serves for transformers' stacked tensors and for the official release's
 `ffn.experts.E.w1/w3/w2`), so a rank reads only its own experts. Expert parallelism keeps global experts
 layout.local_experts(ep) as local_experts 0..n-1, as megatron's SequentialMLP numbers them.
+
+MTP layers (`layout.mtp_num_layers`) live on the stage that holds the output layer (with dualpipev: chunk 1 of
+pipeline rank 0) as `mtp.layers.k.*`, next to that stage's own copy of the embedding; their routed experts are
+split over EP like the main layers'.
 """
 
 from __future__ import annotations
@@ -29,9 +33,6 @@ def check_layout(layout) -> None:
                            "a contiguous range of real layers)")
     if layout.moe_tp_extend_ep:
         raise NameMapError("DeepSeek-V4: --moe-tp-extend-ep does not apply (TP is 1)")
-    if layout.mtp_num_layers:
-        raise NameMapError(f"DeepSeek-V4: MTP layers ({layout.mtp_num_layers}) are not converted yet; use "
-                           "--mtp-num-layers 0 (with --allow-unused-weights where the source holds mtp.* tensors)")
 
 
 def stage_layer_ids(layout, pp_rank: int, chunk: int = 0) -> range:
@@ -41,12 +42,15 @@ def stage_layer_ids(layout, pp_rank: int, chunk: int = 0) -> range:
 
 
 def build_stage(cfg: DeepSeekV4Config, layout, pp_rank: int, chunk: int = 0, config=None):
-    """The DeepSeekV4Model of (pp_rank, chunk): embedding on the first virtual stage, head on the last."""
+    """The DeepSeekV4Model of (pp_rank, chunk): embedding on the first virtual stage, head on the last, and
+    there the layout's MTP layers with their own copy of the embedding (`config`, when given, must carry the
+    same mtp_num_layers)."""
     from .model import DeepSeekV4Model
 
     check_layout(layout)
     return DeepSeekV4Model(cfg, config, pre_process=layout.has_embedding(pp_rank, chunk),
-                           post_process=layout.has_output(pp_rank, chunk), layers=stage_layer_ids(layout, pp_rank, chunk))
+                           post_process=layout.has_output(pp_rank, chunk), layers=stage_layer_ids(layout, pp_rank, chunk),
+                           mtp_num_layers=layout.mtp_num_layers or 0)
 
 
 def build_stage_chunks(cfg: DeepSeekV4Config, layout, config, pp_rank: int | None = None) -> list:
@@ -71,7 +75,7 @@ def freeze_indexer(model) -> int:
 
 
 def _expert_map(m: TensorMap, mcore: str) -> TensorMap:
-    per = f"model.layers.{m.hf_layer}.mlp.experts.{m.expert}."
+    per = f"{m.hf[0].rsplit('.mlp.experts.', 1)[0]}.mlp.experts.{m.expert}."  # model.layers.L / model.mtp.K
     if ".linear_fc1." in mcore:  # [gate; up], as transformers' gate_up_proj[e] holds them
         return TensorMap(mcore=mcore, hf=(per + "gate_proj.weight", per + "up_proj.weight"), split=GLU,
                          hf_layer=m.hf_layer, expert=m.expert)
@@ -92,15 +96,20 @@ def rank_maps(cfg: DeepSeekV4Config, layout, tp_rank: int, pp_rank: int, ep_rank
     ids = stage_layer_ids(layout, pp_rank, chunk)
     local = {g: i for i, g in enumerate(layout.local_experts(ep_rank, tp_rank))}
     pre, post = layout.has_embedding(pp_rank, chunk), layout.has_output(pp_rank, chunk)
+    mtp = (layout.mtp_num_layers or 0) if post else 0
     out = []
-    for m in model_maps(cfg):
+    for m in model_maps(cfg, mtp):
         if m.hf_layer is None:
-            if (pre if m.mcore.startswith("embedding.") else post):
+            # the MTP stage holds its own copy of the embedding (megatron's GPTModel layout)
+            if ((pre or mtp > 0) if m.mcore.startswith("embedding.") else post):
                 out.append(m)
             continue
-        if m.hf_layer not in ids:
+        if m.mcore.startswith("mtp."):  # only on the last stage (mtp > 0 there); names as the model's
+            mcore = m.mcore
+        elif m.hf_layer in ids:
+            mcore = f"layers.{m.hf_layer - ids.start}.{m.mcore.split('.', 2)[2]}"
+        else:
             continue
-        mcore = f"layers.{m.hf_layer - ids.start}.{m.mcore.split('.', 2)[2]}"
         if m.split == EXPERT_SLICE:
             if m.expert not in local:
                 continue
