@@ -62,6 +62,7 @@ def v4_hf(tmp_path_factory):
     from ckpt_convert.hf_io import copy_side_files
     from mindspeed_dsv.models.deepseek4 import DeepSeekV4Config, DeepSeekV4Model, transformer_config
     from mindspeed_dsv.models.deepseek4.names import mcore_to_hf
+    from mindspeed_dsv.platform.distributed import init_distributed
     from tests.model.hf_reference import ROOT
 
     out = tmp_path_factory.mktemp("v4hf")
@@ -72,6 +73,7 @@ def v4_hf(tmp_path_factory):
     with open(out / "config.json", "w", encoding="utf-8") as f:
         json.dump(cfg_dict, f)
     cfg = DeepSeekV4Config.from_hf(cfg_dict)
+    init_distributed()  # one rank here: the MoE layers ask megatron for their groups
     torch.manual_seed(4)
     with_mtp = DeepSeekV4Model(cfg, transformer_config(cfg, mtp_num_layers=1), mtp_num_layers=1)
     mtp = {k: v for k, v in mcore_to_hf(with_mtp.state_dict(), cfg, 1).items() if k.startswith("model.mtp.")}
