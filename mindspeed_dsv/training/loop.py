@@ -238,7 +238,7 @@ def _build_deepseek4(cfg, layout, args, params_dtype, platform, qlora: bool):
     pipeline rank. arguments.deepseek4_problems has refused what V4 does not act on; the CSA indexers are frozen
     (stages.freeze_indexer says why)."""
     from mindspeed_dsv.models.deepseek4.config import transformer_config as v4_transformer_config
-    from mindspeed_dsv.models.deepseek4.stages import build_stage_chunks, freeze_indexer
+    from mindspeed_dsv.models.deepseek4.stages import build_stage_chunks, freeze_indexer, tie_embedding_copies
 
     chunks = layout.num_model_chunks
     tconfig = v4_transformer_config(
@@ -255,6 +255,7 @@ def _build_deepseek4(cfg, layout, args, params_dtype, platform, qlora: bool):
         **({"perform_initialization": False} if qlora and args.load else {}),
     )
     models = build_stage_chunks(cfg, layout, tconfig)
+    tie_embedding_copies(models, layout)
     for m in models:
         freeze_indexer(m)
     return tconfig, models

@@ -82,11 +82,11 @@ def train_steps(argv: list[str], steps: int, hf_weights: str | None = None) -> l
         with comm_points.recording() as handovers:
             losses = loop._run_schedule(state, iters, num_microbatches, forward_only=False)
         grads = _hf_grads(state)  # before the optimizer clips them
-        ok, _, _ = state.optimizer.step()
+        ok, grad_norm, _ = state.optimizer.step()
         assert ok
         state.scheduler.step(increment=args.global_batch_size)
         # numpy arrays: tensors would travel back to the test through shared memory that dies with the rank
-        history.append({"loss": loop._reduce_lm_loss(losses), "grads": {k: v.numpy() for k, v in grads.items()},
+        history.append({"loss": loop._reduce_lm_loss(losses), "grad_norm": grad_norm, "grads": {k: v.numpy() for k, v in grads.items()},
                         "handovers": list(handovers)})
     # then one forward-only pass (the schedule evaluate() runs) over the next global batch
     for m in state.models:
