@@ -86,8 +86,8 @@ def train_steps(argv: list[str], steps: int, hf_weights: str | None = None) -> l
         assert ok
         state.scheduler.step(increment=args.global_batch_size)
         # numpy arrays: tensors would travel back to the test through shared memory that dies with the rank
-        history.append({"loss": loop._reduce_lm_loss(losses), "grad_norm": grad_norm, "grads": {k: v.numpy() for k, v in grads.items()},
-                        "handovers": list(handovers)})
+        history.append({"loss": loop._reduce_lm_loss(losses), "grad_norm": grad_norm,
+                        "grads": {k: v.numpy() for k, v in grads.items()}, "handovers": list(handovers)})
     # then one forward-only pass (the schedule evaluate() runs) over the next global batch
     for m in state.models:
         m.eval()
