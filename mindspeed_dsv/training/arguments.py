@@ -347,9 +347,6 @@ def deepseek4_problems(args, layout: ParallelLayout) -> list[str]:
                    "K=V head and compressors are not split over TP); use --expert-model-parallel-size and PP")
     if layout.noop_layers:
         out.append(f"{v4} has no noop layers: drop --noop-layers (--num-layer-list gives uneven stages)")
-    if layout.mtp_num_layers:
-        out.append(f"{v4} MTP is not trained yet: pass --mtp-num-layers 0 (config.json has "
-                   "num_nextn_predict_layers > 0)")
     if layout.moe_grouped_gemm or layout.moe_tp_extend_ep:
         out.append(f"{v4} experts are megatron's SequentialMLP: drop --moe-grouped-gemm / --moe-tp-extend-ep")
     if (args.recompute_granularity not in (None, "full") or args.recompute_modules

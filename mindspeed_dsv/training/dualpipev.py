@@ -203,6 +203,12 @@ def _check_overlap_dispatchers(model: list) -> None:
                                  f"{type(d).__name__}")
 
 
+def _embedding_weight(chunk):
+    """The word embedding of a model chunk: GPTModel's sits in embedding.word_embeddings, DeepSeekV4Model's
+    embedding is the VocabParallelEmbedding itself."""
+    return getattr(chunk.embedding, "word_embeddings", chunk.embedding).weight
+
+
 def finalize_dualpipev_grads(model: list) -> None:
     """megatron's finalize_model_grads (data-parallel and sequence-parallel reductions, router bias update; the
     trainer made the embedding group rank 0 alone, see init_distributed), then the MTP chunk's embedding copy
@@ -213,7 +219,6 @@ def finalize_dualpipev_grads(model: list) -> None:
     inner = [get_attr_wrapped_model(m, "pre_process", return_model_obj=True) for m in model]
     finalize_model_grads(model)
     if inner[0].pre_process and inner[1].mtp_process:
-        a = inner[0].embedding.word_embeddings.weight.main_grad
-        b = inner[1].embedding.word_embeddings.weight.main_grad
+        a, b = _embedding_weight(inner[0]).main_grad, _embedding_weight(inner[1]).main_grad
         a.add_(b)
         b.copy_(a)

@@ -239,13 +239,16 @@ def _build_deepseek4(cfg, layout, args, params_dtype, platform, qlora: bool):
     pipeline rank. arguments.deepseek4_problems has refused what V4 does not act on; the CSA indexers are frozen
     (stages.freeze_indexer says why)."""
     from mindspeed_dsv.models.deepseek4.config import transformer_config as v4_transformer_config
-    from mindspeed_dsv.models.deepseek4.stages import build_stage_chunks, freeze_indexer
+    from mindspeed_dsv.models.deepseek4.stages import build_stage_chunks, freeze_indexer, tie_embedding_copies
 
     chunks = layout.num_model_chunks
     tconfig = v4_transformer_config(
         cfg, pp=layout.pp, ep=layout.ep, params_dtype=params_dtype,
         moe_router_bias_update_rate=0.0 if args.lora_r else args.moe_router_bias_update_rate,
         init_method_std=args.init_method_std,
+        # the MTP layers sit on the output stage (stages.build_stage reads the layout's count, which must match)
+        mtp_num_layers=layout.mtp_num_layers or 0,
+        mtp_loss_scaling_factor=args.mtp_loss_scaling_factor,
         use_cpu_initialization=True if qlora else None,  # as for V3: QLoRA quantizes from the host
         virtual_pipeline_model_parallel_size=chunks if chunks > 1 else None,
         gradient_accumulation_fusion=(not args.no_gradient_accumulation_fusion
@@ -255,6 +258,7 @@ def _build_deepseek4(cfg, layout, args, params_dtype, platform, qlora: bool):
         **({"perform_initialization": False} if qlora and args.load else {}),
     )
     models = build_stage_chunks(cfg, layout, tconfig)
+    tie_embedding_copies(models, layout)
     for m in models:
         freeze_indexer(m)
     return tconfig, models

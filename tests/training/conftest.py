@@ -44,3 +44,11 @@ def hf2mcore(hf_dir, save_dir, *layout_flags):
 
     assert main(["hf2mcore", "--load-dir", hf_dir, "--save-dir", save_dir, "--no-progress", *layout_flags]) == 0
     return save_dir
+
+
+@pytest.fixture(scope="session")
+def v4_inputs(tmp_path_factory):
+    """The tiny DeepSeek-V4 config, tokenizer and unpacked SFT data (deepseek4_fixtures)."""
+    from tests.training.deepseek4_fixtures import make_v4_inputs
+
+    return make_v4_inputs(str(tmp_path_factory.mktemp("v4")))

@@ -13,7 +13,7 @@ def _hf_grads(state) -> dict[str, torch.Tensor]:
     chunk's embedding copy) must carry the same gradient."""
     from megatron.core import parallel_state
 
-    from mindspeed_dsv.models.names import rank_maps
+    from mindspeed_dsv.models.family import rank_maps
 
     layout = state.layout
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
@@ -21,9 +21,9 @@ def _hf_grads(state) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for chunk, ddp in enumerate(state.models):
         params = dict(ddp.module.named_parameters())
-        for m in rank_maps(state.cfg, layout, 0, pp_rank, ep_rank, chunk):
-            if m.mcore not in params:
-                continue  # buffers (expert bias) have no gradient
+        for m in rank_maps(state.hf_config, layout, 0, pp_rank, ep_rank, chunk):
+            if m.mcore not in params or not params[m.mcore].requires_grad:
+                continue  # buffers (expert bias) and frozen weights (V4's indexers) have no gradient
             grad = params[m.mcore].main_grad.detach().clone()
             key = "+".join(m.hf)
             if key in out:
@@ -32,10 +32,34 @@ def _hf_grads(state) -> dict[str, torch.Tensor]:
     return out
 
 
-def train_steps(argv: list[str], steps: int) -> list[dict]:
+def _set_hf_weights(state, path: str) -> None:
+    """Overwrite this rank's weights and buffers with the HF-named tensors in `path` (a torch.save'd dict, experts
+    one tensor per expert, TP 1): each stage tensor is its rank-map HF tensors concatenated (an expert's fc1 is
+    [gate; up]). For models the converter does not read yet (V4 MTP); the optimizer is built already, so
+    its fp32 master copies are refreshed from the weights."""
+    from megatron.core import parallel_state
+
+    from mindspeed_dsv.models.family import rank_maps
+
+    hf = torch.load(path)
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    with torch.no_grad():
+        for chunk, ddp in enumerate(state.models):
+            tensors = ddp.module.state_dict(keep_vars=True)
+            maps = rank_maps(state.hf_config, state.layout, 0, pp_rank, ep_rank, chunk)
+            missing = set(k for k in tensors if not k.endswith("_extra_state")) - {m.mcore for m in maps}
+            assert not missing, sorted(missing)[:5]
+            for m in maps:
+                tensors[m.mcore].copy_(torch.cat([hf[h] for h in m.hf]))
+    state.optimizer.reload_model_params()
+
+
+def train_steps(argv: list[str], steps: int, hf_weights: str | None = None) -> list[dict]:
     """`steps` optimizer steps of the trainer; per step {'loss': float, 'grads': {hf name: array}, 'handovers':
     the --moe-fb-overlap hand-overs (models.comm_points.recording)} (this rank's); the last step also holds
-    'eval', the loss of a forward-only pass over the next global batch."""
+    'eval', the loss of a forward-only pass over the next global batch. `hf_weights`: start from these weights
+    (_set_hf_weights) instead of the run's own."""
     from mindspeed_dsv.models import comm_points
     from mindspeed_dsv.training import loop
     from mindspeed_dsv.training.arguments import build_parser
@@ -43,6 +67,8 @@ def train_steps(argv: list[str], steps: int) -> list[dict]:
 
     args = build_parser().parse_args(argv)
     state = loop.setup(args)
+    if hf_weights:
+        _set_hf_weights(state, hf_weights)
     dp = loop._world_size() // (state.layout.tp * state.layout.pp)
     num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
     iters, _, _ = build_data_iterators(args, state.layout, state.consumed_samples, state.cfg)
@@ -56,12 +82,12 @@ def train_steps(argv: list[str], steps: int) -> list[dict]:
         with comm_points.recording() as handovers:
             losses = loop._run_schedule(state, iters, num_microbatches, forward_only=False)
         grads = _hf_grads(state)  # before the optimizer clips them
-        ok, _, _ = state.optimizer.step()
+        ok, grad_norm, _ = state.optimizer.step()
         assert ok
         state.scheduler.step(increment=args.global_batch_size)
         # numpy arrays: tensors would travel back to the test through shared memory that dies with the rank
-        history.append({"loss": loop._reduce_lm_loss(losses), "grads": {k: v.numpy() for k, v in grads.items()},
-                        "handovers": list(handovers)})
+        history.append({"loss": loop._reduce_lm_loss(losses), "grad_norm": grad_norm,
+                        "grads": {k: v.numpy() for k, v in grads.items()}, "handovers": list(handovers)})
     # then one forward-only pass (the schedule evaluate() runs) over the next global batch
     for m in state.models:
         m.eval()

@@ -122,8 +122,11 @@ class DeepSeekV4Model(MegatronModule):
     @staticmethod
     def _token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """[B, S] cross entropy through ops.cross_entropy: megatron's vocab-parallel one, or the fused one
-        (--cross-entropy-loss-fusion)."""
-        loss = get_ops().cross_entropy(logits.transpose(0, 1).contiguous(), labels.transpose(0, 1).contiguous(),
+        (--cross-entropy-loss-fusion). The logits go in as a copy: megatron's cross entropy works on them in
+        place, and with micro-batch 1 `.contiguous()` would hand over the transposed view itself (autograd
+        forbids the in-place change)."""
+        logits = logits.transpose(0, 1).clone(memory_format=torch.contiguous_format)
+        loss = get_ops().cross_entropy(logits, labels.transpose(0, 1).contiguous(),
                                        parallel_state.get_tensor_model_parallel_group())
         return loss.transpose(0, 1).contiguous()
 

@@ -74,6 +74,30 @@ def freeze_indexer(model) -> int:
     return frozen
 
 
+def tie_embedding_copies(models: list, layout) -> None:
+    """Start the MTP stage's copy of the embedding equal to the embedding, as megatron's GPTModel does at setup
+    (randomly initialised, the two would differ; loaded, they come equal from the checkpoint). Under dualpipev both
+    are chunks of pipeline rank 0; otherwise the copy sits on the last rank, which joins the first in megatron's
+    embedding group: it zero-fills its copy and the group sums. Every rank of the group must call this."""
+    import torch
+    from megatron.core import parallel_state
+
+    if not layout.mtp_num_layers or layout.pp == 1:
+        return  # one stage holds the embedding the MTP layers use
+    with torch.no_grad():
+        if layout.dualpipev:
+            if models[1].mtp_process:
+                models[1].embedding.weight.copy_(models[0].embedding.weight)
+            return
+        if not parallel_state.is_rank_in_embedding_group(ignore_virtual=True):
+            return
+        for m in models:
+            if hasattr(m, "embedding"):
+                if not m.pre_process:
+                    m.embedding.weight.zero_()
+                torch.distributed.all_reduce(m.embedding.weight, group=parallel_state.get_embedding_group())
+
+
 def _expert_map(m: TensorMap, mcore: str) -> TensorMap:
     per = f"{m.hf[0].rsplit('.mlp.experts.', 1)[0]}.mlp.experts.{m.expert}."  # model.layers.L / model.mtp.K
     lora = lora_module_of(mcore)
