@@ -169,6 +169,16 @@ PLAIN_SWIGLU_BLOCKS: dict[str, Any] = dict(
 )
 
 
+def pipeline_p2p(backend: str) -> dict[str, Any]:
+    """megatron's pipeline point-to-point setting for a backend; both DeepSeek families use it.
+
+    gloo matches point-to-point messages between two ranks in posting order, with no tag; megatron's batched p2p
+    posts "to prev" before "to next", so at PP=2 with VPP (prev == next) a rank's activation and gradient swap
+    places (measured: VPP losses off at the first step, V3 and V4 alike). The unbatched path orders its sends and
+    receives by even/odd rank and puts one direction on another group."""
+    return dict(batch_p2p_comm=backend != "gloo")
+
+
 def transformer_config(
     cfg: DeepSeekConfig,
     *,
@@ -251,11 +261,7 @@ def transformer_config(
         expert_tensor_parallel_size=etp,  # None: megatron takes TP
         sequence_parallel=sequence_parallel,
         pipeline_dtype=params_dtype,
-        # gloo matches point-to-point messages between two ranks in posting order, with no tag; megatron's
-        # batched p2p posts "to prev" before "to next", so at PP=2 with VPP (prev == next) a rank's activation
-        # and gradient swap places (measured: VPP losses off at the first step). The unbatched path orders its
-        # sends and receives by even/odd rank and puts one direction on another group.
-        batch_p2p_comm=platform.backend != "gloo",
+        **pipeline_p2p(platform.backend),
         params_dtype=params_dtype,
         bf16=bf16,
         use_cpu_initialization=use_cpu_initialization,

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mindspeed_dsv.models.config import PLAIN_SWIGLU_BLOCKS
+from mindspeed_dsv.models.config import PLAIN_SWIGLU_BLOCKS, pipeline_p2p
 from mindspeed_dsv.ops import RopeConfig
 
 SLIDING = "sliding_attention"
@@ -271,6 +271,7 @@ def transformer_config(
         pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep,
         pipeline_dtype=params_dtype,
+        **pipeline_p2p(current_platform().backend),
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         use_cpu_initialization=use_cpu_initialization,
