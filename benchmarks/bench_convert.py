@@ -232,6 +232,25 @@ def plain_copy(src: str, dst: str) -> None:
                     n += 1
 
 
+_CHILD = """import resource, runpy, sys, threading, time
+peak = [0]
+def poll():
+    while True:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('RssAnon:'):
+                    peak[0] = max(peak[0], int(line.split()[1]))
+        time.sleep(0.02)
+threading.Thread(target=poll, daemon=True).start()
+sys.argv = %r
+try:
+    %s
+finally:
+    print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+    print('ANON', peak[0], flush=True)
+"""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", choices=("deepseek3", "deepseek4"), default="deepseek3",
@@ -287,11 +306,11 @@ def main() -> None:
             argv = ["-m", "ckpt_convert", "hf2mcore", "--load-dir", os.path.join(ns.work, "hf"), "--save-dir", out,
                     "--no-progress"] + layouts[name]
         # `python -m ckpt_convert` ends in sys.exit: print ru_maxrss in a finally so it is always reported.
+        # ru_maxrss counts the memory-mapped source pages the process touched (clean page cache the kernel can
+        # drop); a thread also samples RssAnon (heap: the tensors themselves) every 20 ms.
         runner = ("runpy.run_module('ckpt_convert', run_name='__main__')" if argv[0] == "-m"
                   else "runpy.run_path(sys.argv[0], run_name='__main__')")
-        wrapped = ["-c", "import resource, runpy, sys\nsys.argv = %r\ntry:\n    %s\nfinally:\n    "
-                         "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)"
-                   % ((["-m"] + argv[2:]) if argv[0] == "-m" else argv, runner)]
+        wrapped = ["-c", _CHILD % ((["-m"] + argv[2:]) if argv[0] == "-m" else argv, runner)]
         env = dict(os.environ, PYTHONPATH=ROOT, TORCHDYNAMO_DISABLE="1")
         t1 = time.time()
         p = subprocess.run([sys.executable] + wrapped, env=env, capture_output=True, text=True)
@@ -299,14 +318,16 @@ def main() -> None:
         if p.returncode != 0:
             raise RuntimeError(f"{name} failed:\n{p.stderr[-3000:]}")
         rss = int([line for line in p.stdout.splitlines() if line.startswith("MAXRSS")][-1].split()[1]) / 1024 ** 2
+        anon = int([line for line in p.stdout.splitlines() if line.startswith("ANON")][-1].split()[1]) / 1024 ** 2
         rank_file = largest_file(os.path.join(ns.work, "plain" if name == "plain" else "mc_" + name)) / 2**30
-        rows.append((name, secs, total / secs / 1e9, rss, rank_file))
+        rows.append((name, secs, total / secs / 1e9, rss, anon, rank_file))
         shutil.rmtree(os.path.join(ns.work, "plain" if name == "plain" else "mc_" + name), ignore_errors=True)
-    print(f"\n| run | seconds | GB/s (source bytes / time) | peak RSS GiB | largest output file GiB | "
-          f"RSS - largest file - largest HF tensor GiB |\n|---|---|---|---|---|---|")
-    for name, secs, gbps, rss, rank_file in rows:
+    print(f"\n| run | seconds | GB/s (source bytes / time) | peak RSS GiB | peak anon RSS GiB | largest output file "
+          f"GiB | anon - file - HF tensor GiB |\n|---|---|---|---|---|---|---|")
+    for name, secs, gbps, rss, anon, rank_file in rows:
         label = "plain safetensors read+write" if name == "plain" else f"hf2mcore {name}"
-        print(f"| {label} | {secs:.1f} | {gbps:.2f} | {rss:.2f} | {rank_file:.2f} | {rss - rank_file - big / 2**30:.2f} |")
+        print(f"| {label} | {secs:.1f} | {gbps:.2f} | {rss:.2f} | {anon:.2f} | {rank_file:.2f} | "
+              f"{anon - rank_file - big / 2**30:.2f} |")
     if not ns.keep:
         shutil.rmtree(ns.work, ignore_errors=True)
 
