@@ -296,6 +296,10 @@ def main() -> None:
                "pp2ep4": ["--target-pipeline-parallel-size", "2", "--target-expert-parallel-size", "4"],
                "tp2pp2ep4": ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2",
                              "--target-expert-parallel-size", "4"]}
+    layers = ns.moe_layers + (0 if v4 else ns.dense_layers)
+    for name in ("pp2", "pp2ep4", "tp2pp2ep4"):
+        if layers % 2:  # uneven stages, the first one longer
+            layouts[name] += ["--num-layer-list", f"{(layers + 1) // 2},{layers // 2}"]
     rows = []
     # One fresh interpreter per measurement; it prints its own ru_maxrss at exit.
     for name in ["plain"] + [x for x in ns.layouts.split(",") if x]:
@@ -321,6 +325,7 @@ def main() -> None:
         anon = int([line for line in p.stdout.splitlines() if line.startswith("ANON")][-1].split()[1]) / 1024 ** 2
         rank_file = largest_file(os.path.join(ns.work, "plain" if name == "plain" else "mc_" + name)) / 2**30
         rows.append((name, secs, total / secs / 1e9, rss, anon, rank_file))
+        print(f"{name}: {rows[-1][1:]}", flush=True)  # kept even if a later run fails
         shutil.rmtree(os.path.join(ns.work, "plain" if name == "plain" else "mc_" + name), ignore_errors=True)
     print(f"\n| run | seconds | GB/s (source bytes / time) | peak RSS GiB | peak anon RSS GiB | largest output file "
           f"GiB | anon - file - HF tensor GiB |\n|---|---|---|---|---|---|---|")
