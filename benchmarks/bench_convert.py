@@ -331,7 +331,7 @@ def main() -> None:
           f"GiB | anon - file - HF tensor GiB |\n|---|---|---|---|---|---|---|")
     for name, secs, gbps, rss, anon, rank_file in rows:
         label = "plain safetensors read+write" if name == "plain" else f"hf2mcore {name}"
-        print(f"| {label} | {secs:.1f} | {gbps:.2f} | {rss:.2f} | {anon:.2f} | {rank_file:.2f} | "
+        print(f"| {label} | {secs:.1f} | {gbps:.3f} | {rss:.2f} | {anon:.2f} | {rank_file:.2f} | "
               f"{anon - rank_file - big / 2**30:.2f} |")
     if not ns.keep:
         shutil.rmtree(ns.work, ignore_errors=True)
