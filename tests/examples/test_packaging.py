@@ -14,6 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 PACKAGES = ("mindspeed_dsv", "ckpt_convert")
 # Imported only on the path that needs them; each lives in an extra.
 OPTIONAL = {"torch_npu": "npu", "bitsandbytes": "test"}
+# Imported only on CUDA, where torch's CUDA build has installed it (each CUDA wheel of torch requires its matching
+# triton): ops/triton_wgrad.py, chosen only for CUDA tensors with triton importable (ops.moe.grouped_wgrad_kernel).
+WITH_TORCH_CUDA = {"triton"}
 
 
 def pins(path):
@@ -82,7 +85,7 @@ def test_every_imported_module_is_declared():
     dists = md.packages_distributions()  # import name -> distributions providing it (installed ones)
     undeclared = []
     for mod, where in sorted(imported_modules().items()):
-        if mod in sys.stdlib_module_names or mod in PACKAGES or mod == "__future__":
+        if mod in sys.stdlib_module_names or mod in PACKAGES or mod == "__future__" or mod in WITH_TORCH_CUDA:
             continue
         if mod in OPTIONAL:
             assert canon(mod) in extras[OPTIONAL[mod]] or any(
