@@ -68,7 +68,7 @@ def _train_lora(argv, base_dir):
 
 
 def _lora_argv(inputs, save, *extra):
-    return v4_args(inputs, "sft", "--train-iters", "8", "--global-batch-size", "2", "--lr", "3e-2",
+    return v4_args(inputs, "--train-iters", "8", "--global-batch-size", "2", "--lr", "3e-2",
                    "--load", inputs["base"], "--finetune", "--save", save, "--lora-r", str(R), "--lora-alpha",
                    str(ALPHA), "--lora-target-modules", *TARGETS, "--lora-ckpt-filter", *extra)
 
