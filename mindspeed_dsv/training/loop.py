@@ -422,8 +422,7 @@ def train(args) -> TrainState:
     if peak is None and platform.is_accelerator:
         peak = device_peak_tflops(platform.device_name())
     # no FLOPs formula for DeepSeek-V4 yet (training/flops.py): TFLOP/s and MFU are logged as n/a
-    flops_per_token = (None if family_of(state.hf_config) == DEEPSEEK4
-                       else train_flops_per_token(state.cfg, args.seq_length, layout.mtp_num_layers or 0))
+    flops_per_token = train_flops_per_token(state.cfg, args.seq_length, layout.mtp_num_layers or 0)  # V3 or V4
     logger = MetricsLogger(args, flops_per_token, peak, world_size=_world_size())
 
     for m in state.models:

@@ -11,7 +11,7 @@ from mindspeed_dsv.platform import current_platform
 
 
 class MetricsLogger:
-    def __init__(self, args, flops_per_token: float | None, peak_tflops: float | None, world_size: int):
+    def __init__(self, args, flops_per_token: float, peak_tflops: float | None, world_size: int):
         self.args = args
         self.flops_per_token = flops_per_token
         self.peak = peak_tflops
@@ -26,8 +26,7 @@ class MetricsLogger:
     def step(self, iteration: int, metrics: dict, seconds: float, tokens: int) -> dict:
         """``tokens``: the real (non-padding) tokens of the step's global batch; tokens/s and MFU count only these."""
         tokens_per_s = tokens / seconds
-        # flops_per_token None: a family training/flops.py has no formula for yet (TFLOP/s and MFU print n/a)
-        tflops = None if self.flops_per_token is None else tokens_per_s * self.flops_per_token / self.world / 1e12
+        tflops = tokens_per_s * self.flops_per_token / self.world / 1e12
         record = dict(metrics)
         record.update(
             iteration=iteration,
@@ -35,7 +34,7 @@ class MetricsLogger:
             step_time=seconds,
             tokens_per_s=tokens_per_s,
             tflops_per_device=tflops,
-            mfu=(tflops / self.peak) if (self.peak and tflops is not None) else None,
+            mfu=(tflops / self.peak) if self.peak else None,
             memory_gb=current_platform().max_memory_allocated() / 2**30,
         )
         if self.rank0 and iteration % self.args.log_interval == 0:
@@ -56,8 +55,7 @@ class MetricsLogger:
         parts.append(f"lr {r['lr']:.3e}")
         parts.append(f"step {r['step_time'] * 1000:.0f} ms")
         parts.append(f"tokens/s {r['tokens_per_s']:.1f}")
-        tflops = r["tflops_per_device"]
-        parts.append(f"TFLOP/s/device {tflops:.2f}" if tflops is not None else "TFLOP/s/device n/a")
+        parts.append(f"TFLOP/s/device {r['tflops_per_device']:.2f}")
         parts.append(f"MFU {r['mfu'] * 100:.1f}%" if r["mfu"] is not None else "MFU n/a")
         parts.append(f"peak mem {r['memory_gb']:.2f} GB")
         if r.get("skipped"):
