@@ -56,16 +56,8 @@ def args_record(cfg: dict, layout: ParallelLayout, params_dtype: str, mla_mm_spl
         return _v4_args_record(cfg, layout, params_dtype)
     d = nm.dims(cfg)
     return argparse.Namespace(
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.expert_tp,
-        num_layers_per_virtual_pipeline_stage=layout.vpp,
-        num_layer_list=None if layout.num_layer_list is None else ",".join(map(str, layout.num_layer_list)),
         noop_layers=",".join(map(str, layout.noop_layers)) or None,
-        schedules_method="dualpipev" if layout.dualpipev else None,
-        num_layers=layout.num_layers,
-        mtp_num_layers=layout.mtp_num_layers,
         first_k_dense_replace=layout.first_k_dense_replace,
         num_experts=d.n_routed_experts or None,
         moe_grouped_gemm=layout.moe_grouped_gemm,
@@ -85,6 +77,21 @@ def args_record(cfg: dict, layout: ParallelLayout, params_dtype: str, mla_mm_spl
         vocab_size=d.vocab_size,
         padded_vocab_size=layout.padded_vocab_size(d.vocab_size),
         make_vocab_size_divisible_by=layout.make_vocab_size_divisible_by,
+        **_common_record(layout, params_dtype),
+    )
+
+
+def _common_record(layout: ParallelLayout, params_dtype: str) -> dict:
+    """The `args` entries both families record alike: the layout and the format."""
+    return dict(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        expert_model_parallel_size=layout.ep,
+        num_layers_per_virtual_pipeline_stage=layout.vpp,
+        num_layer_list=None if layout.num_layer_list is None else ",".join(map(str, layout.num_layer_list)),
+        schedules_method="dualpipev" if layout.dualpipev else None,
+        num_layers=layout.num_layers,
+        mtp_num_layers=layout.mtp_num_layers,
         params_dtype=params_dtype,
         bf16=params_dtype == "bf16",
         fp16=params_dtype == "fp16",
@@ -99,14 +106,6 @@ def _v4_args_record(cfg: dict, layout: ParallelLayout, params_dtype: str) -> arg
     d = family.model_config(cfg)
     return argparse.Namespace(
         model_family=family.DEEPSEEK4,
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        expert_model_parallel_size=layout.ep,
-        num_layers_per_virtual_pipeline_stage=layout.vpp,
-        num_layer_list=None if layout.num_layer_list is None else ",".join(map(str, layout.num_layer_list)),
-        schedules_method="dualpipev" if layout.dualpipev else None,
-        num_layers=layout.num_layers,
-        mtp_num_layers=layout.mtp_num_layers,
         num_experts=d.n_routed_experts,
         hidden_size=d.hidden_size,
         ffn_hidden_size=d.moe_intermediate_size,
@@ -116,12 +115,7 @@ def _v4_args_record(cfg: dict, layout: ParallelLayout, params_dtype: str) -> arg
         q_lora_rank=d.q_lora_rank,
         vocab_size=d.vocab_size,
         padded_vocab_size=d.vocab_size,
-        params_dtype=params_dtype,
-        bf16=params_dtype == "bf16",
-        fp16=params_dtype == "fp16",
-        use_mcore_models=True,
-        ckpt_format="torch",
-        iteration=1,
+        **_common_record(layout, params_dtype),
     )
 
 
