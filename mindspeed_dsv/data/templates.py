@@ -59,6 +59,20 @@ def _tool_calls_text(calls: Sequence[Dict[str, Any]]) -> str:
     return CALLS_BEGIN + "".join(parts) + CALLS_END
 
 
+def _check_messages(messages: Sequence[Dict[str, Any]]) -> None:
+    """What every template asks of a conversation: known roles, string contents, at least one assistant turn."""
+    if not messages:
+        raise TemplateError("empty conversation")
+    for i, m in enumerate(messages):
+        if m.get("role") not in ROLES:
+            raise TemplateError(f"message {i}: unknown role {m.get('role')!r} (expected one of {ROLES})")
+        content = m.get("content")
+        if content is not None and not isinstance(content, str):
+            raise TemplateError(f"message {i}: content must be a string, got {type(content).__name__}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise TemplateError("no assistant turn in the conversation")
+
+
 class DeepSeek3Template:
     """``--prompt-type deepseek3``: DeepSeek-V3 (and R1, with ``reasoning_content``) chat format."""
 
@@ -67,16 +81,7 @@ class DeepSeek3Template:
     def render(self, messages: Sequence[Dict[str, Any]], tools: Optional[Sequence[Dict[str, Any]]] = None
                ) -> List[Segment]:
         """Messages -> ``[(text, loss), ...]`` with adjacent segments of equal loss merged."""
-        if not messages:
-            raise TemplateError("empty conversation")
-        for i, m in enumerate(messages):
-            if m.get("role") not in ROLES:
-                raise TemplateError(f"message {i}: unknown role {m.get('role')!r} (expected one of {ROLES})")
-            content = m.get("content")
-            if content is not None and not isinstance(content, str):
-                raise TemplateError(f"message {i}: content must be a string, got {type(content).__name__}")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise TemplateError("no assistant turn in the conversation")
+        _check_messages(messages)
 
         systems = [m.get("content") or "" for m in messages if m["role"] == "system"]
         system = "\n\n".join(systems)
@@ -192,15 +197,7 @@ class DeepSeek4Template:
 
     def render(self, messages: Sequence[Dict[str, Any]], tools: Optional[Sequence[Dict[str, Any]]] = None
                ) -> List[Segment]:
-        if not messages:
-            raise TemplateError("empty conversation")
-        for i, m in enumerate(messages):
-            if m.get("role") not in ROLES:
-                raise TemplateError(f"message {i}: unknown role {m.get('role')!r} (expected one of {ROLES})")
-            if m.get("content") is not None and not isinstance(m.get("content"), str):
-                raise TemplateError(f"message {i}: content must be a string, got {type(m['content']).__name__}")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise TemplateError("no assistant turn in the conversation")
+        _check_messages(messages)
         thinking = any(m["role"] == "assistant" and m.get("reasoning_content") for m in messages)
         drop_thinking = not tools
 
