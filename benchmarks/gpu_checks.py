@@ -45,9 +45,10 @@ def parity(name: str, hf_cfg: dict, fast: bool, seq: int, batch: int = 2):
     platform = current_platform()
     device = platform.device()
     # fast: the kernel flags of the GPU templates (flash attention, grouped GEMM, compiled RMSNorm / SwiGLU /
-    # permute, which routes the experts through LocalTokenDispatcher)
+    # permute, which routes the experts through LocalTokenDispatcher, megatron's Triton MLA rope, fused cross entropy)
     configure_ops(OpsConfig(use_flash_attn=fast, moe_grouped_gemm=fast, use_fused_rmsnorm=fast,
-                            use_fused_swiglu=fast, use_fused_moe_token_permute_and_unpermute=fast), platform)
+                            use_fused_swiglu=fast, use_fused_moe_token_permute_and_unpermute=fast,
+                            use_fused_rotary_pos_emb=fast, cross_entropy_loss_fusion=fast), platform)
     init_distributed()
     cfg = DeepSeekConfig.from_hf(hf_cfg)
     hf = make_hf_model(hf_cfg, seed=0)  # fp32, random weights, random norms and router biases (cpu)

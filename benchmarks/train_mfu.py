@@ -37,6 +37,7 @@ experts. Results and commands: docs/en/performance.md; predictions and outcomes:
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import subprocess
@@ -172,7 +173,7 @@ TINY_V4 = dict(V4, vocab_size=4096, hidden_size=64, moe_intermediate_size=32, nu
 
 FAST = ["--use-flash-attn", "--moe-grouped-gemm"]
 FUSED = FAST + ["--use-fused-rmsnorm", "--use-fused-swiglu", "--use-fused-moe-token-permute-and-unpermute",
-                "--cross-entropy-loss-fusion"]
+                "--cross-entropy-loss-fusion", "--use-fused-rotary-pos-emb"]
 RC = ["--recompute-granularity", "selective", "--recompute-modules"]
 # name -> (GPUs, trainer flags). 'ours' is the recommended setting (the GPU templates' kernel flags); the others
 # take one thing away or add one option, so each row measures one change.
@@ -182,6 +183,7 @@ OURS_ROWS = {
     "ours": (1, FUSED),
     "ours-no-ce-fusion": (1, [f for f in FUSED if f != "--cross-entropy-loss-fusion"]),
     "ours-no-grad-accum-fusion": (1, FUSED + ["--no-gradient-accumulation-fusion"]),
+    "ours-no-rope-fusion": (1, [f for f in FUSED if f != "--use-fused-rotary-pos-emb"]),
     "ours+rc-mla_up_proj": (1, FUSED + RC + ["mla_up_proj"]),
     "ours+rc-moe_act": (1, FUSED + RC + ["moe_act"]),
     "ours+rc-mla_up_proj,moe_act": (1, FUSED + RC + ["mla_up_proj", "moe_act"]),
@@ -519,18 +521,129 @@ def worker_titan(a, hf_cfg, compile_model: bool = False):
 
 
 def _profile(step, device, top: int = 45):
-    """One more step under torch.profiler: the kernels that take the GPU's time (set MFU_PROFILE=1)."""
+    """One more step under torch.profiler: the kernels that take the GPU's time (set MFU_PROFILE=1), and where the
+    GPU waited for the host (`_host_gaps`)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        _sync(device)
+        t0 = time.perf_counter()
         step()
         _sync(device)
+        wall = (time.perf_counter() - t0) * 1e3
     if int(os.environ.get("RANK", "0")) == 0:
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=70),
               flush=True)
         busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
-        print(f"profile: GPU busy (sum of self device time) {busy:.1f} ms in one step", flush=True)
+        print(f"profile: GPU busy (sum of self device time) {busy:.1f} ms in one step of {wall:.1f} ms wall "
+              f"(profiler overhead included)", flush=True)
+        if device.type == "cuda":
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "trace.json")
+                prof.export_chrome_trace(path)
+                with open(path, encoding="utf-8") as f:
+                    print(_host_gaps(json.load(f)["traceEvents"]), flush=True)
+            print(_sync_points(step), flush=True)
+
+
+def _sync_points(step) -> str:
+    """One more step with torch's CUDA sync debug mode on: each place that made the host wait for the GPU
+    (`.item()`, a host copy, a data-dependent shape), as the innermost frames outside torch, with a count."""
+    import traceback
+    import warnings
+
+    import torch
+
+    seen: dict[str, int] = {}
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename and "warnings" not in f.filename]
+        key = " < ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(frames[-4:]))
+        seen[key] = seen.get(key, 0) + 1
+
+    old_show = warnings.showwarning
+    warnings.showwarning = record
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = old_show
+    lines = [f"sync points in one step ({sum(seen.values())}):"]
+    lines += [f"{n:6d}  {key}" for key, n in sorted(seen.items(), key=lambda kv: -kv[1])]
+    return "\n".join(lines)
+
+
+_SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ",
+               "cudaMemcpyAsync")
+
+
+def _host_gaps(events, min_us: float = 5.0, top: int = 25) -> str:
+    """Where the GPU sat idle in a profiled step, and what the host was doing: every idle interval between kernels
+    longer than min_us is charged to the code that launched the kernel after it (its innermost Python frame
+    outside torch, and the innermost aten op). A gap whose next kernel was launched after the previous one
+    ended is host-bound (launch overhead, Python, a sync before it); the table sums them per place."""
+    gpu = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                 key=lambda e: e["ts"])
+    # kernels launched through the runtime (cudaLaunchKernel) or the driver (Triton, inductor: cuLaunchKernel)
+    launches = {e["args"].get("correlation"): e for e in events
+                if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver") and "args" in e}
+    host = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "python_function")),
+                  key=lambda e: e["ts"])
+    starts = [e["ts"] for e in host]
+    def place(t, tid):
+        py, op = None, None
+        # enclosing host events: start <= t <= end, same thread; the innermost has the latest start
+        i = bisect.bisect_right(starts, t)
+        for e in reversed(host[max(0, i - 4000):i]):
+            if e.get("tid") != tid or e["ts"] + e["dur"] < t:
+                continue
+            name = e["name"]
+            if e["cat"] == "cpu_op" and op is None:
+                op = name
+            if e["cat"] == "python_function" and py is None and ".py(" in name and "/torch/" not in name:
+                py = name
+            if py and op:
+                break
+        return f"{(py or '?')[-70:]} | {op or '?'}"
+
+    def launch_place(kernel):
+        launch = launches.get(kernel.get("args", {}).get("correlation"))
+        return place(launch["ts"], launch["tid"]) if launch else f"(no launch record: {kernel['name'][:40]})"
+
+    total, per_place, per_prev, end, prev = 0.0, {}, {}, None, None
+    for k in gpu:
+        if end is not None and k["ts"] - end > min_us:
+            gap = k["ts"] - end
+            total += gap
+            for table, key in ((per_place, launch_place(k)), (per_prev, launch_place(prev))):
+                n, t = table.get(key, (0, 0.0))
+                table[key] = (n + 1, t + gap)
+        end = max(end or 0.0, k["ts"] + k["dur"])
+        prev = k
+    syncs = {}
+    for e in events:
+        if e.get("cat") == "cuda_runtime" and e.get("name", "").startswith(_SYNC_CALLS) and e.get("dur", 0) > 20:
+            key = place(e["ts"], e["tid"])
+            n, t = syncs.get(key, (0, 0.0))
+            syncs[key] = (n + 1, t + e["dur"])
+    lines = [f"host gaps: GPU idle {total / 1e3:.1f} ms between kernels (gaps > {min_us:g} us), by the place that "
+             f"launched the next kernel:", f"{'ms':>8} {'gaps':>6}  place (python frame | aten op)"]
+    for key, (n, t) in sorted(per_place.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"{t / 1e3:8.2f} {n:6d}  {key}")
+    lines.append("the same gaps by the place that launched the kernel before the gap:")
+    for key, (n, t) in sorted(per_prev.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"{t / 1e3:8.2f} {n:6d}  {key}")
+    lines.append("host waits on the GPU (synchronising CUDA calls > 20 us), by place:")
+    for key, (n, t) in sorted(syncs.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"{t / 1e3:8.2f} {n:6d}  {key}")
+    return "\n".join(lines)
 
 
 def _write(a, record):

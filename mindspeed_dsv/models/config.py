@@ -297,6 +297,11 @@ def transformer_config(
             moe_grouped_gemm=moe_grouped_gemm,
             moe_layer_freq=_moe_layer_freq(cfg, num_layers),
         )
+    from mindspeed_dsv.ops import get_ops
+
+    from .rotary import mla_rope_fusion_options
+
+    kwargs.update(mla_rope_fusion_options(get_ops().impls))  # the configured kernels decide, as for every op
     kwargs.update(overrides)
     return MLATransformerConfig(**kwargs)
 

@@ -9,6 +9,14 @@ Triton kernels and CUDA). So `use_ops_rotary_in_mla()` replaces that one attribu
 and the same numbers (megatron's unfused path de-interleaves the pairs, then rotates halves with
 cos(freqs) * mscale cast to the input's dtype; `ops.apply_rotary(interleaved=True)` computes exactly that).
 Packed sequences ('thd', cu_seqlens) rotate each sample from position 0, as megatron's thd path does.
+
+On cuda, --use-fused-rotary-pos-emb (rotary impl 'mla_triton') goes further: megatron-core ships Triton kernels
+for MLA's rotary (`fused_mla_yarn_rope_apply`, taken when its config says `apply_rope_fusion`) that rotate the
+query's rope part in place and split the key/value up-projection into the key (nope part + the shared rotated rope
+part, expanded over heads) and the value in one kernel: no `cat`, no expand copy, no separate rotary passes.
+`mla_rope_fusion_options` turns that on. Those kernels read YaRN's cached cos/sin, so plain RoPE is expressed as
+YaRN with factor 1 (the same frequencies up to an fp32 rounding of the ramp blend, attention factor and softmax
+scale 1).
 """
 
 from __future__ import annotations
@@ -54,6 +62,13 @@ def mla_apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale: float = 
     sin = (torch.sin(angles) * mscale).to(t.dtype)
     out = get_ops().apply_rotary(t, cos, sin, interleaved=True)
     return out.squeeze(1) if cu_seqlens is not None else out
+
+
+def mla_rope_fusion_options(impls: dict) -> dict:
+    """TransformerConfig entries that put MLA's rotary into megatron's Triton kernels when the ops chose them."""
+    if impls.get("rotary") != "mla_triton":
+        return {}
+    return {"apply_rope_fusion": True, "rope_type": "yarn"}
 
 
 def use_ops_rotary_in_mla() -> None:

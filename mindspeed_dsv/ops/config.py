@@ -22,11 +22,12 @@ IMPL_DEVICES: dict[str, dict[str, tuple[str, ...]]] = {
         "npu": ("npu",),
     },
     "rms_norm": {"torch": ("cpu", "cuda", "npu"), "compile": ("cuda",), "npu": ("npu",)},
-    "rotary": {"torch": ("cpu", "cuda", "npu"), "compile": ("cuda",), "npu": ("npu",)},
+    # mla_triton: MLA's query/key rotary inside megatron-core's own Triton kernels (models/rotary.py says how)
+    "rotary": {"torch": ("cpu", "cuda", "npu"), "compile": ("cuda",), "mla_triton": ("cuda",), "npu": ("npu",)},
     "swiglu": {"torch": ("cpu", "cuda", "npu"), "compile": ("cuda",), "npu": ("npu",)},
     "grouped_matmul": {"torch": ("cpu", "cuda", "npu"), "grouped_mm": ("cpu", "cuda"), "npu": ("npu",)},
     "permute": {"torch": ("cpu", "cuda", "npu"), "compile": ("cuda",), "npu": ("npu",)},
-    # torch: megatron's vocab_parallel_cross_entropy; fused: two passes, no fp32 softmax kept (cross_entropy.py)
+    # torch: megatron's vocab_parallel_cross_entropy; fused: one pass forward, one backward, no fp32 softmax kept
     "cross_entropy": {"torch": ("cpu", "cuda", "npu"), "fused": ("cpu", "cuda", "npu"), "compile": ("cuda",)},
 }
 
@@ -34,7 +35,7 @@ IMPL_DEVICES: dict[str, dict[str, tuple[str, ...]]] = {
 _FLAG_CHOICE: dict[str, tuple[str, dict[str, str]]] = {
     "use_flash_attn": ("attention", {"cpu": "sdpa", "cuda": "sdpa", "npu": "npu"}),  # sdpa beat sdpa_pad_v on H200 (bench_ops)
     "use_fused_rmsnorm": ("rms_norm", {"cuda": "compile", "npu": "npu"}),
-    "use_fused_rotary_pos_emb": ("rotary", {"cuda": "compile", "npu": "npu"}),
+    "use_fused_rotary_pos_emb": ("rotary", {"cuda": "mla_triton", "npu": "npu"}),
     "use_fused_swiglu": ("swiglu", {"cuda": "compile", "npu": "npu"}),
     "moe_grouped_gemm": ("grouped_matmul", {"cpu": "grouped_mm", "cuda": "grouped_mm", "npu": "npu"}),
     "use_fused_moe_token_permute_and_unpermute": ("permute", {"cuda": "compile", "npu": "npu"}),
@@ -49,11 +50,14 @@ IMPL_KERNELS: dict[tuple[str, str], str] = {
     ("attention", "sdpa_pad_v"): "torch scaled_dot_product_attention, V zero-padded to d_qk",
     ("rms_norm", "npu"): "torch_npu.npu_rms_norm",
     ("rotary", "npu"): "torch_npu.npu_rotary_mul",
+    ("rotary", "mla_triton"): "megatron-core's Triton MLA RoPE (fused_mla_yarn_rope_apply: the query rotated in place, "
+                              "key and value split from the up-projection with the rotated shared key part in one "
+                              "kernel; no concatenation)",
     ("swiglu", "npu"): "torch_npu.npu_swiglu",
     ("grouped_matmul", "npu"): "torch_npu.npu_grouped_matmul (one 3-D weight, up to 1024 experts per rank)",
     ("grouped_matmul", "grouped_mm"): "torch._grouped_mm",
     ("permute", "npu"): "torch_npu.npu_moe_token_permute / npu_moe_token_unpermute (bf16 only)",
-    ("cross_entropy", "fused"): "torch, two passes without a kept fp32 softmax (ops/cross_entropy.py)",
+    ("cross_entropy", "fused"): "torch, one pass over the logits forward and one backward, no fp32 softmax kept (ops/cross_entropy.py)",
 }
 
 
@@ -107,9 +111,10 @@ def _device_type(platform) -> str:
 
 def _check_runtime(op: str, impl: str, device_type: str, why: str) -> None:
     """Fail early on what the device type allows in principle but this install cannot run."""
-    if impl == "compile" and importlib.util.find_spec("triton") is None:
+    # mla_triton: megatron-core's Triton kernels, imported by megatron itself (a MagicMock stands in without triton)
+    if impl in ("compile", "mla_triton") and importlib.util.find_spec("triton") is None:
         raise OpUnavailableError(
-            f"{why} selects a torch.compile'd {op} on cuda, which needs triton; it is not installed "
+            f"{why} selects {kernel_of(op, impl)} for {op} on cuda, which needs triton; it is not installed "
             f"(pip install triton matching your torch) or turn the flag off"
         )
     if impl == "grouped_mm":

@@ -3,12 +3,14 @@
 Reference: megatron-core's `vocab_parallel_cross_entropy` (the engine's own; it keeps the fp32 softmax of the
 whole [tokens, vocab] block for the backward and walks it several times).
 
-Fused: two passes over the logits in the forward and one in the backward, math in fp32, nothing of logits' size
-kept but the gradient itself (in the logits' dtype):
-  pass 1  per row: local max m_r, sum of exp(x - m_r), and the label's logit if this rank holds it;
-          across TP ranks: M = max m_r, S = sum_r s_r exp(m_r - M)  (two small all-reduces), lse = M + log S
-  pass 2  grad = softmax - onehot(label) = exp(x - lse) - onehot, written once; loss = lse - x[label]
-  backward: grad * dloss per row.
+Fused: one pass over the logits in the forward and one in the backward, math in fp32, nothing of logits' size
+kept but the logits themselves (which the output layer produced anyway):
+  forward   per row: local max m_r, sum of exp(x - m_r), and the label's logit if this rank holds it;
+            across TP ranks: M = max m_r, S = sum_r s_r exp(m_r - M)  (two small all-reduces), lse = M + log S;
+            loss = lse - x[label]
+  backward  grad = (exp(x - lse) - onehot(label)) * dloss per row, written once in the logits' dtype.
+(An earlier version wrote softmax - onehot in the forward and scaled it in the backward: one more read and write
+of a logits-sized tensor per micro-batch, and wasted work in forward-only evaluation.)
 The passes are plain torch here (cpu, npu); ops/cuda.py compiles the same functions into fused kernels.
 A label outside this rank's vocab slice contributes no logit on this rank, as in megatron's version.
 """
@@ -39,21 +41,18 @@ def _row_stats(x: torch.Tensor, labels: torch.Tensor, vocab_start: int):
     return m, s, torch.where(held, t, torch.zeros_like(t))
 
 
-def _softmax_minus_onehot(x: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, vocab_start: int):
-    """d(loss)/d(logits) for a unit upstream gradient, in the logits' dtype."""
+def _logits_grad(x: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, vocab_start: int, dloss: torch.Tensor):
+    """d(loss)/d(logits) = (softmax - onehot(label)) * dloss per row, computed in fp32, in the logits' dtype."""
     p = torch.exp(x.float() - lse.unsqueeze(-1))
     cols = torch.arange(x.shape[-1], device=x.device) + vocab_start
-    return (p - (cols.unsqueeze(0) == labels.unsqueeze(-1)).float()).to(x.dtype)
-
-
-def _scale_rows(grad: torch.Tensor, dloss: torch.Tensor):
-    return (grad.float() * dloss.float().unsqueeze(-1)).to(grad.dtype)
+    onehot = (cols.unsqueeze(0) == labels.unsqueeze(-1)).float()
+    return ((p - onehot) * dloss.float().unsqueeze(-1)).to(x.dtype)
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, tp_group, passes):
-        row_stats, softmax_minus_onehot, scale_rows = passes
+        row_stats, logits_grad = passes
         shape = labels.shape
         x = logits.reshape(-1, logits.shape[-1])
         flat_labels = labels.reshape(-1)
@@ -67,23 +66,24 @@ class _FusedCrossEntropy(torch.autograd.Function):
             dist.all_reduce(st, group=tp_group)
             m, (s, t) = big_m, st
         lse = m + torch.log(s)
-        grad = softmax_minus_onehot(x, lse, flat_labels, vocab_start)
-        ctx.save_for_backward(grad)
-        ctx.scale_rows = scale_rows
-        ctx.logits_shape = logits.shape
+        ctx.save_for_backward(logits, lse, flat_labels)
+        ctx.logits_grad = logits_grad
+        ctx.vocab_start = vocab_start
         return (lse - t).view(shape)
 
     @staticmethod
     def backward(ctx, dloss):
-        (grad,) = ctx.saved_tensors
-        return ctx.scale_rows(grad, dloss.reshape(-1)).view(ctx.logits_shape), None, None, None
+        logits, lse, flat_labels = ctx.saved_tensors
+        x = logits.reshape(-1, logits.shape[-1])
+        grad = ctx.logits_grad(x, lse, flat_labels, ctx.vocab_start, dloss.reshape(-1))
+        return grad.view(logits.shape), None, None, None
 
 
-EAGER_PASSES = (_row_stats, _softmax_minus_onehot, _scale_rows)
+EAGER_PASSES = (_row_stats, _logits_grad)
 
 
 def fused_cross_entropy(logits, labels, tp_group=None, passes: tuple[Callable, ...] = EAGER_PASSES):
-    """The two-pass cross entropy (see the module docstring); `passes` lets cuda compile the three steps."""
+    """The fused cross entropy (see the module docstring); `passes` lets cuda compile its two steps."""
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"cross_entropy: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} differ")
     return _FusedCrossEntropy.apply(logits, labels, tp_group, passes)

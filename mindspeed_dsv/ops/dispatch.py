@@ -21,6 +21,8 @@ _REGISTRY = {
     ("rms_norm", "npu"): ("npu", {"rms_norm": "rms_norm"}),
     ("rotary", "torch"): ("rotary", {"apply_rotary": "apply_rotary"}),
     ("rotary", "compile"): ("cuda", {"apply_rotary": "apply_rotary"}),
+    # MLA's rotary then runs inside megatron's attention (models/rotary.py); a direct call gets the compiled one
+    ("rotary", "mla_triton"): ("cuda", {"apply_rotary": "apply_rotary"}),
     ("rotary", "npu"): ("npu", {"apply_rotary": "apply_rotary"}),
     ("swiglu", "torch"): ("swiglu", {"swiglu": "swiglu"}),
     ("swiglu", "compile"): ("cuda", {"swiglu": "swiglu"}),

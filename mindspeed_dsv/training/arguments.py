@@ -77,7 +77,9 @@ def build_parser(prog: str = "mindspeed_dsv.train") -> argparse.ArgumentParser:
                    help="Every RMSNorm (layers, MLA q/kv, final, MTP) fused: cuda: torch.compile, npu: npu_rms_norm; "
                    "cpu: refused.")
     k.add_argument("--use-fused-rotary-pos-emb", action="store_true",
-                   help="MLA's rotary (queries and keys) fused: cuda: torch.compile, npu: npu_rotary_mul; cpu: refused.")
+                   help="MLA's rotary (queries and keys) fused: cuda: megatron-core's Triton MLA RoPE kernels "
+                   "(query rotated in place, key/value split with the rotated key part, no concatenation), "
+                   "npu: npu_rotary_mul; cpu: refused.")
     k.add_argument("--use-fused-swiglu", action="store_true",
                    help="Every SwiGLU (dense MLP, shared and routed experts) fused: cuda: torch.compile, "
                    "npu: npu_swiglu; cpu: refused.")
@@ -85,8 +87,8 @@ def build_parser(prog: str = "mindspeed_dsv.train") -> argparse.ArgumentParser:
                    help="MoE token permute/unpermute of our dispatchers (any EP/TP, alltoall, dropless) fused: "
                    "cuda: torch.compile of the sort-based permute, npu: npu_moe_token_permute/unpermute; cpu: refused.")
     k.add_argument("--cross-entropy-loss-fusion", action="store_true",
-                   help="Fused vocab-parallel cross entropy: two passes over the [tokens, vocab] logits, no fp32 "
-                   "softmax kept, main and MTP losses (cuda: torch.compile'd passes; cpu/npu: the same math in eager torch, "
+                   help="Fused vocab-parallel cross entropy: one pass over the [tokens, vocab] logits forward and one "
+                   "backward, no fp32 softmax kept, main and MTP losses (cuda: torch.compile'd passes; cpu/npu: the same math in eager torch, "
                    "no npu kernel).")
 
     d = p.add_argument_group("data")

@@ -54,13 +54,14 @@ ZH = {
     "--use-flash-attn": "融合注意力：cpu/cuda 上为 torch SDPA，npu 上为 npu_fusion_attention。",
     "--use-fused-rmsnorm": "模型中所有 RMSNorm（各层、MLA 的 q/kv 归一化、最终归一化、MTP）使用融合算子："
     "cuda：torch.compile，npu：npu_rms_norm；cpu：拒绝。",
-    "--use-fused-rotary-pos-emb": "MLA 的 RoPE（query 与 key）使用融合算子：cuda：torch.compile，npu：npu_rotary_mul；cpu：拒绝。",
+    "--use-fused-rotary-pos-emb": "MLA 的 RoPE（query 与 key）使用融合算子：cuda：megatron-core 自带的 Triton MLA RoPE 算子"
+    "（query 原地旋转，key/value 拆分时一并写入旋转后的 key 部分，无拼接），npu：npu_rotary_mul；cpu：拒绝。",
     "--use-fused-swiglu": "所有 SwiGLU（稠密 MLP、共享专家与路由专家）使用融合算子：cuda：torch.compile，npu：npu_swiglu；"
     "cpu：拒绝。",
     "--use-fused-moe-token-permute-and-unpermute": "我们的 token 分发器（任意 EP/TP、alltoall、无丢弃）中的 token 重排/还原"
     "使用融合算子：cuda：对排序式重排做 torch.compile，npu：npu_moe_token_permute/unpermute；cpu：拒绝。",
-    "--cross-entropy-loss-fusion": "融合的词表并行交叉熵：对 [token, 词表] logits 只遍历两次，不保留 fp32 softmax，"
-    "主损失与 MTP 损失均用（cuda：torch.compile 的两遍计算；cpu/npu：同样的 eager torch 计算，无 npu 专用算子）。",
+    "--cross-entropy-loss-fusion": "融合的词表并行交叉熵：前向与反向各只遍历 [token, 词表] logits 一次，不保留 fp32 softmax，"
+    "主损失与 MTP 损失均用（cuda：torch.compile 的两步计算；cpu/npu：同样的 eager torch 计算，无 npu 专用算子）。",
     # data
     "--data-path": "preprocess_data.py 写出的数据前缀，可带权重：'w1 前缀1 w2 前缀2'。",
     "--split": "每个数据集的 训练,验证,测试 比例。",

@@ -19,7 +19,7 @@ def test_defaults_are_the_torch_reference_everywhere():
     [
         ("use_flash_attn", "attention", {"cpu": "sdpa", "cuda": "sdpa", "npu": "npu"}),
         ("use_fused_rmsnorm", "rms_norm", {"cuda": "compile", "npu": "npu"}),
-        ("use_fused_rotary_pos_emb", "rotary", {"cuda": "compile", "npu": "npu"}),
+        ("use_fused_rotary_pos_emb", "rotary", {"cuda": "mla_triton", "npu": "npu"}),
         ("use_fused_swiglu", "swiglu", {"cuda": "compile", "npu": "npu"}),
         ("moe_grouped_gemm", "grouped_matmul", {"cpu": "grouped_mm", "cuda": "grouped_mm", "npu": "npu"}),
         ("use_fused_moe_token_permute_and_unpermute", "permute", {"cuda": "compile", "npu": "npu"}),
