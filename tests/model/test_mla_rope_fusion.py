@@ -70,9 +70,8 @@ def _fused_vs_unfused_on_rank(hf_overrides):
     from mindspeed_dsv.platform import init_distributed
 
     init_distributed()
-    # No MTP head here: megatron's MTP keeps process-wide state between the backward passes of two models built
-    # in one process (two flags-off models' gradients already differ); the MTP layer's attention is the same
-    # MLASelfAttention under the same config, so the decoder's layers cover it.
+    # No MTP head here: hf_to_megatron_tp1 copies the main model only, so two builds' MTP heads keep different
+    # random weights; the MTP layer's attention is the same MLASelfAttention under the same config.
     hf_cfg = tiny_hf_config(num_nextn_predict_layers=0, **hf_overrides)
     cfg = DeepSeekConfig.from_hf(hf_cfg)
     hf = make_hf_model(hf_cfg)

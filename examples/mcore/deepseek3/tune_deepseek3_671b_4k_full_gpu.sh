@@ -39,6 +39,7 @@ KERNEL_ARGS=(   # the kernel flags that paid on H200 (docs/en/performance.md); -
     --use-flash-attn
     --use-fused-rmsnorm
     --use-fused-swiglu
+    --use-fused-rotary-pos-emb
     --use-fused-moe-token-permute-and-unpermute
     --cross-entropy-loss-fusion
 )
