@@ -191,10 +191,12 @@ OURS_ROWS = {
                                  "--recompute-num-layers", "1"]),
     # experiments (benchmark-side patches, not the trainer as shipped; see NOTES.md): megatron's own token
     # dispatcher instead of LocalTokenDispatcher; megatron's for-each torch AdamW instead of the fused one;
-    # gradients accumulated in bf16 (DDP grad_reduce_in_fp32=False) as the baselines do
+    # gradients accumulated in bf16 (DDP grad_reduce_in_fp32=False) as the baselines do; megatron's routing
+    # function compiled
     "exp:ours+megatron-dispatcher": (1, FUSED),
     "exp:ours+foreach-adam": (1, FUSED),
     "exp:ours+bf16-grads": (1, FUSED),
+    "exp:ours+router-compile": (1, FUSED),
     "ours-ep2": (2, FUSED + ["--expert-model-parallel-size", "2"]),
     "ours-tp2": (2, FUSED + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
 }
@@ -356,6 +358,14 @@ def _experiment_patches(name: str):
         from mindspeed_dsv.platform import megatron_compat
 
         megatron_compat.SHIMS = tuple(s for s in megatron_compat.SHIMS if not s.target.startswith("megatron.core.optimizer:"))
+    if "router-compile" in name:
+        # megatron's top-k routing (score function, expert bias, group-limited top-k, normalisation, scatter into
+        # [tokens, experts]) as one torch.compile'd graph: ~25 small kernels per MoE layer and micro-batch fewer
+        import torch
+        from megatron.core.transformer.moe import router
+
+        router.topk_routing_with_score_function = torch.compile(router.topk_routing_with_score_function,
+                                                                 dynamic=False)
     if "bf16-grads" in name:
         import megatron.core.distributed as mdist
 
