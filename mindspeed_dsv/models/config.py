@@ -301,7 +301,7 @@ def transformer_config(
 
     from .rotary import mla_rope_fusion_options
 
-    kwargs.update(mla_rope_fusion_options(get_ops().impls))  # the configured kernels decide, as for every op
+    kwargs.update(mla_rope_fusion_options(get_ops().impls, cfg, tp))  # the configured kernels decide, as for every op
     kwargs.update(overrides)
     return MLATransformerConfig(**kwargs)
 

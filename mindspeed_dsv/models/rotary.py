@@ -64,10 +64,28 @@ def mla_apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale: float = 
     return out.squeeze(1) if cu_seqlens is not None else out
 
 
-def mla_rope_fusion_options(impls: dict) -> dict:
-    """TransformerConfig entries that put MLA's rotary into megatron's Triton kernels when the ops chose them."""
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def mla_rope_fusion_options(impls: dict, cfg, tp: int = 1) -> dict:
+    """TransformerConfig entries that put MLA's rotary into megatron's Triton kernels when the ops chose them.
+
+    Those kernels take `tl.arange` over the nope, rope and value head dims (powers of 2 only) and mask a block of
+    heads without its block offset, so a head count per TP rank that is not a power of 2 would let the last block
+    write into the next token's rows: such shapes are refused here, at model build, naming the flag."""
     if impls.get("rotary") != "mla_triton":
         return {}
+    heads = cfg.num_attention_heads // tp
+    dims = {"qk_nope_head_dim": cfg.qk_nope_head_dim, "qk_rope_head_dim": cfg.qk_rope_head_dim,
+            "v_head_dim": cfg.v_head_dim, "attention heads per TP rank": heads}
+    bad = [f"{k} {v}" for k, v in dims.items() if not _pow2(v) or (k == "qk_rope_head_dim" and v % 4)]
+    if bad:
+        from mindspeed_dsv.ops import OpUnavailableError
+
+        raise OpUnavailableError(
+            f"--use-fused-rotary-pos-emb on cuda runs megatron-core's Triton MLA rope kernels, which need powers of 2 "
+            f"(the rope dim at least 4); this model has {', '.join(bad)}: drop the flag for it")
     return {"apply_rope_fusion": True, "rope_type": "yarn"}
 
 

@@ -47,6 +47,29 @@ def test_flag_reaches_megatrons_config(hf_overrides, rope_type, monkeypatch):
     assert on.rotary_scaling_factor == off.rotary_scaling_factor
 
 
+@pytest.mark.parametrize("overrides,tp,named", [
+    (dict(qk_nope_head_dim=24), 1, "qk_nope_head_dim 24"),
+    (dict(v_head_dim=20), 1, "v_head_dim 20"),
+    (dict(num_attention_heads=12, num_key_value_heads=12), 1, "attention heads per TP rank 12"),
+    (dict(num_attention_heads=12, num_key_value_heads=12), 4, "attention heads per TP rank 3"),
+])
+def test_shapes_the_kernels_cannot_take_are_refused(overrides, tp, named, monkeypatch):
+    """megatron's kernels need power-of-2 dims (tl.arange) and a power-of-2 head count per rank (their head-block mask
+    ignores the block offset): anything else is an error at model build naming the flag, never a corrupt run."""
+    from mindspeed_dsv.models import transformer_config
+
+    monkeypatch.setattr(ops.config.importlib.util, "find_spec", lambda name: object())
+    cfg = DeepSeekConfig.from_hf(tiny_hf_config(**overrides))
+    try:
+        ops.configure_ops(OpsConfig(use_fused_rotary_pos_emb=True), "cuda")
+        with pytest.raises(ops.OpUnavailableError, match=f"--use-fused-rotary-pos-emb.*{named}"):
+            transformer_config(cfg, tp=tp)
+        ops.configure_ops(OpsConfig(), "cuda")
+        transformer_config(cfg, tp=tp)  # flag off: the same model builds
+    finally:
+        ops.configure_ops()
+
+
 def test_yarn_with_factor_one_is_plain_rope(monkeypatch):
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding
