@@ -25,6 +25,7 @@ ln(vocab) = 11.54; they must agree roughly).
     python benchmarks/train_mfu.py --rows ours titan-compile hf --layers 8
     python benchmarks/train_mfu.py --proxy real --rows ours titan-compile hf   # DeepSeek-V3's real widths
     MFU_PROFILE=1 python benchmarks/train_mfu.py --rows ours hf        # + a torch.profiler table per row (logs)
+    MFU_PROFILE=stack python benchmarks/train_mfu.py --rows ours       # ... with Python frames in the gap report
     python benchmarks/train_mfu.py --tiny --rows ours-unfused hf titan # a seconds-long smoke run (cpu too)
     python benchmarks/train_mfu.py --proxy v4 --mbs 1 --gbs 4          # DeepSeek-V4-shaped: ours vs transformers
     python benchmarks/train_mfu.py --proxy v4 --tiny --seq 64          # its smoke run (cpu too)
@@ -536,7 +537,10 @@ def _profile(step, device, top: int = 45):
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+    # MFU_PROFILE=stack also records Python frames for the gap report: more exact places, but its host overhead
+    # inflates every gap (~3x at 4 layers); MFU_PROFILE=1 names the aten ops only
+    stack = os.environ.get("MFU_PROFILE") == "stack"
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=stack) as prof:
         _sync(device)
         t0 = time.perf_counter()
         step()
