@@ -18,6 +18,12 @@ _ENV = dict(TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
 _server_started = False
 
 
+def fork_server_context():
+    """The forkserver multiprocessing context, its server started (test_crash forks its writers from it too)."""
+    _start_fork_server()
+    return multiprocessing.get_context("forkserver")
+
+
 def _start_fork_server():
     """Start the fork server once, with the ranks' import-time environment (torch reads these at import)."""
     global _server_started
