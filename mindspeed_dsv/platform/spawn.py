@@ -38,11 +38,15 @@ def _rank_main(rank, world_size, port, env, fn, args, kwargs, queue):
         destroy_distributed()
 
 
-def spawn_ranks(fn, world_size: int, *args, env: dict | None = None, timeout: float = 600, **kwargs) -> list:
-    """[result of rank 0, result of rank 1, ...]; raises RankError naming every rank that failed."""
+def spawn_ranks(fn, world_size: int, *args, env: dict | None = None, timeout: float = 600,
+                start_method: str = "spawn", **kwargs) -> list:
+    """[result of rank 0, result of rank 1, ...]; raises RankError naming every rank that failed.
+    start_method "forkserver" forks each rank from multiprocessing's fork server instead of starting a fresh
+    interpreter (fast when its preload list holds torch and megatron; the server itself never runs a rank, so no
+    parallel state leaks either way)."""
     import torch.multiprocessing as mp
 
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context(start_method)
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, dict(env or {}), fn, args, kwargs, queue))

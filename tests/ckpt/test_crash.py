@@ -1,14 +1,15 @@
 """A writer killed (SIGKILL) at any moment leaves a complete old or new state (issue 14.8, 18.18).
 
-Each writer runs in a forked child (torch already imported: fast) with MINDSPEED_DSV_CRASH_AT naming one
-mindspeed_dsv.files.crash_point; the child kills itself there. The directory must then read as the whole old state or the whole new one (the
+Each writer runs in a child forked from tests.dist_utils' fork server (torch already imported: fast; a clean
+process, where a child forked from the test process would inherit its torch.distributed state if an earlier test
+there initialised one, and hang tearing it down) with the test process's environment and MINDSPEED_DSV_CRASH_AT
+naming one mindspeed_dsv.files.crash_point; the child kills itself there. The directory must then read as the whole old state or the whole new one (the
 tracker / index points at files that exist and match their recorded sha256, and the weights are all old or all
 new), and the next write removes what the killed one left behind."""
 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import signal
 import socket
@@ -21,22 +22,23 @@ from ckpt_convert.hf_io import INDEX, read_all
 from ckpt_convert.mcore_io import load_rank_file, rank_file, read_iteration, verify_iteration
 from mindspeed_dsv.layout import ParallelLayout
 from tests.ckpt.helpers import make_hf_dir
+from tests.dist_utils import fork_server_context
 
 HF_EMBED = "model.embed_tokens.weight"
 
 
 def _child(fn, args, env):
-    os.environ.pop(CRASH_ENV, None)
+    os.environ.clear()
     os.environ.update(env)
     os._exit(fn(*args) or 0)
 
 
 def _run(fn, *args, crash=None, env=None) -> int:
     """Exit code of fn(*args) run in a forked child; -SIGKILL when it reached crash point `crash`."""
-    env = dict(env or {})
+    env = {k: v for k, v in os.environ.items() if k != CRASH_ENV} | dict(env or {})
     if crash:
         env[CRASH_ENV] = crash
-    p = multiprocessing.get_context("fork").Process(target=_child, args=(fn, args, env))
+    p = fork_server_context().Process(target=_child, args=(fn, args, env))
     p.start()
     p.join(300)
     return p.exitcode

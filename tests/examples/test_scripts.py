@@ -60,11 +60,30 @@ CASES = [(p, {}) for p in TRAIN_671B if "xlora" not in p] + \
         [(p, {"FINETUNE_MODE": m}) for p in TRAIN_671B if "xlora" in p for m in ("lora", "qlora")]
 
 
+@pytest.fixture(scope="module")
+def dry_run():
+    """examples/mcore/deepseek3/dry_run.py as a module: the 671B dry runs below call its main in this process."""
+    sys.path.insert(0, EXAMPLES)
+    try:
+        import dry_run
+    finally:
+        sys.path.pop(0)
+    return dry_run
+
+
 @pytest.mark.parametrize("path,env", CASES, ids=lambda x: os.path.basename(x) if isinstance(x, str) else str(x))
-def test_671b_dry_run_plans(path, env):
-    r = run([path, "--dry-run"], env)
+def test_671b_dry_run_plans(path, env, dry_run, tmp_path, capsys):
+    """bash builds the flags exactly as at launch and calls dry_run.py (the interpreter swapped for a recorder, as
+    in test_scripts_deepseek4); that call's argv then runs through dry_run.main here: one import of the trainer
+    for all templates instead of one per template."""
+    from tests.examples.test_scripts_deepseek4 import record
+
+    r, calls = record(tmp_path, path, env)
     assert r.returncode == 0, r.stderr[-3000:]
-    out = r.stdout
+    assert len(calls) == 1 and calls[0][0].endswith("dry_run.py"), calls
+    capsys.readouterr()
+    assert dry_run.main(calls[0][1:]) == 0
+    out = capsys.readouterr().out
     assert "training flags OK" in out
     stages = re.findall(r"^  stage (\d+) per device: .* total ([\d.]+)$", out, re.M)
     pp = int(re.search(r"PP (\d+)", out).group(1))

@@ -1,7 +1,10 @@
 """The device layer on npu, with torch_npu / torch.npu faked at their documented entry points (import torch_npu
 registers torch.npu; torch_npu.contrib.transfer_to_npu patches on import), and on cpu for real."""
 
+import functools
+import multiprocessing
 import sys
+import traceback
 import types
 
 import pytest
@@ -55,9 +58,6 @@ def fake_npu(monkeypatch):
         imported.append(name)
         return real_import(name, *a, **k)
 
-    # Importing torch_npu registers the "npu" device type (torch's privateuse1 backend renamed); do the same.
-    if torch._C._get_privateuse1_backend_name() != "npu":
-        torch.utils.rename_privateuse1_backend("npu")
     monkeypatch.setattr(torch, "npu", npu, raising=False)
     monkeypatch.setattr(megatron_compat.importlib, "import_module", tracking_import)
     monkeypatch.setenv("MINDSPEED_DSV_DEVICE", "npu")
@@ -66,6 +66,38 @@ def fake_npu(monkeypatch):
     device_mod.current_platform.cache_clear()
 
 
+def _registers_npu(test):
+    """Run the test in a forked child that first registers the "npu" device type, as importing torch_npu does
+    (torch's privateuse1 backend renamed). The renaming cannot be undone and leaves torch.distributed.barrier
+    asking for npu hooks, so it stays out of the test process (tests after it, under pytest-xdist in any order,
+    barrier in-process on gloo). The child reports a failure as its traceback."""
+
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        ctx = multiprocessing.get_context("fork")
+        recv, send = ctx.Pipe(duplex=False)
+
+        def child():
+            try:
+                if torch._C._get_privateuse1_backend_name() != "npu":
+                    torch.utils.rename_privateuse1_backend("npu")
+                test(*args, **kwargs)
+                send.send(None)
+            except BaseException:  # noqa: BLE001 - reported to the parent
+                send.send(traceback.format_exc())
+
+        proc = ctx.Process(target=child)
+        proc.start()
+        proc.join(timeout=120)
+        assert proc.exitcode == 0 and recv.poll(), f"forked test ended with exit code {proc.exitcode}"
+        error = recv.recv()
+        if error:
+            pytest.fail(error, pytrace=False)
+
+    return run
+
+
+@_registers_npu
 def test_npu_platform_routes_to_torch_npu(fake_npu):
     npu, _ = fake_npu
     p = device_mod.current_platform()
@@ -77,6 +109,7 @@ def test_npu_platform_routes_to_torch_npu(fake_npu):
     assert p.max_memory_allocated() == 123 and p.device_name() == "Ascend910B3"
 
 
+@_registers_npu
 def test_npu_compat_stands_on_torch_npu_alone(fake_npu, monkeypatch):
     _, imported = fake_npu
     monkeypatch.setattr(megatron_compat, "_applied", {})
@@ -94,6 +127,7 @@ def test_npu_compat_stands_on_torch_npu_alone(fake_npu, monkeypatch):
         megatron_compat.undo_megatron_compat()
 
 
+@_registers_npu
 def test_npu_refuses_an_imported_mindspeed_adaptor(fake_npu, monkeypatch):
     monkeypatch.setattr(megatron_compat, "_applied", {})
     monkeypatch.setitem(sys.modules, "mindspeed.megatron_adaptor", types.ModuleType("mindspeed.megatron_adaptor"))
