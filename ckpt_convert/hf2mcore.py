@@ -255,7 +255,7 @@ def write_mcore(spec: dict, cfg: dict, layout: ParallelLayout, save_dir: str, pa
     reader = make_reader(spec)
     check_source(reader, cfg, layout, mla_mm_split, check_shapes=spec["kind"] == "hf")
     unused = check_unused(reader, cfg, layout, mla_mm_split, allow_unused) if spec["kind"] == "hf" else []
-    if spec["kind"] == "mcore" and v4.is_v4(cfg):
+    if spec["kind"] == "mcore":
         reader.check_embedding_copies()
     _READERS.clear()
     _READERS[repr(sorted((k, str(v)) for k, v in spec.items()))] = reader

@@ -106,8 +106,7 @@ def convert(load_dir: str, save_dir: str, given_layout: dict, lora_load: str | N
         raise McoreCheckpointError(f"{load_dir}: tensors that layout.json does not account for (is the layout "
                                    f"right?):\n  " + "\n  ".join(extra[:10]))
     groups = hf_groups(reader, cfg, layout)
-    if v4.is_v4(cfg):
-        reader.check_embedding_copies()
+    reader.check_embedding_copies()  # V3 and V4: the MTP stage's embedding copy equals the first stage's
     shared = {}
     for names in mtp_shared(cfg, layout):
         shared.update(names)

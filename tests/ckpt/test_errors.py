@@ -117,3 +117,28 @@ def test_missing_rank_tensor_is_named(hf_dir, tmp_path, capsys):
     code, err = run(capsys, "mcore2hf", "--load-dir", str(tmp_path / "mc"), "--save-dir", str(tmp_path / "out"),
                     "--no-verify-checksums")
     assert code == 2 and "missing tensor decoder.layers.1.mlp.shared_experts.linear_fc2.weight" in err, err
+
+
+def test_an_edited_mtp_stage_embedding_copy_is_refused(tmp_path, capsys):
+    """At PP2 with MTP the last stage holds a copy of the embedding that training keeps equal to the first
+    stage's; the readers serve the first stage's, so a differing copy must stop mcore2hf and reshard, naming both
+    rank files and the first differing row, instead of being dropped silently."""
+    from tests.ckpt.helpers import edit_rank_file
+
+    src = make_hf_dir(str(tmp_path / "hf"), mtp=True)
+    one = str(tmp_path / "pp2")
+    assert main(["hf2mcore", "--load-dir", src, "--save-dir", one, "--target-pipeline-parallel-size", "2",
+                 "--no-progress"]) == 0
+    last = os.path.join(one, "iter_0000001", "mp_rank_00_001", "model_optim_rng.pt")
+    key = "embedding.word_embeddings.weight"
+    assert key in torch.load(last, weights_only=False)["model"]  # the copy exists on the MTP stage
+
+    def bump(state):
+        state["model"][key][5, 2] += 1.0
+
+    edit_rank_file(last, bump)  # the checksum re-recorded too: only the copy check can see it
+    for cmd in ("mcore2hf", "reshard"):
+        code, err = run(capsys, cmd, "--load-dir", one, "--save-dir", str(tmp_path / cmd))
+        assert code == 2
+        assert "the MTP stage's copy of the embedding" in err and "first at row 5" in err, err
+        assert "mp_rank_00_001" in err and "mp_rank_00_000" in err
