@@ -1,4 +1,4 @@
-"""mindspeed2mcore: wall time and bytes written, on the MindSpeed-LLM test fixture (tests/ckpt/mindspeed_writer.py
+"""mindspeed2mcore and mindspeed2hf: wall time and bytes written, on the MindSpeed-LLM test fixture (tests/ckpt/mindspeed_writer.py
 over a tiny HF model scaled up with --hidden / --experts). Bytes written are the process's write() bytes
 (/proc/self/io wchar) during the conversion, so a staging copy counts; the output's own size is printed beside.
 
@@ -45,18 +45,22 @@ def main(argv=None) -> None:
     flags = ["--source-tensor-parallel-size", "2", "--source-expert-parallel-size", "2",
              "--source-expert-tensor-parallel-size", "1", "--moe-grouped-gemm", "--mtp-num-layers", "1"]
     rows = []
-    for target in ([], ["--target-expert-parallel-size", "1", "--target-expert-tensor-parallel-size", "2"]):
+    runs = [("mindspeed2mcore", []),
+            ("mindspeed2mcore", ["--target-expert-parallel-size", "1", "--target-expert-tensor-parallel-size", "2"]),
+            ("mindspeed2hf", [])]
+    for command, target in runs:
         times, written = [], []
         for _ in range(a.repeat):
-            out = os.path.join(a.work, "ours")
+            out = os.path.join(a.work, "out")
             shutil.rmtree(out, ignore_errors=True)
             w0, t0 = _wchar(), time.perf_counter()
-            assert convert(["mindspeed2mcore", "--load-dir", theirs, "--model-config", hf, "--save-dir", out,
+            assert convert([command, "--load-dir", theirs, "--model-config", hf, "--save-dir", out,
                             "--no-progress"] + flags + target) == 0
             times.append(time.perf_counter() - t0)
             written.append(_wchar() - w0)
-        rows.append({"target": " ".join(target) or "same layout", "seconds_min": round(min(times), 3),
-                     "bytes_written": min(written), "output_bytes": _size(out), "source_bytes": _size(theirs)})
+        rows.append({"command": command, "target": " ".join(target) or "same layout",
+                     "seconds_min": round(min(times), 3), "bytes_written": min(written), "output_bytes": _size(out),
+                     "source_bytes": _size(theirs)})
     print(json.dumps(rows, indent=1))
 
 

@@ -37,6 +37,10 @@ def mtp_shared(cfg: dict, layout: ParallelLayout) -> list[dict[str, str]]:
 
 
 def _reader(spec) -> McoreReader:
+    if spec.get("kind") == "mindspeed":  # MindSpeed-LLM rank files, renamed to ours as they are read (mindspeed2hf)
+        from ckpt_convert.hf2mcore import make_reader
+
+        return make_reader(spec)
     layout = ParallelLayout.from_dict(spec["layout"])
     return McoreReader(spec["dir"], layout, spec["cfg"], mla_mm_split=spec["mla_mm_split"],
                        lora_dir=spec["lora_dir"], lora_alpha=spec["lora_alpha"], lora_r=spec["lora_r"],
@@ -96,7 +100,15 @@ def convert(load_dir: str, save_dir: str, given_layout: dict, lora_load: str | N
                 hf_spelling=hf_spelling,
                 lora_alpha=lora_alpha, lora_r=lora_r, verify_checksums=verify_checksums,
                 lora_target_modules=lora_target_modules)
-    reader = _reader(spec)
+    return export(spec, _reader(spec), save_dir, record, load_dir, lora_load, save_fp8, workers, progress,
+                  tokenizer_dir, t0)
+
+
+def export(spec: dict, reader: McoreReader, save_dir: str, record: dict, load_dir: str, lora_load: str | None,
+           save_fp8: bool, workers: int, progress: bool, tokenizer_dir: str | None, t0: float) -> dict:
+    """The HF export of what `reader` serves (our rank files, or MindSpeed-LLM's through MindSpeedReader: `spec`
+    rebuilds the same reader in worker processes), written as `save_dir` once complete."""
+    cfg, layout = spec["cfg"], ParallelLayout.from_dict(spec["layout"])
     if reader.adapter_only():
         raise McoreCheckpointError(f"--load-dir {load_dir}: adapter-only checkpoint (lora_only recorded): pass the "
                                    "base checkpoint as --load-dir and this one as --lora-load, or add "

@@ -13,8 +13,8 @@ names. They differ in a few tensor names only (facts and sources: shared/notes/m
     mtp.final_layernorms.{k}.weight                     mtp.layers.{k}.final_layernorm.weight
 
 So a MindSpeed-LLM checkpoint is read by renaming each chunk into ours as its rank file is opened (`chunk_to_ours`,
-in `MindSpeedReader`, which our writer hf2mcore.write_mcore reads from for any target layout: one pass, no staging
-copy), and written by the inverse (`chunk_to_theirs`). Every key is checked against the name map (names.rank_maps)
+in `MindSpeedReader`, which our writers read from: hf2mcore.write_mcore for any target layout (mindspeed2mcore) and
+mcore2hf.export (mindspeed2hf), one pass each, no staging copy), and written by the inverse (`chunk_to_theirs`). Every key is checked against the name map (names.rank_maps)
 of its rank file and chunk: an unknown key names the key, the file and the layout it expected.
 
 QLoRA NF4 weights (their `--qlora-nf4`, tags <= 26.0.0: bitsandbytes' packed quant state stored as
@@ -38,12 +38,13 @@ import dataclasses
 import os
 import re
 import shutil
+import time
 
 import torch
 
 from ckpt_convert import hf_io
 from ckpt_convert.mcore_io import (CKPT_FILE, McoreReader, all_ranks, args_record, iter_dir_name, load_rank_file,
-                                   rank_file, read_iteration, save_rank_file, write_record, write_tracker)
+                                   rank_file, read_iteration, save_rank_file, write_tracker)
 from mindspeed_dsv.files import replace_dir, write_json_atomic
 from mindspeed_dsv.layout import ParallelLayout
 from mindspeed_dsv.models import names as nm
@@ -301,32 +302,6 @@ def _fresh_dir(path: str, flag: str) -> None:
         raise MindSpeedCheckpointError(f"{flag} {path} exists and is not empty; give an empty or new directory")
 
 
-def read_mindspeed_as_ours(load_dir: str, cfg: dict, layout: ParallelLayout, mla_mm_split: bool, out_dir: str,
-                           side_files_from: str | None) -> dict:
-    """Write `load_dir` (MindSpeed-LLM) into `out_dir` in our format, same layout. Returns stats."""
-    _check_supported(layout)
-    it = read_iteration(load_dir)
-    _check_rank_dirs(load_dir, it, layout, mla_mm_split)
-    args = args_record(cfg, layout, str(cfg.get("torch_dtype", "keep")), mla_mm_split)
-    files = 0
-    for tp, pp, ep in all_ranks(layout):
-        path = rank_file(load_dir, layout, tp, pp, ep, it)
-        state = load_rank_file(path)
-        chunks = {}
-        for c, ck, sd in _model_chunks(path, state, layout, "the VPP/dualpipev flags differ from the checkpoint's"):
-            where = f"{path} [{ck}]"
-            chunks[ck] = chunk_to_ours(sd, cfg, where)
-            _check_keys(chunks[ck], cfg, layout, tp, pp, ep, c, mla_mm_split, where)
-        extra = sorted(k for k in state if k not in NON_MODEL_KEYS and not re.fullmatch(r"model\d*", k))
-        if extra:
-            raise MindSpeedCheckpointError(f"{path}: unknown top-level entries {extra}")
-        save_rank_file(rank_file(out_dir, layout, tp, pp, ep, 1), chunks, args)
-        files += 1
-    _finish_ours(out_dir, cfg, layout, mla_mm_split, side_files_from,
-                 {"command": "mindspeed2mcore", "source_dir": os.path.abspath(load_dir), "source_iteration": it})
-    return {"files": files, "source_iteration": it}
-
-
 class MindSpeedReader(McoreReader):
     """Serves full HF-named tensors straight out of MindSpeed-LLM rank files: as each file is opened its chunks are
     renamed to ours (chunk_to_ours) and checked key by key and shape by shape against the name map (_check_keys),
@@ -360,15 +335,6 @@ def _model_chunks(path: str, state: dict, layout: ParallelLayout, hint: str):
             raise MindSpeedCheckpointError(
                 f"{path}: no '{ck}' entry (has {sorted(k for k in state if k.startswith('model'))}); {hint}")
         yield c, ck, state[ck]
-
-
-def _finish_ours(out_dir: str, cfg: dict, layout: ParallelLayout, mla_mm_split: bool, side_files_from, record):
-    layout.save(out_dir)
-    write_json_atomic(os.path.join(out_dir, "config.json"), cfg)
-    if side_files_from:
-        hf_io.copy_side_files(side_files_from, out_dir)
-    write_record(out_dir, dict(record, mla_mm_split=mla_mm_split, params_dtype=None, layout=layout.to_dict()))
-    write_tracker(out_dir, 1)
 
 
 def mindspeed_args(cfg: dict, layout: ParallelLayout, mla_mm_split: bool) -> argparse.Namespace:
@@ -434,15 +400,18 @@ def mindspeed2hf(load_dir: str, save_dir: str, cfg: dict, given: dict, model_con
                  progress: bool = True, save_fp8: bool = False) -> dict:
     from ckpt_convert import mcore2hf
 
+    t0 = time.time()
     _fresh_dir(save_dir, "--save-dir")
-    _, args = saved_args(load_dir)
+    it, args = saved_args(load_dir)
     src, mm = source_layout(given, args, cfg)
-    stage = _staging(save_dir, "mindspeed-src")
-    try:
-        read_mindspeed_as_ours(load_dir, cfg, src, mm, stage, model_config_dir)
-        return mcore2hf.convert(stage, save_dir, {}, None, None, None, save_fp8, workers, progress, mm, None)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    # One pass: the HF writer reads their files through MindSpeedReader (renamed and checked as each file opens);
+    # tokenizer files come from --model-config's directory.
+    spec = {"kind": "mindspeed", "dir": load_dir, "layout": src.to_dict(), "cfg": cfg, "mla_mm_split": mm,
+            "hf_spelling": None, "lora_target_modules": None}
+    reader = MindSpeedReader(load_dir, src, cfg, mm)
+    record = {"command": "mindspeed2hf", "source_dir": os.path.abspath(load_dir), "source_iteration": it}
+    return mcore2hf.export(spec, reader, save_dir, record, load_dir, None, save_fp8, workers, progress,
+                           model_config_dir, t0)
 
 
 def mcore2mindspeed(load_dir: str, save_dir: str, target: dict, workers: int = 1, progress: bool = True) -> dict:

@@ -103,16 +103,28 @@ def test_read_theirs_equals_hf2mcore_and_write_back(name, hf_dir, tmp_path):
     assert_same_models(rank_files(str(tmp_path / "again")), direct)
 
 
-def test_mindspeed2hf_equals_source_and_relayout(hf_dir, tmp_path, capsys):
+def test_mindspeed2hf_equals_source_and_relayout(hf_dir, tmp_path, capsys, monkeypatch):
     case = CASES["dualpipev_pp2_noop_mtp"]
     theirs = str(tmp_path / "theirs")
     write_mindspeed(hf_dir, theirs, read_config(hf_dir), **case)
-    assert main(["mindspeed2hf", "--load-dir", theirs, "--model-config", hf_dir, "--save-dir", str(tmp_path / "hf"),
-                 "--no-progress"] + layout_flags(case, "source")) == 0
+
+    def no_rank_files(*args, **kwargs):
+        raise AssertionError("mindspeed2hf wrote a rank file (a staging copy)")
+
+    with monkeypatch.context() as m:  # one pass: no rank file of ours is written on the way
+        m.setattr("ckpt_convert.mcore_io.save_rank_file", no_rank_files)
+        m.setattr("ckpt_convert.mindspeed.save_rank_file", no_rank_files)
+        assert main(["mindspeed2hf", "--load-dir", theirs, "--model-config", hf_dir, "--save-dir", str(tmp_path / "hf"),
+                     "--no-progress"] + layout_flags(case, "source")) == 0
     a, b = read_all(hf_dir), read_all(str(tmp_path / "hf"))
     assert set(a) == set(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # worker processes rebuild the same MindSpeed reader from the spec and write the same bytes
+    assert main(["mindspeed2hf", "--load-dir", theirs, "--model-config", hf_dir, "--save-dir", str(tmp_path / "hf2"),
+                 "--no-progress", "--workers", "2"] + layout_flags(case, "source")) == 0
+    c = read_all(str(tmp_path / "hf2"))
+    assert set(c) == set(a) and all(torch.equal(a[k], c[k]) for k in a)
     # To another layout in one step (dualpipev PP2 EP2 + noop -> one rank, no pipeline): equals hf2mcore's, and its
     # logits equal transformers' on the HF model (verify).
     target = dict(mtp_num_layers=1)
