@@ -195,7 +195,7 @@ def _write_one(spec, cfg, layout_dict, tp, pp, ep, mla_mm_split, dtype_name, tmp
                ) -> tuple[str, int, str]:
     """Build and write one rank file; returns (path relative to the iteration, tensor bytes, sha256)."""
     layout = ParallelLayout.from_dict(layout_dict)
-    reader = _worker_reader(spec)
+    reader = worker_reader(spec)
     chunks = build_rank(reader, cfg, layout, tp, pp, ep, mla_mm_split, DTYPES.get(dtype_name), qlora)
     rel = f"{layout.rank_dir_name(tp, pp, ep)}/model_optim_rng.pt"
     path = os.path.join(tmp_iter, rel)
@@ -206,7 +206,8 @@ def _write_one(spec, cfg, layout_dict, tp, pp, ep, mla_mm_split, dtype_name, tmp
 _READERS: dict = {}
 
 
-def _worker_reader(spec):
+def worker_reader(spec):
+    """The reader `spec` describes, built once per process (the parent's is registered by write_mcore)."""
     key = repr(sorted((k, str(v)) for k, v in spec.items()))
     if key not in _READERS:
         _READERS.clear()

@@ -14,8 +14,10 @@ names. They differ in a few tensor names only (facts and sources: shared/notes/m
 
 So a MindSpeed-LLM checkpoint is read by renaming each chunk into ours as its rank file is opened (`chunk_to_ours`,
 in `MindSpeedReader`, which our writers read from: hf2mcore.write_mcore for any target layout (mindspeed2mcore) and
-mcore2hf.export (mindspeed2hf), one pass each, no staging copy), and written by the inverse (`chunk_to_theirs`). Every key is checked against the name map (names.rank_maps)
-of its rank file and chunk: an unknown key names the key, the file and the layout it expected.
+mcore2hf.export (mindspeed2hf)), and written by the inverse (`chunk_to_theirs`) as each of their rank files is built
+(mcore2mindspeed, by hf2mcore's build_rank at another layout): one pass each way, no staging copy. Every key is
+checked against the name map (names.rank_maps) of its rank file and chunk: an unknown key names the key, the file and
+the layout it expected.
 
 QLoRA NF4 weights (their `--qlora-nf4`, tags <= 26.0.0: bitsandbytes' packed quant state stored as
 `<weight key>.absmax`, `.quant_map`, `.nested_absmax`, `.nested_quant_map`, `.quant_state.bitsandbytes__nf4`) are
@@ -39,13 +41,15 @@ import os
 import re
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
+from tqdm import tqdm
 
 from ckpt_convert import hf_io
 from ckpt_convert.mcore_io import (CKPT_FILE, McoreReader, all_ranks, args_record, iter_dir_name, load_rank_file,
                                    rank_file, read_iteration, save_rank_file, write_tracker)
-from mindspeed_dsv.files import replace_dir, write_json_atomic
+from mindspeed_dsv.files import replace_dir
 from mindspeed_dsv.layout import ParallelLayout
 from mindspeed_dsv.models import names as nm
 
@@ -371,13 +375,6 @@ def write_ours_as_mindspeed(load_dir: str, cfg: dict, layout: ParallelLayout, ml
 
 
 # --------------------------------------------------------------------------------------------- commands
-def _staging(save_dir: str, what: str) -> str:
-    path = os.path.abspath(save_dir).rstrip(os.sep) + f".{what}.tmp"
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    return path
-
-
 def mindspeed2mcore(load_dir: str, save_dir: str, cfg: dict, given: dict, target: dict, model_config_dir: str,
                     params_dtype: str | None = None, workers: int = 1, progress: bool = True) -> dict:
     from ckpt_convert.hf2mcore import write_mcore
@@ -414,8 +411,22 @@ def mindspeed2hf(load_dir: str, save_dir: str, cfg: dict, given: dict, model_con
                            model_config_dir, t0)
 
 
+def _write_theirs(spec: dict, cfg: dict, layout_dict: dict, tp: int, pp: int, ep: int, mla_mm_split: bool,
+                  partial: str, args) -> int:
+    """One MindSpeed-LLM rank file of `layout_dict`, built from the reader `spec` describes (our rank files at another
+    layout) and renamed to theirs before it is saved."""
+    from ckpt_convert.hf2mcore import build_rank, worker_reader
+
+    layout = ParallelLayout.from_dict(layout_dict)
+    chunks = build_rank(worker_reader(spec), cfg, layout, tp, pp, ep, mla_mm_split, None)
+    mtp = bool(layout.mtp_num_layers)
+    where = f"rank (tp {tp}, pp {pp}, ep {ep}) of the target layout"
+    theirs = {ck: chunk_to_theirs(sd, cfg, mtp, f"{where} [{ck}]") for ck, sd in chunks.items()}
+    return save_rank_file(os.path.join(partial, layout.rank_dir_name(tp, pp, ep), CKPT_FILE), theirs, args)
+
+
 def mcore2mindspeed(load_dir: str, save_dir: str, target: dict, workers: int = 1, progress: bool = True) -> dict:
-    from ckpt_convert.hf2mcore import write_mcore
+    from ckpt_convert.hf2mcore import check_source, worker_reader
     from ckpt_convert.mcore_io import read_record
 
     _fresh_dir(save_dir, "--save-dir")
@@ -426,13 +437,33 @@ def mcore2mindspeed(load_dir: str, save_dir: str, target: dict, workers: int = 1
     _check_supported(dst)
     if dst.to_dict() == src.to_dict():
         return write_ours_as_mindspeed(load_dir, cfg, src, mm, save_dir)
-    stage = _staging(save_dir, "mcore-resharded")
-    try:
-        spec = {"kind": "mcore", "dir": load_dir, "layout": src.to_dict(), "cfg": cfg, "mla_mm_split": mm}
-        write_mcore(spec, cfg, dst, stage, None, mm, workers, record={"command": "reshard"}, progress=progress)
-        return write_ours_as_mindspeed(stage, cfg, dst, mm, save_dir)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    # Another layout, in one pass: each of their rank files is built from our files by hf2mcore's build_rank (the
+    # reshard's own code) and renamed to theirs before it is saved; no resharded copy of ours is written.
+    spec = {"kind": "mcore", "dir": load_dir, "layout": src.to_dict(), "cfg": cfg, "mla_mm_split": mm}
+    reader = worker_reader(spec)  # this process's: the serial loop below reuses it
+    check_source(reader, cfg, dst, mm, check_shapes=False)
+    reader.check_embedding_copies()
+    args = mindspeed_args(cfg, dst, mm)
+    final_iter = os.path.join(save_dir, iter_dir_name(1))
+    partial = final_iter + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    jobs = all_ranks(dst)
+    ld = dst.to_dict()
+    bar = tqdm(total=len(jobs), desc="mcore2mindspeed rank files", unit="file", disable=not progress)
+    if workers <= 1:
+        for tp, pp, ep in jobs:
+            _write_theirs(spec, cfg, ld, tp, pp, ep, mm, partial, args)
+            bar.update(1)
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as ex:
+            for f in as_completed([ex.submit(_write_theirs, spec, cfg, ld, tp, pp, ep, mm, partial, args)
+                                   for tp, pp, ep in jobs]):
+                f.result()
+                bar.update(1)
+    bar.close()
+    replace_dir(partial, final_iter)
+    write_tracker(save_dir, 1)
+    return {"files": len(jobs)}
 
 
 __all__ = ["MindSpeedCheckpointError", "chunk_to_ours", "chunk_to_theirs", "mcore2mindspeed", "mindspeed2hf",

@@ -234,3 +234,25 @@ def test_clear_errors(hf_dir, tmp_path, capsys):
     assert "--model-config" in capsys.readouterr().err
     # nothing half-written was left behind
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_mcore2mindspeed_to_another_layout_equals_their_files(workers, hf_dir, tmp_path, monkeypatch):
+    """Ours at EP2 -> theirs at TP2 EP2 expert-TP 1 (their A2 template's expert layout) in one step: their files for
+    that layout bit for bit, written in one pass (no rank file of ours on the way, checked in the serial run)."""
+    src, dst = CASES["ep2_grouped_mtp"], CASES["tp2_ep2_etp1_grouped_mtp"]
+    assert main(["hf2mcore", "--load-dir", hf_dir, "--save-dir", str(tmp_path / "ours"), "--no-progress"]
+                + layout_flags(src, "target")) == 0
+    theirs = str(tmp_path / "theirs")
+    write_mindspeed(hf_dir, theirs, read_config(hf_dir), **dst)
+    import ckpt_convert.hf2mcore as h2m
+
+    def no_resharded_copy(*args, **kwargs):
+        raise AssertionError("mcore2mindspeed wrote a resharded checkpoint of ours (a staging copy)")
+
+    with monkeypatch.context() as m:
+        m.setattr(h2m, "write_mcore", no_resharded_copy)
+        assert main(["mcore2mindspeed", "--load-dir", str(tmp_path / "ours"), "--save-dir", str(tmp_path / "back"),
+                     "--no-progress", "--workers", str(workers), "--target-tensor-parallel-size", "2",
+                     "--target-expert-tensor-parallel-size", "1"]) == 0
+    assert_same_models(rank_files(str(tmp_path / "back")), rank_files(theirs))
