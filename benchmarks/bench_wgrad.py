@@ -22,6 +22,7 @@ import torch
 
 from mindspeed_dsv.ops.moe import count_tokens_per_expert
 from mindspeed_dsv.ops.triton_wgrad import grouped_wgrad_accumulate
+from train_mfu import measure_matmul_peak  # the same 8192^3 bf16 rate train_mfu's MFU uses (benchmarks/ on sys.path)
 
 # name -> (experts, top-k, tokens, K, N)
 SHAPES = {
@@ -65,18 +66,13 @@ def _sweep_kernel():
     return run, kernel
 
 
-def _matmul_tflops():
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    return 2 * 8192**3 / _time(lambda: a @ a) / 1e9
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", action="store_true", help="Also time the kernel autotuned over a wider config set.")
     a = p.parse_args()
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
-    tflops = _matmul_tflops()
+    tflops = measure_matmul_peak(dev)
     sweep, sweep_kernel = _sweep_kernel() if a.sweep else (None, None)
     print(f"bf16 matmul rate measured: {tflops:.0f} TFLOP/s")
     print("| shape | rows | floor ms | grouped_mm bf16 ms | torch grouped_mm + add ms | triton ms | speed-up "
@@ -107,7 +103,7 @@ def main():
             fn(buf)
             errs.append(((buf - base) - ref).norm().item() / ref.norm().item())
         buf = base.clone()
-        floor = max(2 * rows * k * n / tflops / 1e9, (2 * rows * (k + n) + 8 * e * k * n) / 4.8e9)
+        floor = max(2 * rows * k * n / tflops / 1e9, (2 * rows * (k + n) + 8 * e * k * n) / 4.8e9)  # ms
         t_mm = _time(lambda: torch._grouped_mm(x.t(), dy, offs=offs))
         t_torch = _time(lambda: torch_path(buf))
         t_triton = _time(lambda: triton_path(buf))

@@ -578,24 +578,20 @@ def _sync_points(step) -> str:
         key = " < ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(frames[-4:]))
         seen[key] = seen.get(key, 0) + 1
 
-    old_show = warnings.showwarning
-    warnings.showwarning = record
     torch.cuda.set_sync_debug_mode("warn")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # restores the filters and showwarning on the way out
             warnings.simplefilter("always")
             warnings.showwarning = record
             step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-        warnings.showwarning = old_show
     lines = [f"sync points in one step ({sum(seen.values())}):"]
     lines += [f"{n:6d}  {key}" for key, n in sorted(seen.items(), key=lambda kv: -kv[1])]
     return "\n".join(lines)
 
 
-_SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ",
-               "cudaMemcpyAsync")
+_SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 
 
 def _host_gaps(events, min_us: float = 5.0, top: int = 25) -> str:
@@ -611,6 +607,7 @@ def _host_gaps(events, min_us: float = 5.0, top: int = 25) -> str:
     host = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "python_function")),
                   key=lambda e: e["ts"])
     starts = [e["ts"] for e in host]
+
     def place(t, tid):
         py, op = None, None
         # enclosing host events: start <= t <= end, same thread; the innermost has the latest start
