@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-dir", required=True, help="Our checkpoint (hf2mcore, reshard or training output).")
     p.add_argument("--save-dir", required=True, help="Output directory for MindSpeed-LLM rank files (new or empty).")
     _mindspeed_target(p)
-    p.add_argument("--workers", type=int, default=1, help="Processes resharding in parallel. Default 1.")
+    p.add_argument("--workers", type=int, default=1, help="Processes writing their rank files in parallel. Default 1.")
     p.add_argument("--no-progress", action="store_true", help="No progress bar.")
 
     p = sub.add_parser("verify", help="Compare logits of the HF model and of the Megatron checkpoint",

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
 from tqdm import tqdm
 
 from ckpt_convert import deepseek4 as v4
 from ckpt_convert import hf_io
+from ckpt_convert.jobs import run_jobs
 from mindspeed_dsv.files import crash_point, inside, is_empty_dir, replace_dir, sha256_file, write_json_atomic
 from ckpt_convert.mcore_io import (TRACKER, McoreReader, all_ranks, args_record, checkpoint_contents,
                                    clean_stale_temporaries, iter_dir_name, read_iteration, save_rank_file,
@@ -273,21 +273,11 @@ def write_mcore(spec: dict, cfg: dict, layout: ParallelLayout, save_dir: str, pa
     bar = tqdm(total=len(jobs), desc="hf2mcore rank files", unit="file", disable=not progress)
     ld = layout.to_dict()
     digests = {}
-    if workers <= 1:
-        for tp, pp, ep in jobs:
-            rel, n, digest = _write_one(spec, cfg, ld, tp, pp, ep, mla_mm_split, dtype_name, tmp_iter, args, qlora)
-            total += n
-            digests[rel] = digest
-            bar.update(1)
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as ex:
-            futs = [ex.submit(_write_one, spec, cfg, ld, tp, pp, ep, mla_mm_split, dtype_name, tmp_iter, args, qlora)
-                    for tp, pp, ep in jobs]
-            for f in as_completed(futs):
-                rel, n, digest = f.result()
-                total += n
-                digests[rel] = digest
-                bar.update(1)
+    calls = [(spec, cfg, ld, tp, pp, ep, mla_mm_split, dtype_name, tmp_iter, args, qlora) for tp, pp, ep in jobs]
+    for _, (rel, n, digest) in run_jobs(_write_one, calls, workers):
+        total += n
+        digests[rel] = digest
+        bar.update(1)
     bar.close()
     write_checksums(tmp_iter, digests)
     crash_point("hf2mcore:iteration_written")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from tqdm import tqdm
 
 from ckpt_convert import deepseek4 as v4
 from ckpt_convert import hf_io
+from ckpt_convert.jobs import run_jobs
 from mindspeed_dsv.files import sha256_file, write_json_atomic
 from ckpt_convert.mcore_io import McoreCheckpointError, McoreReader, read_record
 from mindspeed_dsv.layout import ParallelLayout
@@ -100,15 +100,15 @@ def convert(load_dir: str, save_dir: str, given_layout: dict, lora_load: str | N
                 hf_spelling=hf_spelling,
                 lora_alpha=lora_alpha, lora_r=lora_r, verify_checksums=verify_checksums,
                 lora_target_modules=lora_target_modules)
-    return export(spec, _reader(spec), save_dir, record, load_dir, lora_load, save_fp8, workers, progress,
-                  tokenizer_dir, t0)
+    return export(spec, save_dir, record, load_dir, lora_load, save_fp8, workers, progress, tokenizer_dir, t0)
 
 
-def export(spec: dict, reader: McoreReader, save_dir: str, record: dict, load_dir: str, lora_load: str | None,
-           save_fp8: bool, workers: int, progress: bool, tokenizer_dir: str | None, t0: float) -> dict:
-    """The HF export of what `reader` serves (our rank files, or MindSpeed-LLM's through MindSpeedReader: `spec`
-    rebuilds the same reader in worker processes), written as `save_dir` once complete."""
+def export(spec: dict, save_dir: str, record: dict, load_dir: str, lora_load: str | None, save_fp8: bool,
+           workers: int, progress: bool, tokenizer_dir: str | None, t0: float) -> dict:
+    """The HF export of the checkpoint `spec` describes (our rank files, or MindSpeed-LLM's: kind 'mindspeed'),
+    written as `save_dir` once complete. Worker processes rebuild the same reader from `spec`."""
     cfg, layout = spec["cfg"], ParallelLayout.from_dict(spec["layout"])
+    reader = _reader(spec)
     if reader.adapter_only():
         raise McoreCheckpointError(f"--load-dir {load_dir}: adapter-only checkpoint (lora_only recorded): pass the "
                                    "base checkpoint as --load-dir and this one as --lora-load, or add "
@@ -140,21 +140,13 @@ def _write_export(out_dir, spec, reader, groups, shared, record, load_dir, lora_
     bar = tqdm(total=n, desc="mcore2hf shards", unit="file", disable=not progress)
     lora_merged = 0
     _R.clear()
-    _R["reader"] = reader
     if workers <= 1:
-        results = []
-        for (stem, names), fname in zip(groups, files):
-            results.append((fname, _write_group(spec, names, shared, os.path.join(out_dir, fname), save_fp8)))
-            bar.update(1)
-    else:
-        _R.clear()
-        results = []
-        with ProcessPoolExecutor(max_workers=workers) as ex:
-            futs = {ex.submit(_write_group, spec, names, shared, os.path.join(out_dir, fname), save_fp8): fname
-                    for (stem, names), fname in zip(groups, files)}
-            for f in as_completed(futs):
-                results.append((futs[f], f.result()))
-                bar.update(1)
+        _R["reader"] = reader  # serial: _write_group reuses the caller's reader; workers build their own
+    calls = [(spec, names, shared, os.path.join(out_dir, fname), save_fp8) for (_, names), fname in zip(groups, files)]
+    results = []
+    for call, result in run_jobs(_write_group, calls, workers):
+        results.append((os.path.basename(call[3]), result))
+        bar.update(1)
     bar.close()
     checksums = {}
     # Every process reports how many adapters its reader merged (a worker's count covers all its groups).

@@ -37,16 +37,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import re
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
 from tqdm import tqdm
 
 from ckpt_convert import hf_io
+from ckpt_convert.jobs import run_jobs
 from ckpt_convert.mcore_io import (CKPT_FILE, McoreReader, all_ranks, args_record, iter_dir_name, load_rank_file,
                                    rank_file, read_iteration, save_rank_file, write_tracker)
 from mindspeed_dsv.files import replace_dir
@@ -350,28 +351,30 @@ def mindspeed_args(cfg: dict, layout: ParallelLayout, mla_mm_split: bool) -> arg
     return ns
 
 
-def write_ours_as_mindspeed(load_dir: str, cfg: dict, layout: ParallelLayout, mla_mm_split: bool,
-                            save_dir: str) -> dict:
-    """Write our checkpoint `load_dir` (at `layout`) as MindSpeed-LLM rank files into `save_dir`."""
-    _check_supported(layout)
-    it = read_iteration(load_dir)
-    args = mindspeed_args(cfg, layout, mla_mm_split)
+def _copy_rank_as_theirs(load_dir: str, it: str, cfg: dict, layout_dict: dict, tp: int, pp: int, ep: int,
+                         tmp_iter: str, args) -> int:
+    """One of our rank files renamed to theirs, same layout."""
+    layout = ParallelLayout.from_dict(layout_dict)
+    path = rank_file(load_dir, layout, tp, pp, ep, it)
+    state = load_rank_file(path)
     mtp = bool(layout.mtp_num_layers)
-    files = 0
-    # Rank files go to a partial iteration directory, renamed when all are written; the tracker comes last.
-    final_iter = os.path.join(save_dir, iter_dir_name(1))
-    partial = final_iter + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    for tp, pp, ep in all_ranks(layout):
-        path = rank_file(load_dir, layout, tp, pp, ep, it)
-        state = load_rank_file(path)
-        chunks = {ck: chunk_to_theirs(sd, cfg, mtp, f"{path} [{ck}]")
-                  for _, ck, sd in _model_chunks(path, state, layout, "layout.json disagrees with the files")}
-        save_rank_file(os.path.join(partial, layout.rank_dir_name(tp, pp, ep), CKPT_FILE), chunks, args)
-        files += 1
-    replace_dir(partial, final_iter)
-    write_tracker(save_dir, 1)
-    return {"files": files}
+    chunks = {ck: chunk_to_theirs(sd, cfg, mtp, f"{path} [{ck}]")
+              for _, ck, sd in _model_chunks(path, state, layout, "layout.json disagrees with the files")}
+    return save_rank_file(os.path.join(tmp_iter, layout.rank_dir_name(tp, pp, ep), CKPT_FILE), chunks, args)
+
+
+def _build_rank_as_theirs(spec: dict, cfg: dict, mla_mm_split: bool, layout_dict: dict, tp: int, pp: int, ep: int,
+                          tmp_iter: str, args) -> int:
+    """One rank file of another layout, built from our files by hf2mcore's build_rank (the reshard's own code) from
+    the reader `spec` describes, renamed to theirs before it is saved."""
+    from ckpt_convert.hf2mcore import build_rank, worker_reader
+
+    layout = ParallelLayout.from_dict(layout_dict)
+    chunks = build_rank(worker_reader(spec), cfg, layout, tp, pp, ep, mla_mm_split, None)
+    mtp = bool(layout.mtp_num_layers)
+    where = f"rank (tp {tp}, pp {pp}, ep {ep}) of the target layout"
+    theirs = {ck: chunk_to_theirs(sd, cfg, mtp, f"{where} [{ck}]") for ck, sd in chunks.items()}
+    return save_rank_file(os.path.join(tmp_iter, layout.rank_dir_name(tp, pp, ep), CKPT_FILE), theirs, args)
 
 
 # --------------------------------------------------------------------------------------------- commands
@@ -403,30 +406,12 @@ def mindspeed2hf(load_dir: str, save_dir: str, cfg: dict, given: dict, model_con
     src, mm = source_layout(given, args, cfg)
     # One pass: the HF writer reads their files through MindSpeedReader (renamed and checked as each file opens);
     # tokenizer files come from --model-config's directory.
-    spec = {"kind": "mindspeed", "dir": load_dir, "layout": src.to_dict(), "cfg": cfg, "mla_mm_split": mm,
-            "hf_spelling": None, "lora_target_modules": None}
-    reader = MindSpeedReader(load_dir, src, cfg, mm)
+    spec = {"kind": "mindspeed", "dir": load_dir, "layout": src.to_dict(), "cfg": cfg, "mla_mm_split": mm}
     record = {"command": "mindspeed2hf", "source_dir": os.path.abspath(load_dir), "source_iteration": it}
-    return mcore2hf.export(spec, reader, save_dir, record, load_dir, None, save_fp8, workers, progress,
-                           model_config_dir, t0)
-
-
-def _write_theirs(spec: dict, cfg: dict, layout_dict: dict, tp: int, pp: int, ep: int, mla_mm_split: bool,
-                  partial: str, args) -> int:
-    """One MindSpeed-LLM rank file of `layout_dict`, built from the reader `spec` describes (our rank files at another
-    layout) and renamed to theirs before it is saved."""
-    from ckpt_convert.hf2mcore import build_rank, worker_reader
-
-    layout = ParallelLayout.from_dict(layout_dict)
-    chunks = build_rank(worker_reader(spec), cfg, layout, tp, pp, ep, mla_mm_split, None)
-    mtp = bool(layout.mtp_num_layers)
-    where = f"rank (tp {tp}, pp {pp}, ep {ep}) of the target layout"
-    theirs = {ck: chunk_to_theirs(sd, cfg, mtp, f"{where} [{ck}]") for ck, sd in chunks.items()}
-    return save_rank_file(os.path.join(partial, layout.rank_dir_name(tp, pp, ep), CKPT_FILE), theirs, args)
+    return mcore2hf.export(spec, save_dir, record, load_dir, None, save_fp8, workers, progress, model_config_dir, t0)
 
 
 def mcore2mindspeed(load_dir: str, save_dir: str, target: dict, workers: int = 1, progress: bool = True) -> dict:
-    from ckpt_convert.hf2mcore import check_source, worker_reader
     from ckpt_convert.mcore_io import read_record
 
     _fresh_dir(save_dir, "--save-dir")
@@ -436,32 +421,27 @@ def mcore2mindspeed(load_dir: str, save_dir: str, target: dict, workers: int = 1
     dst = retarget(src, target, cfg)
     _check_supported(dst)
     if dst.to_dict() == src.to_dict():
-        return write_ours_as_mindspeed(load_dir, cfg, src, mm, save_dir)
-    # Another layout, in one pass: each of their rank files is built from our files by hf2mcore's build_rank (the
-    # reshard's own code) and renamed to theirs before it is saved; no resharded copy of ours is written.
-    spec = {"kind": "mcore", "dir": load_dir, "layout": src.to_dict(), "cfg": cfg, "mla_mm_split": mm}
-    reader = worker_reader(spec)  # this process's: the serial loop below reuses it
-    check_source(reader, cfg, dst, mm, check_shapes=False)
-    reader.check_embedding_copies()
-    args = mindspeed_args(cfg, dst, mm)
-    final_iter = os.path.join(save_dir, iter_dir_name(1))
-    partial = final_iter + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    jobs = all_ranks(dst)
-    ld = dst.to_dict()
-    bar = tqdm(total=len(jobs), desc="mcore2mindspeed rank files", unit="file", disable=not progress)
-    if workers <= 1:
-        for tp, pp, ep in jobs:
-            _write_theirs(spec, cfg, ld, tp, pp, ep, mm, partial, args)
-            bar.update(1)
+        write_one = functools.partial(_copy_rank_as_theirs, load_dir, read_iteration(load_dir), cfg)
     else:
-        with ProcessPoolExecutor(max_workers=workers) as ex:
-            for f in as_completed([ex.submit(_write_theirs, spec, cfg, ld, tp, pp, ep, mm, partial, args)
-                                   for tp, pp, ep in jobs]):
-                f.result()
-                bar.update(1)
+        # Another layout, in one pass: no resharded copy of ours is written on the way.
+        from ckpt_convert.hf2mcore import check_source, worker_reader
+
+        spec = {"kind": "mcore", "dir": load_dir, "layout": src.to_dict(), "cfg": cfg, "mla_mm_split": mm}
+        reader = worker_reader(spec)  # this process's: the serial path reuses it
+        check_source(reader, cfg, dst, mm, check_shapes=False)
+        reader.check_embedding_copies()
+        write_one = functools.partial(_build_rank_as_theirs, spec, cfg, mm)
+    args = mindspeed_args(cfg, dst, mm)
+    # Rank files go to a partial iteration directory, renamed when all are written; the tracker comes last.
+    final_iter = os.path.join(save_dir, iter_dir_name(1))
+    tmp_iter = final_iter + ".partial"
+    shutil.rmtree(tmp_iter, ignore_errors=True)
+    jobs = [(dst.to_dict(), tp, pp, ep, tmp_iter, args) for tp, pp, ep in all_ranks(dst)]
+    bar = tqdm(total=len(jobs), desc="mcore2mindspeed rank files", unit="file", disable=not progress)
+    for _ in run_jobs(write_one, jobs, workers):
+        bar.update(1)
     bar.close()
-    replace_dir(partial, final_iter)
+    replace_dir(tmp_iter, final_iter)
     write_tracker(save_dir, 1)
     return {"files": len(jobs)}
 
