@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from mindspeed_dsv import ops
-from mindspeed_dsv.layout import ParallelLayout
-from mindspeed_dsv.models import DeepSeekConfig, model_transformer_config
+from mindspeed_dsv.models import DeepSeekConfig, transformer_config
 from mindspeed_dsv.models.builder import default_layout
 from mindspeed_dsv.ops import OpsConfig
 from tests.dist_utils import run_distributed
@@ -20,27 +19,28 @@ from tests.model.hf_reference import hf_to_megatron_tp1, make_hf_model, tiny_hf_
 PLAIN_ROPE = dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 
 
-def _tconfig(hf_cfg):
-    cfg = DeepSeekConfig.from_hf(hf_cfg)
-    layout = ParallelLayout(num_layers=cfg.num_hidden_layers, mtp_num_layers=cfg.num_nextn_predict_layers,
-                            first_k_dense_replace=cfg.first_k_dense_replace, num_experts=cfg.n_routed_experts)
-    return model_transformer_config(cfg, layout)
+@pytest.fixture
+def any_device_ops(monkeypatch):
+    """configure_ops for any device on this machine (triton "installed": this patches importlib's own find_spec, so
+    everything is imported above); the plain-torch kernels again afterwards."""
+    monkeypatch.setattr(ops.config.importlib.util, "find_spec", lambda name: object())
+    yield ops.configure_ops
+    ops.configure_ops()
+
+
+def _tconfig(hf_cfg, tp=1):
+    return transformer_config(DeepSeekConfig.from_hf(hf_cfg), tp=tp)
 
 
 @pytest.mark.parametrize("hf_overrides,rope_type", [({}, "yarn"), (PLAIN_ROPE, "rope")])
-def test_flag_reaches_megatrons_config(hf_overrides, rope_type, monkeypatch):
-    # triton "installed" (this patches importlib's own find_spec: everything is imported above)
-    monkeypatch.setattr(ops.config.importlib.util, "find_spec", lambda name: object())
+def test_flag_reaches_megatrons_config(hf_overrides, rope_type, any_device_ops):
     hf_cfg = tiny_hf_config(**hf_overrides)
-    try:
-        ops.configure_ops(OpsConfig(), "cuda")
-        off = _tconfig(hf_cfg)
-        ops.configure_ops(OpsConfig(use_fused_rotary_pos_emb=True), "cuda")
-        on = _tconfig(hf_cfg)
-        ops.configure_ops(OpsConfig(use_fused_rotary_pos_emb=True), "npu")  # npu: npu_rotary_mul, not megatron's
-        npu = _tconfig(hf_cfg)
-    finally:
-        ops.configure_ops()
+    any_device_ops(OpsConfig(), "cuda")
+    off = _tconfig(hf_cfg)
+    any_device_ops(OpsConfig(use_fused_rotary_pos_emb=True), "cuda")
+    on = _tconfig(hf_cfg)
+    any_device_ops(OpsConfig(use_fused_rotary_pos_emb=True), "npu")  # npu: npu_rotary_mul, not megatron's
+    npu = _tconfig(hf_cfg)
     assert (off.apply_rope_fusion, off.rope_type) == (False, rope_type)
     assert (on.apply_rope_fusion, on.rope_type) == (True, "yarn")
     assert (npu.apply_rope_fusion, npu.rope_type) == (False, rope_type)
@@ -53,21 +53,15 @@ def test_flag_reaches_megatrons_config(hf_overrides, rope_type, monkeypatch):
     (dict(num_attention_heads=12, num_key_value_heads=12), 1, "attention heads per TP rank 12"),
     (dict(num_attention_heads=12, num_key_value_heads=12), 4, "attention heads per TP rank 3"),
 ])
-def test_shapes_the_kernels_cannot_take_are_refused(overrides, tp, named, monkeypatch):
+def test_shapes_the_kernels_cannot_take_are_refused(overrides, tp, named, any_device_ops):
     """megatron's kernels need power-of-2 dims (tl.arange) and a power-of-2 head count per rank (their head-block mask
     ignores the block offset): anything else is an error at model build naming the flag, never a corrupt run."""
-    from mindspeed_dsv.models import transformer_config
-
-    monkeypatch.setattr(ops.config.importlib.util, "find_spec", lambda name: object())
-    cfg = DeepSeekConfig.from_hf(tiny_hf_config(**overrides))
-    try:
-        ops.configure_ops(OpsConfig(use_fused_rotary_pos_emb=True), "cuda")
-        with pytest.raises(ops.OpUnavailableError, match=f"--use-fused-rotary-pos-emb.*{named}"):
-            transformer_config(cfg, tp=tp)
-        ops.configure_ops(OpsConfig(), "cuda")
-        transformer_config(cfg, tp=tp)  # flag off: the same model builds
-    finally:
-        ops.configure_ops()
+    hf_cfg = tiny_hf_config(**overrides)
+    any_device_ops(OpsConfig(use_fused_rotary_pos_emb=True), "cuda")
+    with pytest.raises(ops.OpUnavailableError, match=f"--use-fused-rotary-pos-emb.*{named}"):
+        _tconfig(hf_cfg, tp)
+    any_device_ops(OpsConfig(), "cuda")
+    _tconfig(hf_cfg, tp)  # flag off: the same model builds
 
 
 def test_yarn_with_factor_one_is_plain_rope(monkeypatch):
