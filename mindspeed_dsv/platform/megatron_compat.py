@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..ops.adam import FusedAdam
 from .device import Platform, current_platform
 
 
@@ -201,18 +202,25 @@ def _init_with_npu_types_as_cuda(target: str):
 
 
 def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False):
-    """megatron's version asserts grad.type() == 'torch.cuda.FloatTensor'; the arithmetic is the same."""
+    """megatron's arithmetic without its grad.type() == 'torch.cuda.FloatTensor' assertion. Where our FusedAdam
+    updates the parameters (cuda), the coefficient goes to it and is applied inside its update: the same fp32
+    product, without a pass that writes every gradient."""
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if not clip_coeff < 1.0:
+        return
+    owner = None if use_decoupled_grad else FusedAdam.owning(parameters)
+    if owner is not None:
+        owner.scale_grads(clip_coeff)
+        return
     attr = "decoupled_grad" if use_decoupled_grad else "grad"
     grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
     for g in grads:
         # megatron's assertion without the device in the name: clipping scales the fp32 main grads
         if not use_decoupled_grad and g.dtype != torch.float32:
             raise TypeError(f"gradient clipping expects fp32 main grads, got {g.dtype} of shape {tuple(g.shape)}")
-    clip_coeff = max_norm / (total_norm + 1.0e-6)
-    if clip_coeff < 1.0:
-        torch._foreach_mul_(grads, clip_coeff)
+    torch._foreach_mul_(grads, clip_coeff)
 
 
 @contextlib.contextmanager
@@ -259,13 +267,6 @@ def replicated_linear_class():
 
 
 _REPLICATED_LINEAR = None
-
-
-def fused_torch_adam(params, adam_w_mode: bool = True, **kwargs):
-    """Fills megatron's `Adam` slot, which takes Transformer Engine's / Apex's FusedAdam signature (adam_w_mode
-    selects decoupled weight decay), with torch's fused Adam / AdamW: one multi-tensor kernel per step."""
-    cls = torch.optim.AdamW if adam_w_mode else torch.optim.Adam
-    return cls(params, fused=True, **kwargs)
 
 
 def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
@@ -404,9 +405,10 @@ SHIMS: tuple[Shim, ...] = (
     Shim(
         "megatron.core.optimizer:Adam",
         "without Transformer Engine or Apex, megatron builds torch's AdamW with its default for-each kernels "
-        "(H200, 2.26 B params: 66 ms/step vs 34 ms fused); TE/Apex would give a fused Adam here.",
+        "(H200, 2.26 B params: 66 ms/step vs 34 ms fused); TE/Apex would give a fused Adam here. Ours (ops/adam.py) "
+        "is one pass per tensor that also applies the clipping coefficient (the clip shim below hands it over).",
         ("cuda",),
-        lambda: fused_torch_adam,
+        lambda: FusedAdam,
         unless="fused_adam",
     ),
     Shim(
@@ -469,8 +471,9 @@ SHIMS: tuple[Shim, ...] = (
     Shim(
         "megatron.core.optimizer.optimizer:clip_grad_by_total_norm_fp32",
         "gradient clipping asserts param.grad.type() == 'torch.cuda.FloatTensor'; cpu and npu grads have "
-        "other type names.",
-        ("cpu", "npu"),
+        "other type names. On cuda it hands the coefficient to our FusedAdam (the Adam shim) instead of scaling "
+        "every fp32 gradient in a pass of its own (H200, 2.26 B params: 4.9 ms per step).",
+        ("cpu", "cuda", "npu"),
         lambda: _clip_grad_by_total_norm,
     ),
     Shim(

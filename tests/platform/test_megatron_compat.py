@@ -250,42 +250,49 @@ def test_shim_is_needed(kind, target, reason, monkeypatch):
 
 
 def _optimizer_step_on_rank(fused: bool):
-    """One megatron optimizer step on the tiny model; with fused=True through the cuda shims' fused Adam."""
+    """One megatron optimizer step on the tiny model, clipped (clip_grad 0.05 cuts: the tiny model's gradient norm
+    is larger); with fused=True through the cuda shims: our FusedAdam, which takes the clipping coefficient."""
     import megatron.core.optimizer as mopt
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from mindspeed_dsv.models import DeepSeekConfig, build_model
     from mindspeed_dsv.platform import init_distributed
-    from mindspeed_dsv.platform.megatron_compat import SHIMS, fused_torch_adam
+    from mindspeed_dsv.ops.adam import FusedAdam
+    from mindspeed_dsv.platform.megatron_compat import SHIMS
     from tests.model.hf_reference import tiny_hf_config
 
     init_distributed()
     if fused:  # what apply_megatron_compat does on cuda
         targets = {s.target for s in SHIMS if s.devices == ("cuda",)}
         assert targets == {"megatron.core.optimizer:Adam", "megatron.core.optimizer:USING_PYTORCH_OPTIMIZER"}
-        mopt.Adam, mopt.USING_PYTORCH_OPTIMIZER = fused_torch_adam, False
+        mopt.Adam, mopt.USING_PYTORCH_OPTIMIZER = FusedAdam, False
     cfg = DeepSeekConfig.from_hf(tiny_hf_config(num_nextn_predict_layers=0))
     torch.manual_seed(0)
     model = build_model(cfg)
     ddp = DistributedDataParallel(config=model.config, ddp_config=DistributedDataParallelConfig(), module=model)
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.1), [ddp])
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.1, clip_grad=0.05), [ddp])
     ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     ddp(ids, torch.arange(16)[None].expand(2, -1), attention_mask=None, labels=ids).mean().backward()
-    opt.step()
+    _, grad_norm, _ = opt.step()
+    assert grad_norm > 0.05 * 2  # clipping acted
     # expert weights have their own optimizer (megatron's expert-data-parallel group; we mark them
     # allreduce=False at every EP size): the same kind for each
-    inners = {(type(o.optimizer).__name__, o.optimizer.defaults.get("fused")) for o in opt.chained_optimizers}
+    inners = {(type(o.optimizer).__name__, o.optimizer.defaults["decoupled_weight_decay"])
+              for o in opt.chained_optimizers}
     assert len(opt.chained_optimizers) == 2 and len(inners) == 1, inners
-    (name, fused), = inners
+    (name, decoupled), = inners
     # numpy: pickled whole (many tensors through the rank queue would be shared by file descriptors)
-    return name, fused, {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
+    # Adam's step barely depends on the gradient's scale; its first moment does (clipped or not)
+    moments = sorted(s["exp_avg"].norm().item() for o in opt.chained_optimizers for s in o.optimizer.state.values())
+    return name, decoupled, {n: p.detach().numpy().copy() for n, p in model.named_parameters()}, moments
 
 
-def test_fused_adam_shim_gives_torch_fused_adamw_with_the_same_step():
-    (name, fused, params), = run_distributed(_optimizer_step_on_rank, 1, True)
-    (ref_name, ref_fused, ref_params), = run_distributed(_optimizer_step_on_rank, 1, False)
-    assert (name, fused) == ("AdamW", True) and ref_name == "AdamW" and not ref_fused
+def test_fused_adam_shim_gives_our_fused_adamw_with_the_same_clipped_step():
+    (name, decoupled, params, moments), = run_distributed(_optimizer_step_on_rank, 1, True)
+    (ref_name, ref_decoupled, ref_params, ref_moments), = run_distributed(_optimizer_step_on_rank, 1, False)
+    assert (name, decoupled) == ("FusedAdam", True) and (ref_name, ref_decoupled) == ("AdamW", True)
+    torch.testing.assert_close(torch.tensor(moments), torch.tensor(ref_moments), rtol=1e-5, atol=0)
     assert set(params) == set(ref_params)
     for n, p in params.items():
         torch.testing.assert_close(torch.from_numpy(p), torch.from_numpy(ref_params[n]), rtol=1e-5, atol=1e-6,
