@@ -29,7 +29,7 @@ from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel
 from megatron.core.transformer.moe.moe_layer import MoELayer, get_default_pg_collection
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
-from mindspeed_dsv.ops import count_tokens_per_expert, get_ops
+from mindspeed_dsv.ops import count_tokens_per_expert, get_ops, routed_experts, sort_keys
 
 from .comm_points import all_to_all
 
@@ -90,10 +90,10 @@ class LocalTokenDispatcher(MoETokenDispatcher):
         tokens = hidden_states.view(-1, hidden_states.shape[-1])
         # Each token's k experts (in increasing id): a dropless routing map has exactly k set per row. (A row with
         # fewer would add experts of probability 0; the counts below follow `indices`, so the rows stay consistent.)
-        indices = torch.argsort(routing_map.to(torch.uint8), dim=1, descending=True, stable=True)[:, : self.topk]
+        indices = routed_experts(routing_map, self.topk)
         self.token_probs = probs.gather(1, indices)  # [tokens, k], differentiable towards the router
         self.tokens_per_expert = count_tokens_per_expert(indices, routing_map.shape[1])  # on the device
-        permuted, self.sorted_indices = self.ops.permute(tokens, indices)
+        permuted, self.sorted_indices = self.ops.permute(tokens, sort_keys(indices, routing_map.shape[1]))
         return permuted, None
 
     def token_dispatch(self, hidden_states, probs):
@@ -176,7 +176,7 @@ class AllToAllTokenDispatcher(MoETokenDispatcher):
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
         self.hidden_shape = hidden_states.shape
         tokens = hidden_states.view(-1, hidden_states.shape[-1])
-        indices = torch.argsort(routing_map.to(torch.uint8), dim=1, descending=True, stable=True)[:, : self.topk]
+        indices = routed_experts(routing_map, self.topk)
         slots = self._slots(indices)
         # Every expert-TP copy of a row carries the row's probability: their partial outputs add up in unpermute.
         self.token_probs = probs.gather(1, indices).repeat_interleave(self.tp_size, dim=1)
@@ -190,7 +190,7 @@ class AllToAllTokenDispatcher(MoETokenDispatcher):
         self.input_splits, self.output_splits = host[:groups], host[groups:]
         self.received = received
         self.tokens_per_expert = received.sum(dim=0)  # [local experts], on the device
-        permuted, self.sorted_indices = self.ops.permute(tokens, slots)
+        permuted, self.sorted_indices = self.ops.permute(tokens, sort_keys(slots, groups * local))
         return permuted, None
 
     def token_dispatch(self, hidden_states, probs):
@@ -205,7 +205,9 @@ class AllToAllTokenDispatcher(MoETokenDispatcher):
             row_expert = torch.repeat_interleave(
                 chunk_expert, self.received.reshape(-1), output_size=hidden_states.shape[0]
             )
-            hidden_states, self.local_sorted_indices = self.ops.permute(hidden_states, row_expert.unsqueeze(1))
+            hidden_states, self.local_sorted_indices = self.ops.permute(
+                hidden_states, sort_keys(row_expert.unsqueeze(1), self.num_local_experts)
+            )
         tokens_per_expert, self.tokens_per_expert, self.received = self.tokens_per_expert, None, None
         return hidden_states, tokens_per_expert, _probs_for_experts(self.experts_scale_by_probs, hidden_states)
 

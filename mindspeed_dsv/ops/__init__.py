@@ -4,7 +4,7 @@ cuda / npu implementations chosen by `OpsConfig` flags and the platform (see con
 from .attention import attention_sdpa, attention_sdpa_pad_v, attention_torch, packed_attention_mask
 from .config import IMPL_DEVICES, OPS, OpsConfig, OpUnavailableError, describe, resolve_impls
 from .dispatch import Ops, build_ops, configure_ops, get_ops
-from .moe import count_tokens_per_expert, grouped_matmul, permute, unpermute
+from .moe import count_tokens_per_expert, grouped_matmul, permute, routed_experts, sort_keys, unpermute
 from .rmsnorm import rms_norm
 from .rotary import RopeConfig, apply_rotary, rotary_cos_sin, yarn_softmax_scale
 from .swiglu import swiglu
@@ -24,6 +24,8 @@ __all__ = [
     "permute",
     "unpermute",
     "count_tokens_per_expert",
+    "routed_experts",
+    "sort_keys",
     "OpsConfig",
     "OpUnavailableError",
     "OPS",

@@ -3,7 +3,7 @@
 Conventions (shared by every implementation):
 - grouped_matmul(x [T, K], weights [E, K, N] or E tensors [K, N], tokens_per_expert [E]) -> [T, N]:
   rows of x are sorted by expert; rows start..start+n_e go through weights[e]. sum(tokens_per_expert) == T.
-- permute(tokens [T, H], indices [T, topk]) -> (permuted [T*topk, H], sorted_indices [T*topk]):
+- permute(tokens [T, H], indices [T, topk] of any integer dtype) -> (permuted [T*topk, H], sorted_indices [T*topk]):
   rows grouped by expert id, stable (token order inside an expert). sorted_indices follows
   torch_npu.npu_moe_token_permute: sorted_indices[t*topk + k] is the output row of (token t, choice k),
   i.e. argsort(argsort(indices.flatten())).
@@ -22,6 +22,24 @@ def count_tokens_per_expert(indices: torch.Tensor, num_experts: int) -> torch.Te
     flat = indices.reshape(-1).long()
     counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
     return counts.scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def routed_experts(routing_map: torch.Tensor, topk: int) -> torch.Tensor:
+    """[tokens, topk] int64: each token's experts from megatron's [tokens, experts] routing map, in increasing id,
+    filled (if a row has fewer than topk set) with unset experts in increasing id: what a stable descending argsort
+    of the map gives, from one top-k over distinct keys instead of a segmented sort (tens of kernel launches)."""
+    n = routing_map.shape[1]
+    ids = torch.arange(n, device=routing_map.device, dtype=torch.int32)
+    return torch.where(routing_map, 2 * n - ids, n - ids).topk(topk, dim=1).indices
+
+
+def sort_keys(indices: torch.Tensor, num_values: int) -> torch.Tensor:
+    """indices (all below num_values) in the narrowest integer dtype that holds them, for `permute`: its stable
+    radix sort makes one pass per key byte (eight for int64)."""
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        if num_values - 1 <= torch.iinfo(dtype).max:
+            return indices.to(dtype)
+    return indices
 
 
 def _check_grouped_args(x, weights, tokens_per_expert):

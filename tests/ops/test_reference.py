@@ -230,3 +230,24 @@ def test_permute_unpermute_with_no_tokens():
     assert out.shape == (0, hdim)
     out.sum().backward()
     assert tokens.grad.shape == (0, hdim) and probs.grad.shape == (0, topk)
+
+
+@pytest.mark.parametrize("experts,topk", [(64, 6), (8, 2), (300, 8)])
+def test_routed_experts_and_narrow_sort_keys_equal_the_argsort_they_replace(experts, topk):
+    """routed_experts = a stable descending argsort of the routing map (also for a row with fewer than topk set:
+    it is filled with unset experts in increasing id); permute over sort_keys' narrow dtype = over int64."""
+    g = torch.Generator().manual_seed(experts)
+    routing_map = torch.zeros(50, experts, dtype=torch.bool)
+    routing_map.scatter_(1, torch.rand(50, experts, generator=g).topk(topk, dim=1).indices, True)
+    routing_map[3] = False
+    routing_map[3, 5] = True
+    want = torch.argsort(routing_map.to(torch.uint8), dim=1, descending=True, stable=True)[:, :topk]
+    got = ops.routed_experts(routing_map, topk)
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+    assert got[3].tolist() == [5, *[e for e in range(topk) if e != 5][: topk - 1]]
+    keys = ops.sort_keys(got, experts)
+    assert keys.dtype == (torch.uint8 if experts <= 256 else torch.int16) and torch.equal(keys.long(), got)
+    tokens = torch.randn(50, 4, generator=g)
+    for a, b in zip(ops.permute(tokens, got), ops.permute(tokens, keys)):
+        assert torch.equal(a, b)
+    assert ops.sort_keys(got, 2**20).dtype == torch.int32 and ops.sort_keys(got, 2**40).dtype == torch.int64
