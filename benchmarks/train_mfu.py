@@ -26,6 +26,7 @@ ln(vocab) = 11.54; they must agree roughly).
     python benchmarks/train_mfu.py --proxy real --rows ours titan-compile hf   # DeepSeek-V3's real widths
     MFU_PROFILE=1 python benchmarks/train_mfu.py --rows ours hf        # + a torch.profiler table per row (logs)
     MFU_PROFILE=stack python benchmarks/train_mfu.py --rows ours       # ... with Python frames in the gap report
+    MFU_PROFILE=1 MFU_TRACE=ours.json.gz python benchmarks/train_mfu.py --rows ours  # ... and keep the trace
     python benchmarks/train_mfu.py --tiny --rows ours-unfused hf titan # a seconds-long smoke run (cpu too)
     python benchmarks/train_mfu.py --proxy v4 --mbs 1 --gbs 4          # DeepSeek-V4-shaped: ours vs transformers
     python benchmarks/train_mfu.py --proxy v4 --tiny --seq 64          # its smoke run (cpu too)
@@ -39,8 +40,10 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -255,6 +258,36 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+class _StageTimer:
+    """Times one stage of a step without making the host wait for the GPU (a sync there would idle the GPU
+    while the host prepares the stage, which no training run does): on cuda a pair of CUDA events around the
+    stage, read once the run is over; elsewhere wall time."""
+
+    def __init__(self, device):
+        self.device = device
+        self.marks = []
+
+    def __call__(self, fn):
+        import torch
+
+        if self.device.type != "cuda":
+            t0 = time.perf_counter()
+            out = fn()
+            self.marks.append(time.perf_counter() - t0)
+            return out
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        self.marks.append((start, end))
+        return out
+
+    def median_s(self, skip: int) -> float:
+        _sync(self.device)
+        times = sorted(m if isinstance(m, float) else m[0].elapsed_time(m[1]) / 1e3 for m in self.marks[skip:])
+        return times[len(times) // 2]
+
+
 def _peak_mem_gb(device):
     import torch
 
@@ -299,18 +332,9 @@ def worker_ours(a, hf_cfg, flags):
     if a.worker.startswith("exp:"):
         _experiment_patches(a.worker)
     state = setup(args, own_batches=True)
-    opt_times = []
+    opt_timer = _StageTimer(device)
     real_step = state.optimizer.step
-
-    def timed_opt_step():
-        _sync(device)
-        t0 = time.perf_counter()
-        out = real_step()
-        _sync(device)
-        opt_times.append(time.perf_counter() - t0)
-        return out
-
-    state.optimizer.step = timed_opt_step
+    state.optimizer.step = lambda: opt_timer(real_step)
     from megatron.core import parallel_state as ps
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -338,7 +362,7 @@ def worker_ours(a, hf_cfg, flags):
     losses, sec = _timed_loop(step, a.steps, a.warmup, device)
     mem = _peak_mem_gb(device)
     params = sum(p.numel() for m in state.models for p in m.parameters())  # this rank's share
-    opt_s = sorted(opt_times[a.warmup:])[len(opt_times[a.warmup:]) // 2]
+    opt_s = opt_timer.median_s(a.warmup)
     if os.environ.get("MFU_PROFILE"):
         _profile(lambda: step(0), device)
     if dist.get_rank() == 0:
@@ -395,7 +419,11 @@ def _baseline_loop(a, model, forward_logits, device, vocab, loss_fn=_cross_entro
                             fused=device.type == "cuda")
     model.train()
 
-    opt_times = []
+    opt_timer = _StageTimer(device)
+
+    def clip_and_step():
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
 
     def step(_):
         opt.zero_grad(set_to_none=True)
@@ -405,16 +433,11 @@ def _baseline_loop(a, model, forward_logits, device, vocab, loss_fn=_cross_entro
             loss = loss_fn(logits, t[:, 1:])
             (loss / len(tokens)).backward()
             total += loss.detach() / len(tokens)
-        _sync(device)
-        t0 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        _sync(device)
-        opt_times.append(time.perf_counter() - t0)
+        opt_timer(clip_and_step)
         return total.item()
 
     losses, sec = _timed_loop(step, a.steps, a.warmup, device)
-    opt_s = sorted(opt_times[a.warmup:])[len(opt_times[a.warmup:]) // 2]
+    opt_s = opt_timer.median_s(a.warmup)
     if os.environ.get("MFU_PROFILE"):
         _profile(lambda: step(0), device)
     _write(a, dict(losses=losses, step_s=sec, opt_s=opt_s, world=1, peak_mem_gb=_peak_mem_gb(device),
@@ -556,6 +579,9 @@ def _profile(step, device, top: int = 45):
             with tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, "trace.json")
                 prof.export_chrome_trace(path)
+                if os.environ.get("MFU_TRACE"):  # keep the trace (gzip) for chrome://tracing / perfetto
+                    with open(path, "rb") as f, gzip.open(os.environ["MFU_TRACE"], "wb") as out:
+                        shutil.copyfileobj(f, out)
                 with open(path, encoding="utf-8") as f:
                     print(_host_gaps(json.load(f)["traceEvents"]), flush=True)
             print(_sync_points(step), flush=True)
