@@ -55,11 +55,13 @@ def _set_hf_weights(state, path: str) -> None:
     state.optimizer.reload_model_params()
 
 
-def train_steps(argv: list[str], steps: int, hf_weights: str | None = None) -> list[dict]:
+def train_steps(argv: list[str], steps: int, hf_weights: str | None = None, grad_noise: float = 0.0) -> list[dict]:
     """`steps` optimizer steps of the trainer; per step {'loss': float, 'grads': {hf name: array}, 'handovers':
     the --moe-fb-overlap hand-overs (models.comm_points.recording)} (this rank's); the last step also holds
     'eval', the loss of a forward-only pass over the next global batch. `hf_weights`: start from these weights
-    (_set_hf_weights) instead of the run's own."""
+    (_set_hf_weights) instead of the run's own. `grad_noise`: after recording them, multiply every gradient
+    entry by 1 + uniform(-grad_noise, grad_noise) (seeded) before the optimizer steps: the rounding a summation
+    in another order leaves, so that a run shows how much later steps' gradients move under it (a noise floor)."""
     from mindspeed_dsv.models import comm_points
     from mindspeed_dsv.training import loop
     from mindspeed_dsv.training.arguments import build_parser
@@ -82,6 +84,12 @@ def train_steps(argv: list[str], steps: int, hf_weights: str | None = None) -> l
         with comm_points.recording() as handovers:
             losses = loop._run_schedule(state, iters, num_microbatches, forward_only=False)
         grads = _hf_grads(state)  # before the optimizer clips them
+        if grad_noise:
+            gen = torch.Generator().manual_seed(len(history))
+            for ddp in state.models:
+                for p in ddp.module.parameters():
+                    if p.requires_grad:
+                        p.main_grad.mul_(1 + grad_noise * (2 * torch.rand(p.main_grad.shape, generator=gen) - 1))
         ok, grad_norm, _ = state.optimizer.step()
         assert ok
         state.scheduler.step(increment=args.global_batch_size)

@@ -13,6 +13,7 @@ from tests.training.pipeline_workers import train_steps
 
 STEPS = 2
 RTOL = 1e-5
+FLOOR_FACTOR = 4  # V4's EP2 needed at most 0.43x its floor (10 noise draws at 2^-23 and 2^-22): ~10x margin
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,13 @@ def _run(hf_dir, data, tmp_path, name, world, conv_flags=(), train_flags=()):
     return merged
 
 
-def _assert_same(ref, got):
+def _assert_same(ref, got, floor=None):
+    """Same loss (and eval loss) and, per tensor, ||g_got - g_ref|| < RTOL * ||g_ref||. `floor`: the reference run
+    again with rounding-sized noise put into its gradients before each optimizer step (pipeline_workers
+    grad_noise); a tensor may then differ by FLOOR_FACTOR times what the floor run differs by, on top: after an
+    Adam step a layout's rounding differences are differences of the weights, and a tensor whose gradient
+    cancels to a small sum shows them large relative to its own norm. Step 0 comes before any noise, so there
+    the floor adds nothing."""
     for step, (a, b) in enumerate(zip(ref, got)):
         assert b["loss"] == pytest.approx(a["loss"], rel=RTOL), (step, a["loss"], b["loss"])
         if "eval" in a:
@@ -51,8 +58,11 @@ def _assert_same(ref, got):
         assert sorted(a["grads"]) == sorted(b["grads"])
         for name, ga in a["grads"].items():
             gb = b["grads"][name]
-            rel = ((ga - gb).norm() / ga.norm().clamp(min=1e-30)).item()
-            assert rel < RTOL, f"step {step} {name}: relative difference {rel:.2e}"
+            size = ga.norm().clamp(min=1e-30)
+            rel = ((ga - gb).norm() / size).item()
+            noise = 0.0 if floor is None else ((ga - floor[step]["grads"][name]).norm() / size).item()
+            assert rel < RTOL + FLOOR_FACTOR * noise, \
+                f"step {step} {name}: relative difference {rel:.2e} (noise floor {noise:.2e})"
 
 
 @pytest.fixture(scope="module")
