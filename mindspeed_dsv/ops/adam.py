@@ -14,10 +14,14 @@ tensor as torch's non-fused Adam keeps it, `exp_avg`, `exp_avg_sq`), so checkpoi
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-# main parameter -> the FusedAdam that updates it (megatron's clip function knows only the parameters)
+# main parameter -> weak reference to the FusedAdam that updates it (megatron's clip function knows only the
+# parameters). Weak both ways: the optimizer holds its parameters, so a strong value would keep every optimizer
+# (and its moments) alive for as long as the process.
 _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -56,12 +60,12 @@ class FusedAdam(torch.optim.Adam):
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
         for p in self.param_groups[-1]["params"]:
-            _OWNERS[p] = self
+            _OWNERS[p] = weakref.ref(self)
 
     @staticmethod
     def owning(params) -> "FusedAdam | None":
         """The FusedAdam that updates every one of params, or None."""
-        owners = [_OWNERS.get(p) for p in params]
+        owners = [_OWNERS[p]() if p in _OWNERS else None for p in params]
         first = owners[0] if owners else None
         return first if all(o is first for o in owners) else None
 

@@ -130,3 +130,16 @@ def test_triton_kernel_equals_the_torch_math(decoupled):
     assert torch.equal(ours[1].cpu(), ref[1])  # the gradient is read, not written
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a.cpu(), b, rtol=2e-6, atol=1e-7)
+
+
+def test_the_owner_registry_keeps_no_optimizer_alive():
+    import gc
+    import weakref
+
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = FusedAdam([p], lr=0.1)
+    assert FusedAdam.owning([p]) is opt
+    gone = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert gone() is None and FusedAdam.owning([p]) is None  # its moments are freed with it
