@@ -95,7 +95,10 @@ class FusedAdam(torch.optim.Adam):
                 for key in ("exp_avg", "exp_avg_sq"):  # megatron's init_state_fn may have made these already
                     if key not in state:
                         state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
+                # a new tensor, not += 1: megatron's distributed optimizer restores one step tensor shared by every
+                # parameter's state (DistributedOptimizer.load_state_dict without TE / Apex), which an in-place
+                # add would advance once per parameter
+                state["step"] = state["step"] + 1
                 adam_update_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step=int(state["step"].item()),
                              lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
                              weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],

@@ -208,7 +208,9 @@ def has_adapters(state: dict) -> bool:
 def _load_distributed_optimizer_shards(optimizer, optim_file: str) -> None:
     """megatron-core 0.16.1 copies every key of the inner optimizer's per-parameter state from the file; torch
     AdamW's state also holds 'step', which the file's shards (param, exp_avg, exp_avg_sq) do not (KeyError 'step',
-    seen on 2x H200). 'step' is set aside while the shards load: load_state_dict has already restored it."""
+    seen on 2x H200). 'step' is set aside while the shards load: load_state_dict has already restored it — as one
+    tensor shared by every parameter's state (without TE / Apex), which torch's Adam / AdamW then advance in place,
+    once per parameter (a resumed run's bias correction jumps). Each state gets its own copy back."""
     steps = []
     for part in getattr(optimizer, "chained_optimizers", [optimizer]):
         for param_state in part.optimizer.state.values():
@@ -218,7 +220,7 @@ def _load_distributed_optimizer_shards(optimizer, optim_file: str) -> None:
         optimizer.load_parameter_state(optim_file)
     finally:
         for param_state, step in steps:
-            param_state["step"] = step
+            param_state["step"] = step.clone() if torch.is_tensor(step) else step
 
 
 def restore_training_state(path: str, state: dict, optimizer, scheduler, *, load_optim=True, load_rng=True,

@@ -78,8 +78,9 @@ def test_clip_scales_the_grads_of_parameters_no_fused_adam_owns():
 
 def test_state_is_torchs_and_resumes_exactly():
     """step a float32 cpu tensor (as torch's non-fused Adam keeps it), the moments shaped like the parameter; a
-    state dict saved after step 2 and loaded into a new optimizer continues as the uninterrupted run, also from
-    a step counter on another device (a fused torch Adam's checkpoint) or missing (megatron's init_state_fn)."""
+    state dict saved after step 2 and loaded into a new optimizer continues as the uninterrupted run, also when
+    one step tensor is shared by every parameter's state (megatron's distributed optimizer restores it so) or
+    missing (megatron's init_state_fn)."""
     straight, grads = _params()
     _run(FusedAdam, True, grads, straight)
     resumed, _ = _params()
@@ -94,6 +95,19 @@ def test_state_is_torchs_and_resumes_exactly():
         p.grad = gr.clone()
     fresh.step()
     for a, b in zip(resumed, straight):
+        assert torch.equal(a, b)
+
+    # megatron's distributed optimizer (without TE / Apex) restores one step tensor shared by every state
+    shared, _ = _params()
+    opt = _run(FusedAdam, True, grads[:2], shared)
+    one_step = torch.tensor(2.0)
+    for st in opt.state.values():
+        st["step"] = one_step
+    for p, gr in zip(shared, grads[2]):
+        p.grad = gr.clone()
+    opt.step()
+    assert one_step.item() == 2.0 and all(st["step"].item() == 3.0 for st in opt.state.values())
+    for a, b in zip(shared, straight):
         assert torch.equal(a, b)
 
     p = torch.nn.Parameter(torch.ones(3))

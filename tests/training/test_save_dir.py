@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from ckpt_convert.mcore_io import TRACKER, read_iteration, verify_iteration
 from mindspeed_dsv.training.checkpointing import CheckpointError, check_save_dir
@@ -56,3 +57,39 @@ def test_trainer_refuses_before_training_and_resume_in_place_works(tiny_data, tm
     assert verify_iteration(save) == 1  # the rank file of iteration 4 matches its recorded sha256
     record = json.load(open(os.path.join(save, "iter_0000002", "checksums.json")))
     assert list(record["sha256"]) == ["mp_rank_00/model_optim_rng.pt"]
+
+
+def test_distributed_optimizer_load_gives_each_state_its_own_step():
+    """megatron's DistributedOptimizer.load_state_dict (no TE / Apex) puts one step tensor into every parameter's
+    state; torch's AdamW adds to each in place, so a shared tensor would advance once per parameter. After the
+    shard load each state holds its own step, and a resumed AdamW step equals the uninterrupted one."""
+    import types
+
+    from mindspeed_dsv.training.checkpointing import _load_distributed_optimizer_shards
+
+    def run(steps, params, opt=None):
+        opt = opt or torch.optim.AdamW(params, lr=0.1, foreach=True)
+        for i in range(steps):
+            for j, p in enumerate(params):
+                p.grad = torch.full_like(p, 0.1 * (i + 1) * (j + 1))
+            opt.step()
+        return opt
+
+    straight = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
+    run(3, straight)
+    resumed = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
+    opt = run(2, resumed)
+    shared = torch.tensor(2.0)
+    for st in opt.state.values():  # what megatron's load_state_dict leaves
+        st["step"] = shared
+    loaded = []
+    stub = types.SimpleNamespace(optimizer=opt, load_parameter_state=lambda path: loaded.append(path))
+    _load_distributed_optimizer_shards(stub, "distrib_optim.pt")
+    assert loaded == ["distrib_optim.pt"]
+    steps = [st["step"] for st in opt.state.values()]
+    assert steps[0] is not steps[1] and all(s.item() == 2.0 for s in steps)
+    for j, p in enumerate(resumed):  # the third step, as the straight run took it
+        p.grad = torch.full_like(p, 0.1 * 3 * (j + 1))
+    opt.step()
+    for a, b in zip(resumed, straight):
+        assert torch.equal(a, b)
